@@ -1,0 +1,18 @@
+"""Conditioning adapters on a frozen SD-style UNet, and the sampling loop that feeds them.
+
+torch + diffusers only: nothing here imports lightning, hydra, wandb or the ``conditions`` package.
+"""
+
+from adapters.base import AdapterFormatError, ConditioningAdapter, UNetKwargs
+from adapters.controlnet import ControlNetAdapter
+from adapters.sampling import SCHEDULERS, make_scheduler, sample_latents
+
+__all__ = [
+    "SCHEDULERS",
+    "AdapterFormatError",
+    "ConditioningAdapter",
+    "ControlNetAdapter",
+    "UNetKwargs",
+    "make_scheduler",
+    "sample_latents",
+]

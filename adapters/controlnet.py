@@ -1,0 +1,167 @@
+"""ControlNet (Zhang et al., 2023): a trainable copy of the UNet encoder behind zero convolutions.
+
+Wraps diffusers' ``ControlNetModel`` so the weights save and load as a diffusers ``ControlNetModel`` folder.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from diffusers import ControlNetModel, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from adapters.base import AdapterFormatError, ConditioningAdapter, UNetKwargs
+
+# diffusers' default hint encoder for SD (8x down to the latent grid). Its first log2(f) + 1 entries give f x down.
+_SD_HINT_CHANNELS = (16, 32, 96, 256)
+DECODER_WEIGHTS_NAME = "unet_decoder.safetensors"
+
+
+def hint_channels_for(vae_scale_factor: int) -> tuple[int, ...]:
+    """Hint-encoder widths whose stride-2 convs bring a condition at pixel size down to the latent grid."""
+    steps = math.log2(vae_scale_factor) if vae_scale_factor >= 1 else -1
+    if steps != int(steps) or not 0 <= steps <= len(_SD_HINT_CHANNELS) - 1:
+        raise ValueError(f"vae_scale_factor must be 1, 2, 4 or 8 for the default hint encoder, got {vae_scale_factor}")
+    return _SD_HINT_CHANNELS[: int(steps) + 1]
+
+
+def _unet_decoder(unet: UNet2DConditionModel) -> nn.ModuleDict:
+    """The UNet parts the original unlocks with ``sd_locked=False``: the decoder blocks and the output head."""
+    parts = {"up_blocks": unet.up_blocks, "conv_out": unet.conv_out}
+    if unet.conv_norm_out is not None:
+        parts["conv_norm_out"] = unet.conv_norm_out
+    return nn.ModuleDict(parts)
+
+
+class ControlNetAdapter(ConditioningAdapter):
+    """ControlNet under the adapter contract.
+
+    Args:
+        controlnet: the diffusers model (its config fixes the hint encoder and the conditioning channels).
+        only_mid_control: add only the middle-block residual (the original's ``only_mid_control``); the skip
+            residuals are passed as zeros.
+        unet_decoder: the UNet's decoder modules when they train too (the original's ``sd_locked=False``); they
+            stay shared with the UNet, so training them changes the UNet in place.
+        decoder_learning_rate: learning rate of ``unet_decoder`` (the original advises ~2e-6).
+    """
+
+    accepts = "image"
+    zero_initialized = True
+
+    def __init__(
+        self,
+        controlnet: ControlNetModel,
+        only_mid_control: bool = False,
+        unet_decoder: nn.ModuleDict | None = None,
+        decoder_learning_rate: float = 2e-6,
+    ) -> None:
+        super().__init__()
+        self.controlnet = controlnet
+        self.only_mid_control = only_mid_control
+        self.unet_decoder = unet_decoder
+        self.decoder_learning_rate = decoder_learning_rate
+        self.vae_scale_factor = 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1)
+
+    @classmethod
+    def from_unet(
+        cls,
+        unet: UNet2DConditionModel,
+        *,
+        vae_scale_factor: int = 8,
+        conditioning_channels: int = 3,
+        conditioning_embedding_out_channels: tuple[int, ...] | None = None,
+        only_mid_control: bool = False,
+        unlock_unet_decoder: bool = False,
+        decoder_learning_rate: float = 2e-6,
+    ) -> ControlNetAdapter:
+        """Copy the UNet encoder into a new ControlNet (zero convolutions at init, so the UNet output is unchanged).
+
+        Args:
+            unet: the frozen base UNet; its encoder weights are copied.
+            vae_scale_factor: pixel size / latent size; picks the hint encoder depth unless
+                ``conditioning_embedding_out_channels`` is given.
+            conditioning_channels: channels of the condition map (3 for RGB maps such as canny).
+            unlock_unet_decoder: also train the UNet decoder, at ``decoder_learning_rate``.
+        """
+        if conditioning_embedding_out_channels is None:
+            conditioning_embedding_out_channels = hint_channels_for(vae_scale_factor)
+        controlnet = ControlNetModel.from_unet(
+            unet,
+            conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels),
+            conditioning_channels=conditioning_channels,
+        )
+        controlnet.requires_grad_(True)
+        decoder = None
+        if unlock_unet_decoder:
+            decoder = _unet_decoder(unet)
+            decoder.requires_grad_(True)
+        return cls(controlnet, only_mid_control, decoder, decoder_learning_rate)
+
+    def forward(
+        self,
+        condition: torch.Tensor,
+        *,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        conditioning_scale: float = 1.0,
+    ) -> UNetKwargs:
+        """condition (B, C, h*f, w*f) in [0, 1] for latents (B, 4, h, w) -> ControlNet residuals."""
+        expected = (noisy_latents.shape[-2] * self.vae_scale_factor, noisy_latents.shape[-1] * self.vae_scale_factor)
+        if tuple(condition.shape[-2:]) != expected or condition.shape[1] != self.controlnet.config.conditioning_channels:
+            raise ValueError(
+                f"ControlNet condition has shape {tuple(condition.shape)}; expected (B, "
+                f"{self.controlnet.config.conditioning_channels}, {expected[0]}, {expected[1]}) for latents of shape "
+                f"{tuple(noisy_latents.shape)} (vae_scale_factor {self.vae_scale_factor})"
+            )
+        down_residuals, mid_residual = self.controlnet(
+            noisy_latents,
+            timesteps,
+            encoder_hidden_states=encoder_hidden_states,
+            controlnet_cond=condition.to(noisy_latents.dtype),
+            conditioning_scale=conditioning_scale,
+            return_dict=False,
+        )
+        if self.only_mid_control:
+            down_residuals = [torch.zeros_like(residual) for residual in down_residuals]
+        return {"down_block_additional_residuals": list(down_residuals), "mid_block_additional_residual": mid_residual}
+
+    def param_groups(self, learning_rate: float) -> list[dict]:
+        groups = [{"params": list(self.controlnet.parameters()), "lr": learning_rate}]
+        if self.unet_decoder is not None:
+            groups.append({"params": list(self.unet_decoder.parameters()), "lr": self.decoder_learning_rate})
+        return groups
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write a diffusers ``ControlNetModel`` folder (config.json + safetensors), plus the decoder if unlocked."""
+        directory = Path(directory)
+        self.controlnet.save_pretrained(directory, safe_serialization=True)
+        if self.unet_decoder is not None:
+            state = {name: tensor.detach().contiguous() for name, tensor in self.unet_decoder.state_dict().items()}
+            save_file(state, str(directory / DECODER_WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, unet: UNet2DConditionModel | None = None, only_mid_control: bool = False
+    ) -> ControlNetAdapter:
+        """Load a diffusers ``ControlNetModel`` folder; a saved unlocked decoder is loaded into ``unet``."""
+        directory = Path(directory)
+        config_file = directory / "config.json"
+        if not config_file.is_file():
+            raise AdapterFormatError(f"{directory} is not a diffusers ControlNetModel folder: {config_file} not found")
+        try:
+            controlnet = ControlNetModel.from_pretrained(directory, local_files_only=True)
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise AdapterFormatError(f"cannot load a ControlNetModel from {directory}: {first_line}") from error
+        decoder = None
+        decoder_file = directory / DECODER_WEIGHTS_NAME
+        if decoder_file.is_file():
+            if unet is None:
+                raise AdapterFormatError(f"{decoder_file} holds trained UNet decoder weights; pass the base unet to load them")
+            decoder = _unet_decoder(unet)
+            decoder.load_state_dict(load_file(str(decoder_file)))
+        return cls(controlnet, only_mid_control, decoder)

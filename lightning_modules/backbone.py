@@ -1,0 +1,209 @@
+"""The frozen base model: VAE, tokenizer + text encoder, UNet and noise scheduler.
+
+Sources: the tiny SD-architecture model built in code (random weights, for tests and the default run), a local
+diffusers pipeline folder, or a single-file SD checkpoint read offline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from conditions.shapes import VOCABULARY
+from lightning_modules.errors import CtrlkitError
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+class Backbone(nn.Module):
+    """Frozen components of an SD-style model. ``vae=None`` means the UNet works in pixel space.
+
+    The modules are registered as children so Lightning moves them with the system; they never train
+    (``requires_grad_(False)`` and eval mode) unless an adapter deliberately unlocks a part of the UNet.
+    """
+
+    def __init__(self, vae: AutoencoderKL | None, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+                 unet: UNet2DConditionModel, noise_scheduler: DDPMScheduler) -> None:
+        super().__init__()
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.unet = unet
+        self.tokenizer = tokenizer
+        self.noise_scheduler = noise_scheduler
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixel size / latent size (8 for SD, 1 in pixel space)."""
+        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE factor times the UNet's total downsampling."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def check_image_size(self, image_size: int) -> None:
+        if image_size < 1 or image_size % self.image_size_multiple:
+            raise CtrlkitError(
+                f"data.image_size={image_size} must be a positive multiple of {self.image_size_multiple} for this model "
+                f"(VAE factor {self.vae_scale_factor} x UNet downsampling)"
+            )
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/f, W/f), sampled from the VAE posterior."""
+        if self.vae is None:
+            return pixel_values
+        posterior = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
+        return posterior.sample(generator) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images (B, 3, H, W) in [0, 1]."""
+        if self.vae is None:
+            return (latents / 2 + 0.5).clamp(0, 1)
+        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> text embeddings (B, L, D) from the frozen text encoder's last hidden state, as SD1.x uses."""
+        tokens = self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        )
+        input_ids = tokens.input_ids.to(self.text_encoder.device)
+        return self.text_encoder(input_ids)[0]
+
+    def to_pipeline(self) -> StableDiffusionPipeline:
+        """A diffusers pipeline over the same modules (for saving, or for comparing with diffusers)."""
+        return StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=self.noise_scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+
+
+# ------------------------------------------------------------------ the tiny SD-architecture model
+
+
+def build_shapes_tokenizer(max_length: int = 32) -> CLIPTokenizer:
+    """A real CLIP BPE tokenizer, built offline: every byte is a token, every ``shapes`` word one token."""
+    byte_chars = list(bytes_to_unicode().values())
+    tokens = ["<|startoftext|>", "<|endoftext|>", *byte_chars, *(char + "</w>" for char in byte_chars)]
+    merges = []
+    for word in VOCABULARY:
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+            tokens.append(pieces[0])
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
+    return CLIPTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)), model_max_length=max_length)
+
+
+def build_tiny_backbone(seed: int = 0, image_size: int = 64) -> Backbone:
+    """The tiny SD-architecture model (random weights): f=4 VAE (64 px -> 16x16x4), a 2-layer CLIP text encoder and
+    a 3-level UNet with cross-attention in every down block but the last, as SD1.5 is laid out."""
+    torch.manual_seed(seed)
+    tokenizer = build_shapes_tokenizer()
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=32, sample_size=image_size,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 4, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32,
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, prediction_type="epsilon",
+    )
+    return Backbone(vae, text_encoder, tokenizer, unet, scheduler)
+
+
+# ------------------------------------------------------------------ pretrained models from local files
+
+
+def load_pretrained_backbone(path: str, config: str | None = None, torch_dtype: str = "float32") -> Backbone:
+    """Load a frozen backbone from local files only (never the network).
+
+    Args:
+        path: a diffusers pipeline folder (the layout ``StableDiffusionPipeline.save_pretrained`` writes), or a
+            single-file SD checkpoint (.safetensors / .ckpt).
+        config: for a single file, a local diffusers pipeline folder whose configs (no weights needed) describe it;
+            diffusers would otherwise fetch them from the hub.
+        torch_dtype: dtype of the frozen weights ("float32", "float16", "bfloat16").
+    """
+    dtype = getattr(torch, torch_dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise CtrlkitError(f"model.torch_dtype='{torch_dtype}' is not a torch dtype; use float32, float16 or bfloat16")
+    source = Path(path).expanduser()
+    if not source.exists():
+        raise CtrlkitError(
+            f"model path {source} does not exist; set model.path to a diffusers pipeline folder "
+            f"(StableDiffusionPipeline.save_pretrained) or a single-file .safetensors/.ckpt checkpoint"
+        )
+    if source.is_dir():
+        return _load_pipeline_folder(source, dtype)
+    if source.suffix not in SINGLE_FILE_SUFFIXES:
+        raise CtrlkitError(f"model path {source} is a file but not a checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})")
+    return _load_single_file(source, config, dtype)
+
+
+def _load_pipeline_folder(folder: Path, dtype: torch.dtype) -> Backbone:
+    required = ["unet", "text_encoder", "tokenizer", "scheduler", "model_index.json"]
+    missing = [name for name in required if not (folder / name).exists()]
+    if missing:
+        raise CtrlkitError(
+            f"{folder} is not a diffusers pipeline folder: missing {', '.join(missing)} "
+            f"(expected the layout StableDiffusionPipeline.save_pretrained writes)"
+        )
+    try:
+        vae = None
+        if (folder / "vae").exists():
+            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype,
+                                                     local_files_only=True)
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, local_files_only=True)
+        # Training uses DDPM noising with the pipeline's betas and prediction type, as diffusers' scripts do.
+        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise CtrlkitError(f"cannot load the pipeline in {folder}: {_first_line(error)}") from error
+    return Backbone(vae, text_encoder, tokenizer, unet, scheduler)
+
+
+def _load_single_file(checkpoint: Path, config: str | None, dtype: torch.dtype) -> Backbone:
+    if config is None or not Path(config).is_dir():
+        raise CtrlkitError(
+            f"loading the single-file checkpoint {checkpoint} offline needs model.config=<local diffusers pipeline "
+            f"folder with the matching configs>; got model.config={config}"
+        )
+    try:
+        pipeline = StableDiffusionPipeline.from_single_file(
+            str(checkpoint), config=str(config), local_files_only=True, torch_dtype=dtype,
+            safety_checker=None, requires_safety_checker=False,
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise CtrlkitError(f"cannot load the single-file checkpoint {checkpoint}: {_first_line(error)}") from error
+    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    return Backbone(pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, pipeline.unet, scheduler)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

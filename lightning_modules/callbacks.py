@@ -1,0 +1,87 @@
+"""Callbacks: fixed-seed sample grids during training, and the adapter exported in diffusers format at the end."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torchvision.utils import make_grid, save_image
+
+log = logging.getLogger(__name__)
+
+
+class SampleGridCallback(pl.Callback):
+    """Samples the first validation items with a fixed seed and saves a grid: condition | sample | target per row.
+
+    Runs before the first step (the "before" picture), every ``every_n_steps`` optimizer steps, and at the end of
+    training. Each grid is written to ``output_dir/step_XXXXXX.png`` and sent to loggers that show images (W&B).
+
+    Args:
+        output_dir: where the PNG grids go.
+        every_n_steps: sampling period in optimizer steps (0: only before and after training).
+        num_samples: rows of the grid (validation items).
+        num_inference_steps, guidance_scale, scheduler: the sampler (scheduler: ddim | euler | dpmpp | unipc).
+        seed: the noise seed, the same at every step so grids are comparable.
+    """
+
+    def __init__(self, output_dir: str, every_n_steps: int = 250, num_samples: int = 8, num_inference_steps: int = 20,
+                 guidance_scale: float = 5.0, scheduler: str = "unipc", seed: int = 0) -> None:
+        self.output_dir = Path(output_dir)
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+                         "scheduler": scheduler, "seed": seed}
+        self.last_step: int | None = None
+        self.last_path: Path | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sample(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
+            self._sample(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sample(trainer, pl_module)
+
+    @torch.no_grad()
+    def _sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if step == self.last_step or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        batch = trainer.datamodule.fixed_batch(self.num_samples)
+        was_training = pl_module.training
+        pl_module.eval()
+        samples = pl_module.generate(batch["condition"], list(batch["prompt"]), **self.sampling).cpu()
+        pl_module.train(was_training)
+        condition = batch["condition"]
+        if condition.shape[1] == 1:
+            condition = condition.expand(-1, 3, -1, -1)
+        target = (batch["pixel_values"] / 2 + 0.5).clamp(0, 1)
+        rows = torch.stack([condition[:, :3], samples, target], dim=1).flatten(0, 1)  # row-major: cond, sample, target
+        grid = make_grid(rows, nrow=3, padding=2, pad_value=1.0)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        path = self.output_dir / f"step_{step:06d}.png"
+        save_image(grid, path)
+        self.last_step, self.last_path = step, path
+        caption = f"step {step}: condition | sample | target"
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):  # WandbLogger
+                logger.log_image(key="val/samples", images=[grid], step=step, caption=[caption])
+            elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoardLogger
+                logger.experiment.add_image("val/samples", grid, global_step=step)
+
+
+class ExportAdapterCallback(pl.Callback):
+    """At the end of training, saves the adapter in its exchange format (a diffusers folder for ControlNet)."""
+
+    def __init__(self, output_dir: str) -> None:
+        self.output_dir = Path(output_dir)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            pl_module.adapter.save_pretrained(self.output_dir)
+            log.info("adapter exported to %s", self.output_dir)
+

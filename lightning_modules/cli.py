@@ -1,0 +1,77 @@
+"""The ``ctrlkit`` command: ``ctrlkit <subcommand> [hydra overrides]``, e.g. ``ctrlkit train trainer.max_steps=20``."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig
+
+from lightning_modules.config_checks import CONF_DIR, check_group_overrides
+from lightning_modules.errors import USER_ERRORS
+
+USAGE = """usage: ctrlkit <command> [hydra overrides ...]
+
+commands:
+  train     train an adapter on a frozen base model (conf/train.yaml)
+
+Examples:
+  ctrlkit train trainer.max_steps=20
+  ctrlkit train logger=csv adapter.learning_rate=1e-4
+  ctrlkit train -m adapter.learning_rate=1e-4,1e-5 trainer.max_steps=5   (a Hydra sweep)
+  ctrlkit train --cfg job                                                  (print the composed config)
+"""
+
+
+def _user_error(error: BaseException) -> BaseException | None:
+    """The user-input error behind ``error`` (Hydra wraps errors raised while instantiating), if any."""
+    while error is not None:
+        if isinstance(error, USER_ERRORS):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _fail(command: str, error: BaseException) -> None:
+    print(f"ctrlkit {command}: error: {error}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def train_main(cfg: DictConfig) -> float | None:
+    from lightning_modules.train import train  # heavy imports only once the config composed
+
+    try:
+        metrics, _ = train(cfg)
+    except (InstantiationException, *USER_ERRORS) as error:
+        cause = _user_error(error)
+        if cause is None:
+            raise
+        _fail("train", cause)
+    return metrics.get("val/loss")
+
+
+COMMANDS = {"train": train_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, overrides = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"ctrlkit: error: unknown command '{command}'; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        check_group_overrides(overrides)
+    except USER_ERRORS as error:
+        _fail(command, error)
+    sys.argv = [f"ctrlkit {command}", *overrides]
+    COMMANDS[command]()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

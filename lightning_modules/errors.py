@@ -1,0 +1,12 @@
+"""Errors caused by the user's input; the CLI prints them as one line instead of a traceback."""
+
+from adapters import AdapterFormatError
+from conditions import ImageDecodeError
+
+
+class CtrlkitError(ValueError):
+    """A bad configuration, path or file; the message says what was wrong and what is allowed."""
+
+
+# Everything the CLI reports as a one-line error.
+USER_ERRORS = (CtrlkitError, AdapterFormatError, ImageDecodeError)

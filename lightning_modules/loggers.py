@@ -1,0 +1,34 @@
+"""Logger factories. W&B runs online when an API key is configured and offline otherwise: it never prompts."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from urllib.parse import urlparse
+
+from pytorch_lightning.loggers import WandbLogger
+
+from lightning_modules.errors import CtrlkitError
+
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def wandb_api_key_configured() -> bool:
+    """True when W&B has a key without asking: ``WANDB_API_KEY`` or a netrc entry for the W&B host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def build_wandb_logger(project: str, save_dir: str, mode: str = "auto", **kwargs) -> WandbLogger:
+    """A ``WandbLogger``; ``mode="auto"`` picks online when :func:`wandb_api_key_configured`, else offline."""
+    if mode not in WANDB_MODES:
+        raise CtrlkitError(f"logger.wandb.mode='{mode}'; choose one of: {', '.join(WANDB_MODES)}")
+    if mode == "auto":
+        mode = "online" if wandb_api_key_configured() else "offline"
+    os.makedirs(save_dir, exist_ok=True)
+    return WandbLogger(project=project, save_dir=save_dir, offline=mode == "offline", mode=mode, **kwargs)
