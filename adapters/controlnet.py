@@ -111,7 +111,10 @@ class ControlNetAdapter(ConditioningAdapter):
     ) -> UNetKwargs:
         """condition (B, C, h*f, w*f) in [0, 1] for latents (B, 4, h, w) -> ControlNet residuals."""
         expected = (noisy_latents.shape[-2] * self.vae_scale_factor, noisy_latents.shape[-1] * self.vae_scale_factor)
-        if tuple(condition.shape[-2:]) != expected or condition.shape[1] != self.controlnet.config.conditioning_channels:
+        if (
+            tuple(condition.shape[-2:]) != expected
+            or condition.shape[1] != self.controlnet.config.conditioning_channels
+        ):
             raise ValueError(
                 f"ControlNet condition has shape {tuple(condition.shape)}; expected (B, "
                 f"{self.controlnet.config.conditioning_channels}, {expected[0]}, {expected[1]}) for latents of shape "
@@ -161,7 +164,9 @@ class ControlNetAdapter(ConditioningAdapter):
         decoder_file = directory / DECODER_WEIGHTS_NAME
         if decoder_file.is_file():
             if unet is None:
-                raise AdapterFormatError(f"{decoder_file} holds trained UNet decoder weights; pass the base unet to load them")
+                raise AdapterFormatError(
+                    f"{decoder_file} holds trained UNet decoder weights; pass the base unet to load them"
+                )
             decoder = _unet_decoder(unet)
             decoder.load_state_dict(load_file(str(decoder_file)))
         return cls(controlnet, only_mid_control, decoder)

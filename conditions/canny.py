@@ -28,7 +28,8 @@ class CannyExtractor(ConditionExtractor):
     def __init__(self, low_threshold: int = 100, high_threshold: int = 200, channels: int = 3) -> None:
         if not 0 <= low_threshold <= high_threshold:
             raise ValueError(
-                f"canny thresholds must satisfy 0 <= low_threshold <= high_threshold, got {low_threshold}, {high_threshold}"
+                "canny thresholds must satisfy 0 <= low_threshold <= high_threshold, "
+                f"got {low_threshold}, {high_threshold}"
             )
         if channels not in (1, 3):
             raise ValueError(f"canny channels must be 1 or 3, got {channels}")

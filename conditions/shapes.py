@@ -67,7 +67,12 @@ def _draw(canvas: np.ndarray, shape: str, centre: tuple[int, int], radius: int, 
         cv2.circle(canvas, (cx, cy), radius, value, thickness=-1, lineType=cv2.LINE_8)
         return
     if shape == "square":
-        points = [(cx - radius, cy - radius), (cx + radius, cy - radius), (cx + radius, cy + radius), (cx - radius, cy + radius)]
+        points = [
+            (cx - radius, cy - radius),
+            (cx + radius, cy - radius),
+            (cx + radius, cy + radius),
+            (cx - radius, cy + radius),
+        ]
     elif shape == "triangle":
         points = [(cx, cy - radius), (cx + radius, cy + radius), (cx - radius, cy + radius)]
     else:

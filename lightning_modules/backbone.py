@@ -6,13 +6,14 @@ diffusers pipeline folder, or a single-file SD checkpoint read offline.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from conditions.shapes import VOCABULARY
 from lightning_modules.errors import CtrlkitError
@@ -27,8 +28,14 @@ class Backbone(nn.Module):
     (``requires_grad_(False)`` and eval mode) unless an adapter deliberately unlocks a part of the UNet.
     """
 
-    def __init__(self, vae: AutoencoderKL | None, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
-                 unet: UNet2DConditionModel, noise_scheduler: DDPMScheduler) -> None:
+    def __init__(
+        self,
+        vae: AutoencoderKL | None,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        noise_scheduler: DDPMScheduler,
+    ) -> None:
         super().__init__()
         self.vae = vae
         self.text_encoder = text_encoder
@@ -51,7 +58,8 @@ class Backbone(nn.Module):
     def check_image_size(self, image_size: int) -> None:
         if image_size < 1 or image_size % self.image_size_multiple:
             raise CtrlkitError(
-                f"data.image_size={image_size} must be a positive multiple of {self.image_size_multiple} for this model "
+                f"data.image_size={image_size} must be a positive multiple of {self.image_size_multiple} "
+                "for this model "
                 f"(VAE factor {self.vae_scale_factor} x UNet downsampling)"
             )
 
@@ -75,7 +83,10 @@ class Backbone(nn.Module):
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> text embeddings (B, L, D) from the frozen text encoder's last hidden state, as SD1.x uses."""
         tokens = self.tokenizer(
-            list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
             return_tensors="pt",
         )
         input_ids = tokens.input_ids.to(self.text_encoder.device)
@@ -84,8 +95,14 @@ class Backbone(nn.Module):
     def to_pipeline(self) -> StableDiffusionPipeline:
         """A diffusers pipeline over the same modules (for saving, or for comparing with diffusers)."""
         return StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-            scheduler=self.noise_scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=self.noise_scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
 
 
@@ -93,18 +110,27 @@ class Backbone(nn.Module):
 
 
 def build_shapes_tokenizer(max_length: int = 32) -> CLIPTokenizer:
-    """A real CLIP BPE tokenizer, built offline: every byte is a token, every ``shapes`` word one token."""
-    byte_chars = list(bytes_to_unicode().values())
-    tokens = ["<|startoftext|>", "<|endoftext|>", *byte_chars, *(char + "</w>" for char in byte_chars)]
-    merges = []
-    for word in VOCABULARY:
-        pieces = [*word[:-1], word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merges.append((pieces[0], pieces[1]))
-            pieces = [pieces[0] + pieces[1], *pieces[2:]]
-            tokens.append(pieces[0])
-    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
-    return CLIPTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)), model_max_length=max_length)
+    """A CLIP BPE tokenizer trained offline on the ``shapes`` vocabulary: each shapes word is one token, and any
+    other text still tokenizes byte by byte (nothing maps to the unknown token)."""
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=10_000,
+        min_frequency=1,
+        show_progress=False,
+        special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        end_of_word_suffix="</w>",
+    )
+    bpe.train_from_iterator(VOCABULARY, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    vocab = dict(model["vocab"])
+    # CLIP marks the last character of a word with </w>; give every byte that form so unseen words tokenize.
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab.setdefault(char, len(vocab))
+        vocab.setdefault(char + "</w>", len(vocab))
+    merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in model["merges"]]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
 def build_tiny_backbone(seed: int = 0, image_size: int = 64) -> Backbone:
@@ -113,24 +139,48 @@ def build_tiny_backbone(seed: int = 0, image_size: int = 64) -> Backbone:
     torch.manual_seed(seed)
     tokenizer = build_shapes_tokenizer()
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        norm_num_groups=32, sample_size=image_size,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=32,
+        sample_size=image_size,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     unet = UNet2DConditionModel(
-        sample_size=image_size // 4, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+        sample_size=image_size // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32,
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=32,
     )
     scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, prediction_type="epsilon",
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        prediction_type="epsilon",
     )
     return Backbone(vae, text_encoder, tokenizer, unet, scheduler)
 
@@ -176,8 +226,9 @@ def _load_pipeline_folder(folder: Path, dtype: torch.dtype) -> Backbone:
         vae = None
         if (folder / "vae").exists():
             vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype,
-                                                     local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(
+            folder, subfolder="text_encoder", torch_dtype=dtype, local_files_only=True
+        )
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, local_files_only=True)
         # Training uses DDPM noising with the pipeline's betas and prediction type, as diffusers' scripts do.
@@ -195,8 +246,12 @@ def _load_single_file(checkpoint: Path, config: str | None, dtype: torch.dtype) 
         )
     try:
         pipeline = StableDiffusionPipeline.from_single_file(
-            str(checkpoint), config=str(config), local_files_only=True, torch_dtype=dtype,
-            safety_checker=None, requires_safety_checker=False,
+            str(checkpoint),
+            config=str(config),
+            local_files_only=True,
+            torch_dtype=dtype,
+            safety_checker=None,
+            requires_safety_checker=False,
         )
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         raise CtrlkitError(f"cannot load the single-file checkpoint {checkpoint}: {_first_line(error)}") from error

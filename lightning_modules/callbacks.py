@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torchvision.utils import make_grid, save_image
 
 log = logging.getLogger(__name__)
@@ -26,20 +27,34 @@ class SampleGridCallback(pl.Callback):
         seed: the noise seed, the same at every step so grids are comparable.
     """
 
-    def __init__(self, output_dir: str, every_n_steps: int = 250, num_samples: int = 8, num_inference_steps: int = 20,
-                 guidance_scale: float = 5.0, scheduler: str = "unipc", seed: int = 0) -> None:
+    def __init__(
+        self,
+        output_dir: str,
+        every_n_steps: int = 250,
+        num_samples: int = 8,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 5.0,
+        scheduler: str = "unipc",
+        seed: int = 0,
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
-        self.sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-                         "scheduler": scheduler, "seed": seed}
+        self.sampling = {
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+            "scheduler": scheduler,
+            "seed": seed,
+        }
         self.last_step: int | None = None
         self.last_path: Path | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sample(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
+    ) -> None:
         if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
             self._sample(trainer, pl_module)
 
@@ -85,3 +100,14 @@ class ExportAdapterCallback(pl.Callback):
             pl_module.adapter.save_pretrained(self.output_dir)
             log.info("adapter exported to %s", self.output_dir)
 
+
+class AdapterCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` is always the state at the end of training.
+
+    Lightning writes ``last`` at the end only when no ``last`` was saved before, so a run stopped by ``max_steps``
+    after a periodic save would keep a stale ``last.ckpt``.
+    """
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -49,4 +49,5 @@ def _is_missing(cfg: DictConfig, dotted_key: str) -> bool:
     """True when ``dotted_key`` exists and is the mandatory-value marker ``???``."""
     parent_key, _, leaf = dotted_key.rpartition(".")
     parent = OmegaConf.select(cfg, parent_key, throw_on_missing=False) if parent_key else cfg
-    return isinstance(parent, DictConfig) and leaf in parent and OmegaConf.is_missing(parent, leaf)
+    # `leaf in parent` is False for a ??? value, so look at the keys themselves.
+    return isinstance(parent, DictConfig) and leaf in parent.keys() and OmegaConf.is_missing(parent, leaf)

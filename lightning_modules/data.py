@@ -19,8 +19,14 @@ class ShapesDataset(Dataset):
         prompt: caption str; mask: (S, S) bool foreground ground truth; box: (4,) normalised xyxy of the first object.
     """
 
-    def __init__(self, extractor: ConditionExtractor, length: int, image_size: int = 64, seed: int = 0,
-                 num_objects: int | tuple[int, int] = 1) -> None:
+    def __init__(
+        self,
+        extractor: ConditionExtractor,
+        length: int,
+        image_size: int = 64,
+        seed: int = 0,
+        num_objects: int | tuple[int, int] = 1,
+    ) -> None:
         if length < 1:
             raise ValueError(f"dataset length must be >= 1, got {length}")
         self.extractor = extractor
@@ -56,9 +62,18 @@ class ShapesDataModule(pl.LightningDataModule):
         val_size: items in the fixed validation set; the sample grid uses its first items.
     """
 
-    def __init__(self, extractor: ConditionExtractor, image_size: int = 64, train_size: int = 100_000,
-                 val_size: int = 16, batch_size: int = 16, num_workers: int = 0, seed: int = 0,
-                 val_seed: int = 1_000_003, num_objects: int | tuple[int, int] = 1) -> None:
+    def __init__(
+        self,
+        extractor: ConditionExtractor,
+        image_size: int = 64,
+        train_size: int = 100_000,
+        val_size: int = 16,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        seed: int = 0,
+        val_seed: int = 1_000_003,
+        num_objects: int | tuple[int, int] = 1,
+    ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
@@ -69,8 +84,14 @@ class ShapesDataModule(pl.LightningDataModule):
         self.val_dataset = ShapesDataset(extractor, val_size, image_size, val_seed, num_objects)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_dataset, batch_size=self.batch_size, num_workers=self.num_workers)

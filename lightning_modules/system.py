@@ -33,12 +33,22 @@ class AdapterTrainingSystem(pl.LightningModule):
         timestep_sampling: "uniform", or "cubic" (t = (1 - u^3) T, T2I-Adapter's bias towards early, noisy steps).
     """
 
-    def __init__(self, backbone: Backbone, adapter: ConditioningAdapter, learning_rate: float = 1e-4,
-                 weight_decay: float = 1e-2, adam_betas: tuple[float, float] = (0.9, 0.999), lr_warmup_steps: int = 0,
-                 prompt_dropout: float = 0.5, timestep_sampling: str = "uniform") -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        adapter: ConditioningAdapter,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 1e-2,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        lr_warmup_steps: int = 0,
+        prompt_dropout: float = 0.5,
+        timestep_sampling: str = "uniform",
+    ) -> None:
         super().__init__()
         if timestep_sampling not in TIMESTEP_SAMPLINGS:
-            raise CtrlkitError(f"system.timestep_sampling='{timestep_sampling}'; choose one of: {', '.join(TIMESTEP_SAMPLINGS)}")
+            raise CtrlkitError(
+                f"system.timestep_sampling='{timestep_sampling}'; choose one of: {', '.join(TIMESTEP_SAMPLINGS)}"
+            )
         if not 0.0 <= prompt_dropout <= 1.0:
             raise CtrlkitError(f"system.prompt_dropout={prompt_dropout} must be in [0, 1]")
         # The modules are not hyperparameters: keeping them out of hparams keeps them out of the checkpoint pickle.
@@ -80,8 +90,12 @@ class AdapterTrainingSystem(pl.LightningModule):
             dropped = torch.rand(len(prompts), generator=generator) < prompt_dropout
             prompts = ["" if drop else prompt for prompt, drop in zip(prompts, dropped.tolist())]
         encoder_hidden_states = self.backbone.encode_prompts(prompts)
-        unet_kwargs = self.adapter(batch["condition"], noisy_latents=noisy_latents, timesteps=timesteps,
-                                   encoder_hidden_states=encoder_hidden_states)
+        unet_kwargs = self.adapter(
+            batch["condition"],
+            noisy_latents=noisy_latents,
+            timesteps=timesteps,
+            encoder_hidden_states=encoder_hidden_states,
+        )
         model_pred = self.backbone.unet(noisy_latents, timesteps, encoder_hidden_states, **unet_kwargs).sample
         prediction_type = self.backbone.noise_scheduler.config.prediction_type
         if prediction_type == "epsilon":
@@ -89,7 +103,9 @@ class AdapterTrainingSystem(pl.LightningModule):
         elif prediction_type == "v_prediction":
             target = self.backbone.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
-            raise CtrlkitError(f"unsupported prediction_type '{prediction_type}'; ctrlkit trains epsilon or v_prediction")
+            raise CtrlkitError(
+                f"unsupported prediction_type '{prediction_type}'; ctrlkit trains epsilon or v_prediction"
+            )
         return F.mse_loss(model_pred.float(), target.float())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -104,8 +120,11 @@ class AdapterTrainingSystem(pl.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.adapter.param_groups(self.hparams.learning_rate),
-                                      weight_decay=self.hparams.weight_decay, betas=tuple(self.hparams.adam_betas))
+        optimizer = torch.optim.AdamW(
+            self.adapter.param_groups(self.hparams.learning_rate),
+            weight_decay=self.hparams.weight_decay,
+            betas=tuple(self.hparams.adam_betas),
+        )
         warmup = max(int(self.hparams.lr_warmup_steps), 0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -130,9 +149,18 @@ class AdapterTrainingSystem(pl.LightningModule):
     # ------------------------------------------------------------------ sampling
 
     @torch.no_grad()
-    def generate(self, condition: torch.Tensor, prompts: list[str], *, num_inference_steps: int = 20,
-                 guidance_scale: float = 5.0, scheduler: str = "unipc", seed: int = 0,
-                 negative_prompt: str = "", use_adapter: bool = True) -> torch.Tensor:
+    def generate(
+        self,
+        condition: torch.Tensor,
+        prompts: list[str],
+        *,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 5.0,
+        scheduler: str = "unipc",
+        seed: int = 0,
+        negative_prompt: str = "",
+        use_adapter: bool = True,
+    ) -> torch.Tensor:
         """Sample images (B, 3, H, W) in [0, 1] for ``prompts`` under ``condition`` (B, C, H, W)."""
         condition = condition.to(self.device)
         height, width = condition.shape[-2:]

@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_modules.config_checks import check_train_config
 from lightning_modules.errors import CtrlkitError
@@ -35,7 +36,11 @@ def check_checkpoint(path: str | None) -> str | None:
             f"ckpt_path {checkpoint_file} is not a ctrlkit training checkpoint (a Lightning .ckpt written by "
             f"ctrlkit train): {reason}"
         ) from error
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "pytorch-lightning_version" not in checkpoint:
+    if (
+        not isinstance(checkpoint, dict)
+        or "state_dict" not in checkpoint
+        or "pytorch-lightning_version" not in checkpoint
+    ):
         raise CtrlkitError(
             f"ckpt_path {checkpoint_file} is not a ctrlkit training checkpoint: expected a Lightning checkpoint with "
             f"'state_dict' and 'pytorch-lightning_version'"
@@ -47,7 +52,11 @@ def _instantiate_group(group: DictConfig | None) -> list:
     """Instantiate every entry of a group such as ``callbacks`` or ``logger`` (a dict of ``_target_`` configs)."""
     if not group:
         return []
-    return [instantiate(entry, _convert_="all") for entry in group.values() if isinstance(entry, DictConfig) and "_target_" in entry]
+    return [
+        instantiate(entry, _convert_="all")
+        for entry in group.values()
+        if isinstance(entry, DictConfig) and "_target_" in entry
+    ]
 
 
 def train(cfg: DictConfig) -> tuple[dict, dict]:
@@ -63,7 +72,9 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     extractor = instantiate(cfg.condition.extractor, _convert_="all")
     datamodule = instantiate(cfg.data, extractor=extractor, _convert_="all")
     # Config gives the adapter's knobs, the loaded model gives its shapes.
-    adapter = instantiate(cfg.adapter.build, _convert_="all")(backbone.unet, vae_scale_factor=backbone.vae_scale_factor)
+    adapter = instantiate(cfg.adapter.build, _convert_="all")(
+        backbone.unet, vae_scale_factor=backbone.vae_scale_factor
+    )
     # _convert_="all": plain lists in hparams, so checkpoints load with weights_only=True.
     system = instantiate(cfg.system, backbone=backbone, adapter=adapter, _convert_="all")
     callbacks = _instantiate_group(cfg.get("callbacks"))
@@ -84,8 +95,16 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         _finish_wandb(loggers)
 
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
-    objects = {"cfg": cfg, "backbone": backbone, "adapter": adapter, "system": system, "datamodule": datamodule,
-               "trainer": trainer, "callbacks": callbacks, "loggers": loggers}
+    objects = {
+        "cfg": cfg,
+        "backbone": backbone,
+        "adapter": adapter,
+        "system": system,
+        "datamodule": datamodule,
+        "trainer": trainer,
+        "callbacks": callbacks,
+        "loggers": loggers,
+    }
     if trainer.is_global_zero:
         print(_summary(objects, output_dir, time.perf_counter() - started))
     return metrics, objects
@@ -104,7 +123,7 @@ def _summary(objects: dict, output_dir: Path, seconds: float) -> str:
     lines.append(f"  config:       {output_dir / 'config.yaml'}")
     for callback in objects["callbacks"]:
         name = type(callback).__name__
-        if name == "ModelCheckpoint" and callback.dirpath:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
             lines.append(f"  checkpoints:  {callback.dirpath}")
         elif name == "ExportAdapterCallback":
             lines.append(f"  adapter:      {callback.output_dir}  (diffusers format)")

@@ -1,0 +1,101 @@
+"""Condition extractors: Canny against controlnet_aux on real photographs, the extractor contract, image reading."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conditions import CannyExtractor, ImageDecodeError, read_image
+
+skimage_data = pytest.importorskip("skimage.data")
+
+
+def photographs() -> dict[str, np.ndarray]:
+    """Real photos shipped with scikit-image, cropped to sides that are multiples of 64 (controlnet_aux resizes
+    to multiples of 64, so only such sizes are compared at the input's own resolution)."""
+    photos = {
+        "astronaut": skimage_data.astronaut(),
+        "coffee": skimage_data.coffee(),
+        "chelsea": skimage_data.chelsea(),
+        "rocket": skimage_data.rocket(),
+    }
+    return {
+        name: np.ascontiguousarray(p[: p.shape[0] // 64 * 64, : p.shape[1] // 64 * 64]) for name, p in photos.items()
+    }
+
+
+@pytest.mark.parametrize("name", ["astronaut", "coffee", "chelsea", "rocket"])
+@pytest.mark.parametrize(("low", "high"), [(100, 200), (50, 120)])
+def test_canny_equals_controlnet_aux(name, low, high):
+    from controlnet_aux import CannyDetector
+
+    photo = photographs()[name]
+    reference = CannyDetector()(
+        photo,
+        low_threshold=low,
+        high_threshold=high,
+        detect_resolution=min(photo.shape[:2]),
+        image_resolution=min(photo.shape[:2]),
+    )
+    assert reference.shape == photo.shape
+    ours = CannyExtractor(low, high)(photo)
+    assert ours.shape == (3, *photo.shape[:2]) and ours.dtype == torch.float32
+    np.testing.assert_array_equal((ours * 255).round().byte().permute(1, 2, 0).numpy(), reference)
+    assert 0 < ours.mean() < 0.5
+
+
+def test_canny_contract_shape_range_determinism():
+    photo = photographs()["astronaut"][:100, :130]  # any size, no rounding to 64
+    extractor = CannyExtractor(channels=1)
+    edges = extractor(photo)
+    assert edges.shape == (1, 100, 130)
+    assert set(torch.unique(edges).tolist()) <= {0.0, 1.0}
+    assert torch.equal(edges, extractor(photo))
+
+
+def test_canny_batch_equals_single_images():
+    photos = [photographs()["astronaut"][:64, :96], photographs()["coffee"][:64, :96]]
+    batch = torch.stack([torch.from_numpy(p).permute(2, 0, 1) for p in photos])  # (B, 3, H, W) uint8
+    extractor = CannyExtractor()
+    maps = extractor(batch)
+    assert maps.shape == (2, 3, 64, 96)
+    for index, photo in enumerate(photos):
+        assert torch.equal(maps[index], extractor(photo))
+    assert torch.equal(extractor(batch.float() / 255), maps)
+
+
+def test_canny_accepts_gray_and_rgba():
+    gray = photographs()["astronaut"][:64, :64, 0]
+    assert CannyExtractor()(gray).shape == (3, 64, 64)
+    rgba = np.dstack([photographs()["astronaut"][:64, :64], np.full((64, 64), 255, np.uint8)])
+    assert torch.equal(CannyExtractor()(rgba), CannyExtractor()(rgba[:, :, :3]))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"low_threshold": 200, "high_threshold": 100}, "thresholds"), ({"channels": 2}, "channels must be 1 or 3")],
+)
+def test_canny_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CannyExtractor(**kwargs)
+
+
+def test_extractor_rejects_non_images():
+    with pytest.raises(ValueError, match="uint8"):
+        CannyExtractor()(np.zeros((8, 8, 3), dtype=np.float32))
+
+
+def test_read_image_round_trip_and_errors(tmp_path):
+    photo = photographs()["chelsea"][:64, :64]
+    Image.fromarray(photo).save(tmp_path / "cat.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "cat.png"), photo)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(ImageDecodeError, match=r"cannot decode image .*broken\.jpg"):
+        read_image(tmp_path / "broken.jpg")
+    with pytest.raises(ImageDecodeError, match=r"image file not found: .*missing\.png"):
+        read_image(tmp_path / "missing.png")
+    Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)).save(tmp_path / "deep.png")
+    deep = read_image(tmp_path / "deep.png")
+    assert deep.shape == (64, 64, 3) and deep.dtype == np.uint8 and deep.max() == 255
