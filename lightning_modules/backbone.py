@@ -11,10 +11,12 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from adapters.ldm_layout import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
 from conditions.shapes import VOCABULARY
 from lightning_modules.errors import CtrlkitError
 
@@ -91,6 +93,18 @@ class Backbone(nn.Module):
         )
         input_ids = tokens.input_ids.to(self.text_encoder.device)
         return self.text_encoder(input_ids)[0]
+
+    def save_single_file(self, path: str | Path) -> None:
+        """Write one .safetensors in the original SD layout (``model.diffusion_model.*``, ``first_stage_model.*``,
+        ``cond_stage_model.transformer.*``), the form A1111/ComfyUI and ``from_single_file`` read."""
+        if self.vae is None:
+            raise CtrlkitError("the single-file SD layout needs a VAE; this backbone works in pixel space")
+        state = {
+            **unet_to_ldm(self.unet.state_dict(), self.unet.config),
+            **vae_to_ldm(self.vae.state_dict(), self.vae.config),
+            **text_encoder_to_ldm(self.text_encoder.state_dict()),
+        }
+        save_file({key: tensor.detach().contiguous() for key, tensor in state.items()}, str(path))
 
     def to_pipeline(self) -> StableDiffusionPipeline:
         """A diffusers pipeline over the same modules (for saving, or for comparing with diffusers)."""

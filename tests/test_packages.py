@@ -37,3 +37,12 @@ def test_import_direction(package):
         assert not imported_top_level(path) & FORBIDDEN[package], (
             f"{path} imports {imported_top_level(path) & FORBIDDEN[package]}"
         )
+
+
+def test_torch_and_torchvision_work_together():
+    """A mismatched pair imports but fails here with 'operator torchvision::nms does not exist'."""
+    import torch
+    import torchvision
+
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
+    assert torchvision.ops.nms(boxes, torch.tensor([0.9, 0.8]), 0.5).tolist() == [0]

@@ -75,6 +75,23 @@ def test_tiny_pipeline_folder_trains_through_model_sd15(make_train_config, tmp_p
     assert objects["backbone"].tokenizer("a red circle").input_ids == saved.tokenizer("a red circle").input_ids
 
 
+def test_single_file_checkpoint_trains_through_model_sd15(make_train_config, tmp_path):
+    saved = build_tiny_backbone(seed=4)
+    saved.to_pipeline().save_pretrained(tmp_path / "configs")
+    saved.save_single_file(tmp_path / "tiny-sd.safetensors")
+    cfg = make_train_config(
+        "model=sd15",
+        f"model.path={tmp_path / 'tiny-sd.safetensors'}",
+        f"model.config={tmp_path / 'configs'}",
+        "debug=fdr",
+    )
+    _, objects = train(cfg)
+    for part in ("unet", "vae", "text_encoder"):
+        loaded = getattr(objects["backbone"], part).state_dict()
+        for name, tensor in getattr(saved, part).state_dict().items():
+            assert torch.equal(loaded[name], tensor), f"{part}.{name}"
+
+
 def test_bad_model_paths_are_named(tmp_path):
     with pytest.raises(CtrlkitError, match=r"model path .*nowhere does not exist"):
         load_pretrained_backbone(str(tmp_path / "nowhere"))
@@ -84,6 +101,9 @@ def test_bad_model_paths_are_named(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(CtrlkitError, match=r"needs model.config=<local diffusers pipeline folder"):
         load_pretrained_backbone(str(tmp_path / "model.safetensors"))
+    build_tiny_backbone().to_pipeline().save_pretrained(tmp_path / "configs")
+    with pytest.raises(CtrlkitError, match=r"cannot load the single-file checkpoint .*model.safetensors"):
+        load_pretrained_backbone(str(tmp_path / "model.safetensors"), config=str(tmp_path / "configs"))
 
 
 def test_image_size_must_suit_the_model(make_train_config):
