@@ -66,12 +66,22 @@ class Backbone(nn.Module):
             )
 
     @torch.no_grad()
+    def encode_posterior(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) in [-1, 1] -> the VAE posterior's mean and std (B, 4, H/f, W/f), unscaled."""
+        posterior = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
+        return posterior.mean, posterior.std
+
+    def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None):
+        """A scaled latent sample ``(mean + std * eps) * scaling_factor`` from posterior parameters."""
+        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        return (mean + std * eps) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/f, W/f), sampled from the VAE posterior."""
         if self.vae is None:
             return pixel_values
-        posterior = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
-        return posterior.sample(generator) * self.vae.config.scaling_factor
+        return self.sample_latents(*self.encode_posterior(pixel_values), generator=generator)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,8 @@ from lightning_modules.errors import USER_ERRORS
 USAGE = """usage: ctrlkit <command> [hydra overrides ...]
 
 commands:
-  train     train an adapter on a frozen base model (conf/train.yaml)
+  train            train an adapter on a frozen base model (conf/train.yaml)
+  pretrain-base    train the tiny base model that `model=tiny` ships (conf/pretrain_base.yaml)
 
 Examples:
   ctrlkit train trainer.max_steps=20
@@ -52,7 +53,14 @@ def train_main(cfg: DictConfig) -> float | None:
     return metrics.get("val/loss")
 
 
-COMMANDS = {"train": train_main}
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain_base")
+def pretrain_base_main(cfg: DictConfig) -> None:
+    from lightning_modules.pretrain_base import pretrain_base
+
+    pretrain_base(cfg)
+
+
+COMMANDS = {"train": train_main, "pretrain-base": pretrain_base_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,8 @@ class ShapesDataset(Dataset):
 
     Items:
         pixel_values: (3, S, S) float in [-1, 1]; condition: (C, S, S) float in [0, 1] from ``extractor``;
-        prompt: caption str; mask: (S, S) bool foreground ground truth; box: (4,) normalised xyxy of the first object.
+        prompt: caption str; mask: (S, S) bool foreground ground truth; box: (4,) normalised xyxy of the first object;
+        index: the item's index (the key of the training system's latent cache).
     """
 
     def __init__(
@@ -44,6 +45,7 @@ class ShapesDataset(Dataset):
         scene = render_scene(np.random.default_rng([self.seed, index]), self.image_size, self.num_objects)
         image = torch.from_numpy(scene.image).permute(2, 0, 1).float().div(127.5).sub(1.0)
         return {
+            "index": index,
             "pixel_values": image,
             "condition": self.extractor(scene.image),
             "prompt": scene.caption,

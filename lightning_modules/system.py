@@ -31,6 +31,11 @@ class AdapterTrainingSystem(pl.LightningModule):
         prompt_dropout: probability of replacing a caption by "" (ControlNet paper: 0.5), so classifier-free
             guidance works with the adapter.
         timestep_sampling: "uniform", or "cubic" (t = (1 - u^3) T, T2I-Adapter's bias towards early, noisy steps).
+        cache_latents: keep each training item's VAE posterior (mean, std) after its first encoding, keyed by the
+            batch's ``index``, and sample from it later (the frozen VAE gives the same posterior every epoch).
+            Datasets whose items change between epochs (random crops, flips) must not use it.
+        cache_text_embeddings: keep the frozen text encoder's output per prompt string.
+        cache_limit: most cached items; beyond it new items are encoded every time.
     """
 
     def __init__(
@@ -43,6 +48,9 @@ class AdapterTrainingSystem(pl.LightningModule):
         lr_warmup_steps: int = 0,
         prompt_dropout: float = 0.5,
         timestep_sampling: str = "uniform",
+        cache_latents: bool = False,
+        cache_text_embeddings: bool = True,
+        cache_limit: int = 50_000,
     ) -> None:
         super().__init__()
         if timestep_sampling not in TIMESTEP_SAMPLINGS:
@@ -57,6 +65,8 @@ class AdapterTrainingSystem(pl.LightningModule):
         self.adapter = adapter
         # Checkpoints hold the adapter only; on_load_checkpoint checks those keys itself.
         self.strict_loading = False
+        self._latent_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._text_cache: dict[str, torch.Tensor] = {}
 
     def on_fit_start(self) -> None:
         # The frozen backbone is in eval mode on purpose; Lightning warns about any eval-mode module.
@@ -79,9 +89,48 @@ class AdapterTrainingSystem(pl.LightningModule):
             timesteps = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
         return timesteps.to(self.device)
 
-    def compute_loss(self, batch: dict, prompt_dropout: float = 0.0, generator: torch.Generator | None = None):
+    def training_latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled latents of a training batch, from the posterior cache where possible."""
+        if not self.hparams.cache_latents or self.backbone.vae is None:
+            return self.backbone.encode_images(batch["pixel_values"], generator=generator)
+        if "index" not in batch:
+            raise CtrlkitError("system.cache_latents=true needs datasets whose items carry an 'index'")
+        indices = batch["index"].tolist()
+        missing = [row for row, index in enumerate(indices) if index not in self._latent_cache]
+        fresh = {}
+        if missing:
+            means, stds = self.backbone.encode_posterior(batch["pixel_values"][missing])
+            for row, mean, std in zip(missing, means.cpu(), stds.cpu()):
+                fresh[row] = (mean, std)
+                if len(self._latent_cache) < self.hparams.cache_limit:
+                    self._latent_cache[indices[row]] = (mean, std)
+        pairs = [fresh[row] if row in fresh else self._latent_cache[index] for row, index in enumerate(indices)]
+        mean = torch.stack([pair[0] for pair in pairs]).to(self.device)
+        std = torch.stack([pair[1] for pair in pairs]).to(self.device)
+        return self.backbone.sample_latents(mean, std, generator=generator)
+
+    def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
+        """Frozen text-encoder output (B, L, D), computed once per distinct prompt when caching is on."""
+        if not self.hparams.cache_text_embeddings:
+            return self.backbone.encode_prompts(prompts)
+        new = sorted(set(prompts) - self._text_cache.keys())
+        if new:
+            for prompt, embedding in zip(new, self.backbone.encode_prompts(new)):
+                self._text_cache[prompt] = embedding
+        return torch.stack([self._text_cache[prompt] for prompt in prompts]).to(self.device)
+
+    def compute_loss(
+        self,
+        batch: dict,
+        prompt_dropout: float = 0.0,
+        generator: torch.Generator | None = None,
+        use_latent_cache: bool = False,
+    ):
         """MSE between the UNet's prediction (with the adapter's kwargs) and the scheduler's target."""
-        latents = self.backbone.encode_images(batch["pixel_values"], generator=generator)
+        if use_latent_cache:
+            latents = self.training_latents(batch, generator=generator)
+        else:
+            latents = self.backbone.encode_images(batch["pixel_values"], generator=generator)
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
         timesteps = self.sample_timesteps(latents.shape[0], generator)
         noisy_latents = self.backbone.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -89,7 +138,7 @@ class AdapterTrainingSystem(pl.LightningModule):
         if prompt_dropout > 0:
             dropped = torch.rand(len(prompts), generator=generator) < prompt_dropout
             prompts = ["" if drop else prompt for prompt, drop in zip(prompts, dropped.tolist())]
-        encoder_hidden_states = self.backbone.encode_prompts(prompts)
+        encoder_hidden_states = self.text_embeddings(prompts)
         unet_kwargs = self.adapter(
             batch["condition"],
             noisy_latents=noisy_latents,
@@ -109,7 +158,7 @@ class AdapterTrainingSystem(pl.LightningModule):
         return F.mse_loss(model_pred.float(), target.float())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.compute_loss(batch, prompt_dropout=self.hparams.prompt_dropout)
+        loss = self.compute_loss(batch, prompt_dropout=self.hparams.prompt_dropout, use_latent_cache=True)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
         return loss
 
@@ -170,11 +219,11 @@ class AdapterTrainingSystem(pl.LightningModule):
         latents = sample_latents(
             self.backbone.unet,
             make_scheduler(scheduler, self.backbone.noise_scheduler.config),
-            self.backbone.encode_prompts(prompts),
+            self.text_embeddings(prompts),
             shape,
             adapter=self.adapter if use_adapter else None,
             condition=condition,
-            uncond_hidden_states=self.backbone.encode_prompts([negative_prompt] * len(prompts)),
+            uncond_hidden_states=self.text_embeddings([negative_prompt] * len(prompts)),
             guidance_scale=guidance_scale,
             num_inference_steps=num_inference_steps,
             generator=torch.Generator().manual_seed(seed),

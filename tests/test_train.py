@@ -137,3 +137,26 @@ def test_wandb_key_detection(monkeypatch, tmp_path):
     assert wandb_api_key_configured()
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert wandb_api_key_configured()
+
+
+def test_latent_and_text_caches_encode_each_item_once(tiny_backbone):
+    from adapters import ControlNetAdapter
+    from conditions import CannyExtractor
+    from lightning_modules.data import ShapesDataModule
+    from lightning_modules.system import AdapterTrainingSystem
+
+    adapter = ControlNetAdapter.from_unet(tiny_backbone.unet, vae_scale_factor=4)
+    system = AdapterTrainingSystem(tiny_backbone, adapter, cache_latents=True)
+    batch = ShapesDataModule(CannyExtractor(), val_size=4).fixed_batch(4)
+    calls = []
+    encode = tiny_backbone.encode_posterior
+    tiny_backbone.encode_posterior = lambda pixels: calls.append(len(pixels)) or encode(pixels)
+    first = system.training_latents(batch, generator=torch.Generator().manual_seed(0))
+    again = system.training_latents(batch, generator=torch.Generator().manual_seed(0))
+    assert calls == [4] and torch.equal(first, again)  # same posterior, same noise -> same sample
+    mean, std = encode(batch["pixel_values"])
+    expected = tiny_backbone.sample_latents(mean, std, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(first, expected)
+    prompts = list(batch["prompt"])
+    torch.testing.assert_close(system.text_embeddings(prompts), tiny_backbone.encode_prompts(prompts))
+    assert set(system._text_cache) == set(prompts)

@@ -1,0 +1,96 @@
+"""Controllability metrics on ``shapes``: segment a generated image by the colours its caption names, then score.
+
+A generated image is judged only by what it shows: its pixels are assigned to the nearest palette colour, the
+object's colour gives its mask, the mask's geometry gives its shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from conditions.shapes import COLOURS, SHAPES
+
+_PALETTE_NAMES = list(COLOURS)
+_PALETTE = np.array([COLOURS[name] for name in _PALETTE_NAMES], dtype=np.float32)  # (K, 3)
+
+
+def nearest_colour_index(image: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 -> HxW int: index into ``COLOURS`` of each pixel's nearest palette colour (RGB distance)."""
+    pixels = image.reshape(-1, 1, 3).astype(np.float32)
+    distances = ((pixels - _PALETTE[None]) ** 2).sum(-1)
+    return distances.argmin(-1).reshape(image.shape[:2])
+
+
+def colour_mask(image: np.ndarray, colour: str) -> np.ndarray:
+    """HxW bool: pixels whose nearest palette colour is ``colour``."""
+    return nearest_colour_index(image) == _PALETTE_NAMES.index(colour)
+
+
+def mask_iou(predicted: np.ndarray, target: np.ndarray) -> float:
+    """Intersection over union of two boolean masks; 1.0 when both are empty."""
+    union = np.logical_or(predicted, target).sum()
+    return 1.0 if union == 0 else float(np.logical_and(predicted, target).sum() / union)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected region of ``mask`` (generated images have specks of every colour)."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if count <= 1:
+        return np.zeros_like(mask, dtype=bool)
+    return labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+
+
+def classify_shape(mask: np.ndarray, min_pixels: int = 12) -> str | None:
+    """'circle', 'square' or 'triangle' from how much of its bounding box a region fills (pi/4, 1, 1/2);
+    None for a region too small to tell."""
+    if mask.sum() < min_pixels:
+        return None
+    ys, xs = np.nonzero(mask)
+    fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    if fill > 0.9:
+        return "square"
+    return "circle" if fill > 0.64 else "triangle"
+
+
+@dataclass
+class ShapesScore:
+    """Scores of one generated image against its caption (and, where given, the condition's mask)."""
+
+    colour_correct: bool
+    shape_correct: bool
+    mask_iou: float | None = None
+
+    @property
+    def caption_correct(self) -> bool:
+        return self.colour_correct and self.shape_correct
+
+
+def score_shapes_image(
+    image: np.ndarray,
+    colour: str,
+    shape: str,
+    background: str,
+    target_mask: np.ndarray | None = None,
+    min_fraction: float = 0.02,
+) -> ShapesScore:
+    """Judge a generated HxWx3 uint8 image of 'a <colour> <shape> on a <background> background'.
+
+    colour_correct: the object colour covers at least ``min_fraction`` of the image and the background colour is the
+    most common colour outside it. shape_correct: the largest object-colour region classifies as ``shape``.
+    mask_iou: IoU of the object-colour pixels with ``target_mask`` (the condition's ground truth), if given.
+    """
+    if colour not in COLOURS or background not in COLOURS or shape not in SHAPES:
+        raise ValueError(f"unknown colour/shape in '{colour} {shape} on {background}'")
+    labels = nearest_colour_index(image)
+    object_mask = labels == _PALETTE_NAMES.index(colour)
+    outside = labels[~object_mask]
+    background_ok = outside.size > 0 and np.bincount(outside, minlength=len(_PALETTE_NAMES)).argmax() == (
+        _PALETTE_NAMES.index(background)
+    )
+    colour_ok = bool(object_mask.mean() >= min_fraction and background_ok)
+    shape_ok = colour_ok and classify_shape(largest_component(object_mask)) == shape
+    iou = None if target_mask is None else mask_iou(object_mask, target_mask)
+    return ShapesScore(colour_correct=colour_ok, shape_correct=bool(shape_ok), mask_iou=iou)
