@@ -166,11 +166,12 @@ def build_tiny_backbone(seed: int = 0, image_size: int = 64) -> Backbone:
         in_channels=3,
         out_channels=3,
         latent_channels=4,
-        block_out_channels=(32, 64, 64),
+        # narrow at full resolution: (32, 64, 64) trains 2.3x slower on one CPU thread
+        block_out_channels=(16, 32, 64),
         layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
-        norm_num_groups=32,
+        norm_num_groups=16,
         sample_size=image_size,
     )
     text_encoder = CLIPTextModel(

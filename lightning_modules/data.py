@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from conditions.base import ConditionExtractor
-from conditions.shapes import render_scene
+from conditions.shapes import ShapeScene, render_scene
 
 
 class ShapesDataset(Dataset):
@@ -39,10 +39,14 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> dict:
+    def scene(self, index: int) -> ShapeScene:
+        """The full scene record of item ``index`` (objects, colours, masks): the ground truth of the metrics."""
         if not 0 <= index < self.length:
             raise IndexError(index)
-        scene = render_scene(np.random.default_rng([self.seed, index]), self.image_size, self.num_objects)
+        return render_scene(np.random.default_rng([self.seed, index]), self.image_size, self.num_objects)
+
+    def __getitem__(self, index: int) -> dict:
+        scene = self.scene(index)
         image = torch.from_numpy(scene.image).permute(2, 0, 1).float().div(127.5).sub(1.0)
         return {
             "index": index,

@@ -29,6 +29,8 @@ FAST_OVERRIDES = [
     "data.val_size=2",
     "callbacks.sample_grid.num_samples=2",
     "callbacks.sample_grid.num_inference_steps=2",
+    "callbacks.controllability.num_samples=2",
+    "callbacks.controllability.num_inference_steps=2",
     "callbacks.progress_bar.refresh_rate=0",
     "+trainer.enable_model_summary=false",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,9 @@ def test_short_run_leaves_checkpoint_adapter_and_grid(make_train_config, tmp_pat
     assert grids == ["step_000000.png", "step_000003.png"]
     assert Image.open(run / "samples" / "step_000003.png").size == (3 * 64 + 4 * 2, 2 * 64 + 3 * 2)
     assert (run / "config.yaml").is_file()
+    controllability = json.loads((run / "controllability.json").read_text())
+    assert set(controllability["base_without_adapter"]) == {"mask_iou", "caption_accuracy"}
+    assert [point["step"] for point in controllability["curve"]] == [0, 3]
 
     # resuming continues from the checkpoint's step with its weights
     resumed_cfg = make_train_config("trainer.max_steps=4", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
@@ -123,6 +127,7 @@ def test_wandb_runs_offline_without_a_key_and_logs_loss_and_grids(make_train_con
     history = read_history(run_dir)
     assert len(history["train/loss"]) == 4
     assert [c[0].split(":")[0] for c in history["val/samples/captions"]] == ["step 0", "step 4"]
+    assert len(history["val/mask_iou"]) == 2 and len(history["val/mask_iou_base"]) == 2
     for filenames in history["val/samples/filenames"]:
         assert (run_dir / "files" / filenames[0]).is_file()
 
