@@ -212,6 +212,19 @@ def build_tiny_backbone(seed: int = 0, image_size: int = 64) -> Backbone:
 
 # ------------------------------------------------------------------ pretrained models from local files
 
+# Trained by `ctrlkit pretrain-base` (conf/pretrain_base.yaml) and shipped inside the package.
+SHIPPED_TINY_MODEL = Path(__file__).resolve().parent / "assets" / "tiny_shapes_sd"
+
+
+def load_tiny_backbone() -> Backbone:
+    """The tiny base model that ships with ctrlkit (a diffusers pipeline folder, local files only)."""
+    if not (SHIPPED_TINY_MODEL / "model_index.json").is_file():
+        raise CtrlkitError(
+            f"the shipped tiny model is missing at {SHIPPED_TINY_MODEL}; reinstall ctrlkit, or rebuild it with "
+            f"`ctrlkit pretrain-base` and copy its output folder there"
+        )
+    return load_pretrained_backbone(str(SHIPPED_TINY_MODEL))
+
 
 def load_pretrained_backbone(path: str, config: str | None = None, torch_dtype: str = "float32") -> Backbone:
     """Load a frozen backbone from local files only (never the network).

@@ -13,6 +13,17 @@ from torchvision.utils import make_grid, save_image
 log = logging.getLogger(__name__)
 
 
+@torch.no_grad()
+def generate_in_eval_mode(pl_module: pl.LightningModule, batch: dict, sampling: dict, use_adapter: bool = True):
+    """Sample images (B, 3, H, W) in [0, 1] for a batch's conditions and prompts, with the module in eval mode."""
+    was_training = pl_module.training
+    pl_module.eval()
+    try:
+        return pl_module.generate(batch["condition"], list(batch["prompt"]), use_adapter=use_adapter, **sampling)
+    finally:
+        pl_module.train(was_training)
+
+
 class SampleGridCallback(pl.Callback):
     """Samples the first validation items with a fixed seed and saves a grid: condition | sample | target per row.
 
@@ -67,10 +78,7 @@ class SampleGridCallback(pl.Callback):
         if step == self.last_step or trainer.sanity_checking or not trainer.is_global_zero:
             return
         batch = trainer.datamodule.fixed_batch(self.num_samples)
-        was_training = pl_module.training
-        pl_module.eval()
-        samples = pl_module.generate(batch["condition"], list(batch["prompt"]), **self.sampling).cpu()
-        pl_module.train(was_training)
+        samples = generate_in_eval_mode(pl_module, batch, self.sampling).cpu()
         condition = batch["condition"]
         if condition.shape[1] == 1:
             condition = condition.expand(-1, 3, -1, -1)

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import default_collate
 
 from conditions.metrics import colour_mask, mask_iou, score_shapes_image
+from lightning_modules.callbacks import generate_in_eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,7 @@ class ShapesControllabilityCallback(pl.Callback):
         """Mean mask IoU and caption accuracy of generated images over the first ``num_samples`` scenes."""
         count = min(self.num_samples, len(dataset))
         batch = default_collate([dataset[index] for index in range(count)])
-        was_training = pl_module.training
-        pl_module.eval()
-        images = pl_module.generate(
-            batch["condition"], list(batch["prompt"]), use_adapter=use_adapter, **self.sampling
-        )
-        pl_module.train(was_training)
+        images = generate_in_eval_mode(pl_module, batch, self.sampling, use_adapter=use_adapter)
         images = (images * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         ious, captions = [], []
         for index, image in enumerate(images):

@@ -22,15 +22,17 @@ def dummy_inputs(backbone, batch_size: int = 2, image_size: int = 64, seed: int 
     }
 
 
+def adapter_kwargs(adapter, inputs: dict) -> dict:
+    return adapter(
+        inputs["condition"],
+        noisy_latents=inputs["noisy_latents"],
+        timesteps=inputs["timesteps"],
+        encoder_hidden_states=inputs["encoder_hidden_states"],
+    )
+
+
 def unet_output(backbone, inputs: dict, adapter=None) -> torch.Tensor:
-    kwargs = {}
-    if adapter is not None:
-        kwargs = adapter(
-            inputs["condition"],
-            noisy_latents=inputs["noisy_latents"],
-            timesteps=inputs["timesteps"],
-            encoder_hidden_states=inputs["encoder_hidden_states"],
-        )
+    kwargs = {} if adapter is None else adapter_kwargs(adapter, inputs)
     with torch.no_grad():
         return backbone.unet(
             inputs["noisy_latents"], inputs["timesteps"], inputs["encoder_hidden_states"], **kwargs
@@ -49,12 +51,7 @@ def randomize_zero_convs(adapter: ControlNetAdapter, seed: int = 1) -> None:
 def test_returned_keys_are_unet_forward_arguments(tiny_backbone):
     adapter = ControlNetAdapter.from_unet(tiny_backbone.unet, vae_scale_factor=tiny_backbone.vae_scale_factor)
     inputs = dummy_inputs(tiny_backbone)
-    kwargs = adapter(
-        inputs["condition"],
-        noisy_latents=inputs["noisy_latents"],
-        timesteps=inputs["timesteps"],
-        encoder_hidden_states=inputs["encoder_hidden_states"],
-    )
+    kwargs = adapter_kwargs(adapter, inputs)
     assert set(kwargs) == {"down_block_additional_residuals", "mid_block_additional_residual"}
     assert set(kwargs) <= UNET_FORWARD_ARGUMENTS
 
@@ -98,12 +95,7 @@ def test_only_mid_control_passes_zero_skip_residuals(tiny_backbone):
     adapter = ControlNetAdapter.from_unet(tiny_backbone.unet, vae_scale_factor=4, only_mid_control=True)
     randomize_zero_convs(adapter)
     inputs = dummy_inputs(tiny_backbone)
-    kwargs = adapter(
-        inputs["condition"],
-        noisy_latents=inputs["noisy_latents"],
-        timesteps=inputs["timesteps"],
-        encoder_hidden_states=inputs["encoder_hidden_states"],
-    )
+    kwargs = adapter_kwargs(adapter, inputs)
     assert all(torch.count_nonzero(r) == 0 for r in kwargs["down_block_additional_residuals"])
     assert torch.count_nonzero(kwargs["mid_block_additional_residual"]) > 0
 
