@@ -113,6 +113,7 @@ class ShapesControllabilityCallback(pl.Callback):
             "curve": self.curve,
         }
         self.output_file.write_text(json.dumps(summary, indent=2))
+        draw_curve(self.curve, self.base, self.control_step, self.output_file.with_suffix(".png"))
         print(
             f"controllability: base without adapter {self.base}, final {self.curve[-1]}, "
             f"control appeared at step {self.control_step}; written to {self.output_file}"
@@ -135,3 +136,33 @@ class ShapesControllabilityCallback(pl.Callback):
             log.info("control appeared at step %d: %s", self.control_step, scores)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def draw_curve(curve: list[dict], base: dict, control_step: int | None, path: Path, size=(480, 300)) -> None:
+    """A PNG of mask IoU (blue) and caption accuracy (green) against step, the base model's IoU as a grey dashed
+    line and the control step as a red line. Drawn with PIL so no plotting library is needed."""
+    from PIL import Image, ImageDraw
+
+    width, height = size
+    left, right, top, bottom = 44, 12, 24, 30
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    last_step = max(point["step"] for point in curve) or 1
+
+    def xy(step: float, value: float) -> tuple[float, float]:
+        return (left + (width - left - right) * step / last_step, top + (height - top - bottom) * (1 - value))
+
+    draw.rectangle([xy(0, 1), xy(last_step, 0)], outline="black")
+    for value in (0.0, 0.25, 0.5, 0.75, 1.0):
+        draw.text((4, xy(0, value)[1] - 6), f"{value:.2f}", fill="black")
+    draw.text((left, height - bottom + 8), "step 0", fill="black")
+    draw.text((width - right - 60, height - bottom + 8), f"step {last_step}", fill="black")
+    for x in range(left, width - right, 12):  # dashed base line
+        y = xy(0, base["mask_iou"])[1]
+        draw.line([(x, y), (min(x + 6, width - right), y)], fill="grey")
+    if control_step is not None:
+        draw.line([xy(control_step, 0), xy(control_step, 1)], fill="red")
+    for key, colour in (("mask_iou", "blue"), ("caption_accuracy", "green")):
+        draw.line([xy(point["step"], point[key]) for point in curve], fill=colour, width=2)
+    draw.text((left + 4, 4), "mask IoU (blue), caption accuracy (green), base IoU (grey), control (red)", fill="black")
+    image.save(path)

@@ -39,6 +39,7 @@ def test_control_step_is_the_first_jump_over_the_base(tmp_path):
     summary = json.loads((tmp_path / "c.json").read_text())
     assert summary["control_step"] == 20 and summary["final"]["mask_iou"] == 0.9
     assert summary["base_without_adapter"]["mask_iou"] == 0.1
+    assert (tmp_path / "c.png").is_file()
 
 
 def test_turns_itself_off_without_ground_truth(tmp_path):
