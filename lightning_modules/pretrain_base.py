@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import UniPCMultistepScheduler
+from diffusers import AutoencoderKL, UniPCMultistepScheduler
 from omegaconf import DictConfig
 from tqdm import tqdm
 
@@ -120,6 +120,17 @@ def caption_accuracy(backbone: Backbone, scenes: list, guidance_scale: float, st
     }
 
 
+def save_samples(images: np.ndarray, scenes: list, path: Path, columns: int = 8) -> None:
+    """Write generated images (N, H, W, 3) uint8 as a grid, each followed by its ground-truth scene."""
+    from PIL import Image
+
+    tiles = [np.concatenate([image, scene.image], axis=1) for image, scene in zip(images, scenes)]
+    rows = [np.concatenate(tiles[start : start + columns], axis=1) for start in range(0, len(tiles), columns)]
+    rows = [np.pad(row, ((0, 0), (0, rows[0].shape[1] - row.shape[1]), (0, 0)), constant_values=255) for row in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+
+
 def train_denoiser(
     backbone: Backbone,
     means: torch.Tensor,
@@ -128,6 +139,7 @@ def train_denoiser(
     val_scenes: list,
     cfg: DictConfig,
     generator: torch.Generator,
+    samples_dir: Path,
 ) -> tuple[Backbone, list[dict]]:
     """Stage 2: UNet + text encoder on cached latents; returns the EMA backbone and the validation history."""
     unet, text_encoder = backbone.unet, backbone.text_encoder
@@ -177,6 +189,7 @@ def train_denoiser(
             evaluated = Backbone(backbone.vae, ema["text_encoder"], backbone.tokenizer, ema["unet"], scheduler)
             scores = caption_accuracy(evaluated, val_scenes, cfg.guidance_scale, cfg.eval_sampling_steps)
             history.append({"step": step, **{k: v for k, v in scores.items() if k != "images"}})
+            save_samples(scores["images"], val_scenes, samples_dir / f"step_{step:06d}.png")
             tqdm.write(f"step {step}: {json.dumps(history[-1])}")
     return Backbone(backbone.vae, ema["text_encoder"], backbone.tokenizer, ema["unet"], scheduler), history
 
@@ -192,13 +205,22 @@ def pretrain_base(cfg: DictConfig) -> dict:
     images, scenes = render_pool(cfg.pool_size, cfg.image_size, cfg.seed)
     _, val_scenes = render_pool(cfg.val_size, cfg.image_size, cfg.val_seed)
 
-    vae_l1 = train_vae(
-        backbone, images, cfg.vae.steps, cfg.vae.batch_size, cfg.vae.learning_rate, cfg.vae.kl_weight, generator
-    )
+    if cfg.vae.pretrained:
+        # Reuse stage 1 of an earlier run (its `stage1_vae` folder) to iterate on stage 2 alone.
+        backbone.vae = AutoencoderKL.from_pretrained(cfg.vae.pretrained, local_files_only=True)
+        backbone.vae.requires_grad_(False).eval()
+        vae_l1 = None
+    else:
+        vae_l1 = train_vae(
+            backbone, images, cfg.vae.steps, cfg.vae.batch_size, cfg.vae.learning_rate, cfg.vae.kl_weight, generator
+        )
+        backbone.vae.save_pretrained(Path(cfg.samples_dir).parent / "stage1_vae")
     means, stds = encode_pool(backbone, images)
     # As SD does: scale latents to unit variance (SD1's 0.18215 was measured the same way).
     backbone.vae.register_to_config(scaling_factor=float(1.0 / means.std()))
-    backbone, history = train_denoiser(backbone, means, stds, scenes, val_scenes, cfg.denoiser, generator)
+    backbone, history = train_denoiser(
+        backbone, means, stds, scenes, val_scenes, cfg.denoiser, generator, Path(cfg.samples_dir)
+    )
     backbone.requires_grad_(False).eval()
 
     output = Path(cfg.output)
