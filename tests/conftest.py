@@ -59,3 +59,15 @@ def make_train_config(tmp_path):
 
     yield make
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def hed_weights_dir(tmp_path_factory) -> Path:
+    """A folder with ``ControlNetHED.pth`` as lllyasviel/Annotators lays it out: a state dict of controlnet_aux's
+    ``ControlNetHED_Apache2``, here with seeded random weights."""
+    from controlnet_aux.hed import ControlNetHED_Apache2
+
+    folder = tmp_path_factory.mktemp("hed_weights")
+    torch.manual_seed(0)
+    torch.save(ControlNetHED_Apache2().state_dict(), folder / "ControlNetHED.pth")
+    return folder

@@ -22,8 +22,11 @@ GROUPS = [
     "experiment",
     "debug",
 ]
-# options that need a value the config cannot know
-REQUIRED = {"model=sd15": ["model.path=/some/pipeline"]}
+# options that need a value the config cannot know; {hed_weights_dir} is filled from the fixture of that name
+REQUIRED = {
+    "model=sd15": ["model.path=/some/pipeline"],
+    "condition=hed": ["condition.extractor.weights_dir={hed_weights_dir}"],
+}
 
 
 def all_options():
@@ -36,8 +39,12 @@ def test_every_group_has_options():
 
 
 @pytest.mark.parametrize("override", all_options())
-def test_every_option_composes_and_its_light_parts_instantiate(make_train_config, override):
-    cfg = make_train_config(override, *REQUIRED.get(override, []))
+def test_every_option_composes_and_its_light_parts_instantiate(make_train_config, override, request):
+    values = [
+        value.format(hed_weights_dir=request.getfixturevalue("hed_weights_dir")) if "{" in value else value
+        for value in REQUIRED.get(override, [])
+    ]
+    cfg = make_train_config(override, *values)
     check_train_config(cfg)
     extractor = instantiate(cfg.condition.extractor)
     datamodule = instantiate(cfg.data, extractor=extractor)
@@ -75,6 +82,12 @@ def test_incompatible_adapter_and_condition_fail_naming_both(make_train_config):
 def test_missing_model_path_is_named(make_train_config):
     cfg = make_train_config("model=sd15")
     with pytest.raises(CtrlkitError, match=r"model.path is required"):
+        check_train_config(cfg)
+
+
+def test_missing_extractor_weights_dir_is_named(make_train_config):
+    cfg = make_train_config("condition=hed")
+    with pytest.raises(CtrlkitError, match=r"condition.extractor.weights_dir is required"):
         check_train_config(cfg)
 
 
