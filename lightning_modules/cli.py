@@ -15,12 +15,14 @@ USAGE = """usage: ctrlkit <command> [hydra overrides ...]
 
 commands:
   train     train an adapter on a frozen base model (conf/train.yaml)
+  extract   write condition maps for a folder of images (conf/extract.yaml)
 
 Examples:
   ctrlkit train trainer.max_steps=20
   ctrlkit train logger=csv adapter.learning_rate=1e-4
   ctrlkit train -m adapter.learning_rate=1e-4,1e-5 trainer.max_steps=5   (a Hydra sweep)
   ctrlkit train --cfg job                                                  (print the composed config)
+  ctrlkit extract condition=canny input=photos output=photos_canny
 """
 
 
@@ -52,7 +54,20 @@ def train_main(cfg: DictConfig) -> float | None:
     return metrics.get("val/loss")
 
 
-COMMANDS = {"train": train_main}
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="extract")
+def extract_main(cfg: DictConfig) -> None:
+    from lightning_modules.extract import run_extract
+
+    try:
+        run_extract(cfg)
+    except (InstantiationException, *USER_ERRORS) as error:
+        cause = _user_error(error)
+        if cause is None:
+            raise
+        _fail("extract", cause)
+
+
+COMMANDS = {"train": train_main, "extract": extract_main}
 
 
 def main(argv: list[str] | None = None) -> int:
