@@ -50,3 +50,21 @@ def model_folder(path: str | Path, source: str, marker: str = "config.json") -> 
     if text.count("/") == 1 and not text.startswith(("/", ".", "~")) and not folder.exists():
         return text  # a hub id, passed explicitly by the user
     raise WeightsNotFoundError(f"model folder not found: {folder}; put the {source} model folder there")
+
+
+def load_transformers_model(path: str | Path, auto_class: str, source: str, device: str = "cpu"):
+    """(image processor, model in eval mode) from a transformers model folder, or from a hub id given as such.
+
+    Args:
+        auto_class: the ``transformers`` auto class, e.g. ``AutoModelForDepthEstimation``.
+        source: what belongs in the folder, quoted in errors, e.g. ``a DPT depth model (Intel/dpt-hybrid-midas)``.
+    """
+    import transformers
+
+    where = model_folder(path, source)
+    local = Path(where).is_dir()
+    if local and not (Path(where) / "preprocessor_config.json").is_file():
+        raise WeightsNotFoundError(f"model folder {where} has no preprocessor_config.json; put {source} there")
+    processor = transformers.AutoImageProcessor.from_pretrained(where, local_files_only=local)
+    model = getattr(transformers, auto_class).from_pretrained(where, local_files_only=local)
+    return processor, model.eval().requires_grad_(False).to(device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import string
+
 import pytest
 from hydra.utils import instantiate
 from omegaconf import open_dict
@@ -22,11 +24,24 @@ GROUPS = [
     "experiment",
     "debug",
 ]
-# options that need a value the config cannot know; {hed_weights_dir} is filled from the fixture of that name
+# options that need a value the config cannot know; {name} is filled with the session fixture of that name
 REQUIRED = {
     "model=sd15": ["model.path=/some/pipeline"],
     "condition=hed": ["condition.extractor.weights_dir={hed_weights_dir}"],
+    "condition=pose": ["condition.extractor.weights_dir={openpose_weights_dir}"],
+    "condition=depth": ["condition.extractor.model={dpt_dir}"],
+    "condition=seg": ["condition.extractor.model={segformer_dir}"],
+    "data=fill50k": ["data.root={fill50k_root}"],
+    "data=imagefolder": ["data.root={imagefolder_root}"],
 }
+
+
+def required_values(override: str, request) -> list[str]:
+    values = []
+    for value in REQUIRED.get(override, []):
+        names = [name for _, name, _, _ in string.Formatter().parse(value) if name]
+        values.append(value.format(**{name: request.getfixturevalue(name) for name in names}))
+    return values
 
 
 def all_options():
@@ -40,11 +55,7 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize("override", all_options())
 def test_every_option_composes_and_its_light_parts_instantiate(make_train_config, override, request):
-    values = [
-        value.format(hed_weights_dir=request.getfixturevalue("hed_weights_dir")) if "{" in value else value
-        for value in REQUIRED.get(override, [])
-    ]
-    cfg = make_train_config(override, *values)
+    cfg = make_train_config(override, *required_values(override, request))
     check_train_config(cfg)
     extractor = instantiate(cfg.condition.extractor)
     datamodule = instantiate(cfg.data, extractor=extractor)
