@@ -98,7 +98,11 @@ def test_imagefolder_columns_are_settings(tmp_path):
     assert datamodule.train_dataset[0]["prompt"] == lines[0]["text"]
 
 
-@pytest.mark.parametrize(("layout", "fixture"), [("fill50k", "fill50k_root"), ("imagefolder", "imagefolder_root")])
+# both layouts feed the same FileDataModule; the imagefolder run (~25 s here) is in the slow set (-m slow)
+@pytest.mark.parametrize(
+    ("layout", "fixture"),
+    [("fill50k", "fill50k_root"), pytest.param("imagefolder", "imagefolder_root", marks=pytest.mark.slow)],
+)
 def test_train_runs_on_a_file_dataset(make_train_config, request, layout, fixture):
     from lightning_modules.train import train
 
