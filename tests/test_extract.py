@@ -89,12 +89,32 @@ def test_same_stem_with_two_suffixes_keeps_both(tmp_path):
 def test_cli_extract(tmp_path):
     make_folder(tmp_path / "in", count=4)
     result = run_ctrlkit(
-        "extract", "condition=canny", f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}", cwd=tmp_path
+        "extract",
+        "condition=canny",
+        f"input={tmp_path / 'in'}",
+        f"output={tmp_path / 'out'}",
+        "num_workers=0",  # the pool is tested in-process above; starting one costs seconds here
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "4 maps written, 0 already done, 2 unreadable" in result.stderr
     assert "unreadable: part0/broken.jpg" in result.stderr and "unreadable: part1/empty.png" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no Hydra folders or logs anywhere else
-    result = run_ctrlkit("extract", "condition=hed", f"input={tmp_path / 'in'}", "output=x", cwd=tmp_path)
-    assert result.returncode == 2 and "condition.extractor.weights_dir is required" in result.stderr
-    assert "Traceback" not in result.stderr
+
+
+def test_extract_config_requires_paths(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lightning_modules.config_checks import CONF_DIR
+    from lightning_modules.extract import run_extract
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        missing_input = compose(config_name="extract", overrides=["output=x"])
+        hed = compose(config_name="extract", overrides=["condition=hed", f"input={tmp_path}", "output=x"])
+    GlobalHydra.instance().clear()
+    with pytest.raises(CtrlkitError, match=r"input is required: ctrlkit extract condition=<name> input=<dir>"):
+        run_extract(missing_input)
+    with pytest.raises(CtrlkitError, match=r"condition.extractor.weights_dir is required with condition=hed"):
+        run_extract(hed)
