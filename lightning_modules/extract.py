@@ -55,9 +55,11 @@ def condition_paths(sources: list[Path]) -> dict[Path, Path]:
 def check_folders(input_dir: Path, output_dir: Path) -> None:
     if not input_dir.is_dir():
         raise CtrlkitError(f"input folder not found: {input_dir}")
-    inside = output_dir == input_dir or input_dir in output_dir.parents
-    if inside:
+    if output_dir == input_dir or input_dir in output_dir.parents:
         raise CtrlkitError(f"output {output_dir} is inside the input folder {input_dir}; choose a folder outside it")
+    if output_dir in input_dir.parents:
+        # maps go to output/<path relative to input>, which can land inside input (output/in/x.jpg -> output/in/x.png)
+        raise CtrlkitError(f"input {input_dir} is inside the output folder {output_dir}; choose folders apart")
 
 
 def read_manifest(output_dir: Path, settings: dict) -> dict[str, dict]:

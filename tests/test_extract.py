@@ -69,6 +69,8 @@ def test_other_settings_and_output_inside_input_are_refused(tmp_path):
         extract_folder(CannyExtractor(50, 100), source, tmp_path / "out", num_workers=0, progress=False)
     with pytest.raises(CtrlkitError, match="is inside the input folder"):
         extract_folder(CannyExtractor(), source, source / "maps", num_workers=0, progress=False)
+    with pytest.raises(CtrlkitError, match="is inside the output folder"):
+        extract_folder(CannyExtractor(), source, tmp_path, num_workers=0, progress=False)
     with pytest.raises(CtrlkitError, match="input folder not found"):
         extract_folder(CannyExtractor(), tmp_path / "nope", tmp_path / "out2", num_workers=0, progress=False)
 
