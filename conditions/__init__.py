@@ -4,20 +4,45 @@ Pure numpy / OpenCV / torch: nothing here imports lightning, hydra or wandb, nor
 """
 
 from conditions.base import ConditionExtractor, to_uint8_hwc
+from conditions.boxes import AnnotationError, GroundingRecord, read_grounding, shapes_grounding
 from conditions.canny import CannyExtractor
+from conditions.depth import DepthExtractor
+from conditions.hed import HEDExtractor
 from conditions.io import ImageDecodeError, read_image
+from conditions.pose import PoseExtractor
+from conditions.resize import RESIZE_MODES, Resize
+from conditions.seg import SegExtractor
+from conditions.shapes_truth import ShapesTruthExtractor
+from conditions.weights import WeightsNotFoundError
 
 # Name -> extractor class. A Hydra config group (conf/condition/) picks one by ``_target_``; this table serves code
 # that needs names outside Hydra (CLI listings, tests).
 EXTRACTORS: dict[str, type[ConditionExtractor]] = {
     CannyExtractor.name: CannyExtractor,
+    HEDExtractor.name: HEDExtractor,
+    DepthExtractor.name: DepthExtractor,
+    SegExtractor.name: SegExtractor,
+    PoseExtractor.name: PoseExtractor,
+    ShapesTruthExtractor.name: ShapesTruthExtractor,
 }
 
 __all__ = [
     "EXTRACTORS",
+    "AnnotationError",
+    "DepthExtractor",
+    "GroundingRecord",
+    "PoseExtractor",
+    "SegExtractor",
+    "read_grounding",
+    "shapes_grounding",
     "CannyExtractor",
     "ConditionExtractor",
+    "HEDExtractor",
     "ImageDecodeError",
+    "RESIZE_MODES",
+    "Resize",
+    "ShapesTruthExtractor",
+    "WeightsNotFoundError",
     "read_image",
     "to_uint8_hwc",
 ]

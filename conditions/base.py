@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from typing import ClassVar, Literal
 
+import cv2
 import numpy as np
 import torch
+
+from conditions.resize import Resize, fit_map, resize_short_side, resize_to
 
 
 def to_uint8_hwc(image: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -44,29 +49,73 @@ class ConditionExtractor(ABC):
     Class attributes:
         name: registry name, also the Hydra option in ``conf/condition/``.
         kind: ``"image"`` (a map the size of the image) or ``"grounding"`` (boxes + phrases).
-    Instance attribute:
+        map_interpolation: how a map is resized back (linear for soft maps, nearest for label colours).
+    Instance attributes:
         channels: channels of the returned map (image kind).
+        resize: detection resolution and output size (``conditions.resize.Resize``); the default keeps the input's
+            size end to end.
     """
 
     name: ClassVar[str]
     kind: ClassVar[Literal["image", "grounding"]]
+    map_interpolation: ClassVar[int] = cv2.INTER_LINEAR
     channels: int
+    resize: Resize = Resize()
 
     @abstractmethod
     def extract(self, image: np.ndarray) -> np.ndarray:
         """One HxWx3 uint8 RGB image -> HxWxC uint8 map (0..255), same H and W."""
+
+    def extract_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """HxWx3 uint8 images -> their maps. Neural extractors override this to run one forward pass per size."""
+        return [self.extract(image) for image in images]
+
+    def settings(self) -> dict:
+        """The extractor's name and settings as plain values (written into ``ctrlkit extract`` manifests)."""
+        plain = (bool, int, float, str, type(None))
+        values = {key: value for key, value in vars(self).items() if isinstance(value, plain) and key[0] != "_"}
+        return {"name": self.name, **values, "resize": asdict(self.resize)}
+
+    def process_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Images (any of ``to_uint8_hwc``'s inputs) -> HxWxC uint8 maps, sized as ``self.resize`` says."""
+        images = [to_uint8_hwc(image) for image in images]
+        if self.resize.is_identity:
+            return self.extract_batch(images)
+        inputs = []
+        for image in images:
+            resolution = self.resize.detection_resolution(*image.shape[:2])
+            inputs.append(image if resolution is None else resize_short_side(image, resolution))
+        maps = self.extract_batch(inputs)
+        if self.resize.output_size is not None:
+            return [fit_map(m, self.resize.output_size, self.resize.mode, self.map_interpolation) for m in maps]
+        return [resize_to(m, *image.shape[:2], self.map_interpolation) for m, image in zip(maps, images)]
+
+    def process(self, image: np.ndarray | torch.Tensor) -> np.ndarray:
+        """One image -> its HxWxC uint8 map (what ``ctrlkit extract`` writes)."""
+        return self.process_batch([image])[0]
 
     def __call__(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Image(s) -> condition map(s) as float32 in [0, 1].
 
         Args:
             image: an HxW(xC) uint8 array -> returns (channels, H, W); or a (B, 3, H, W) tensor (uint8, or float in
-                [0, 1]) -> returns (B, channels, H, W).
+                [0, 1]) -> returns (B, channels, H, W), extracted as one batch.
         """
         if isinstance(image, torch.Tensor) and image.ndim == 4:
-            maps = [self.extract(to_uint8_hwc(single)) for single in image]
-            return torch.stack([_to_chw_float(m) for m in maps])
-        return _to_chw_float(self.extract(to_uint8_hwc(image)))
+            return torch.stack([_to_chw_float(m) for m in self.process_batch(list(image))])
+        return _to_chw_float(self.process(image))
+
+
+def batched_by_size(images: Sequence[np.ndarray], run: Callable[[list[np.ndarray]], list[np.ndarray]]) -> list:
+    """Call ``run`` once per group of same-sized images (a network takes one size per batch); results in order."""
+    results: list = [None] * len(images)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault(image.shape, []).append(index)
+    for indices in groups.values():
+        for index, result in zip(indices, run([images[i] for i in indices])):
+            results[index] = result
+    return results
 
 
 def _to_chw_float(condition_map: np.ndarray) -> torch.Tensor:

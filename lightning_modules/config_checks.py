@@ -43,6 +43,9 @@ def check_train_config(cfg: DictConfig) -> None:
     for key in ("model.path", "paths.output_dir"):
         if _is_missing(cfg, key):
             raise CtrlkitError(f"{key} is required with model={cfg.model.get('name', '?')}: add {key}=<path>")
+    for key in ("condition.extractor.weights_dir", "condition.extractor.model", "data.root"):
+        if _is_missing(cfg, key):
+            raise CtrlkitError(f"{key} is required: add {key}=<path>")
 
 
 def _is_missing(cfg: DictConfig, dotted_key: str) -> bool:

@@ -35,6 +35,8 @@ class ShapesDataset(Dataset):
         self.image_size = image_size
         self.seed = seed
         self.num_objects = tuple(num_objects) if isinstance(num_objects, list | tuple) else num_objects
+        # ground-truth extractors (conditions.shapes_truth) take the drawn scene, image extractors its pixels
+        self._reads_scene = getattr(extractor, "reads_scene", False)
 
     def __len__(self) -> int:
         return self.length
@@ -51,7 +53,7 @@ class ShapesDataset(Dataset):
         return {
             "index": index,
             "pixel_values": image,
-            "condition": self.extractor(scene.image),
+            "condition": self.extractor.from_scene(scene) if self._reads_scene else self.extractor(scene.image),
             "prompt": scene.caption,
             "mask": torch.from_numpy(scene.foreground_mask),
             "box": torch.tensor(scene.objects[0].box, dtype=torch.float32),

@@ -1,7 +1,7 @@
 """Errors caused by the user's input; the CLI prints them as one line instead of a traceback."""
 
 from adapters import AdapterFormatError
-from conditions import ImageDecodeError
+from conditions import AnnotationError, ImageDecodeError, WeightsNotFoundError
 
 
 class CtrlkitError(ValueError):
@@ -9,4 +9,4 @@ class CtrlkitError(ValueError):
 
 
 # Everything the CLI reports as a one-line error.
-USER_ERRORS = (CtrlkitError, AdapterFormatError, ImageDecodeError)
+USER_ERRORS = (CtrlkitError, AdapterFormatError, ImageDecodeError, WeightsNotFoundError, AnnotationError)

@@ -61,3 +61,92 @@ def make_train_config(tmp_path):
 
     yield make
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def hed_weights_dir(tmp_path_factory) -> Path:
+    """A folder with ``ControlNetHED.pth`` as lllyasviel/Annotators lays it out: a state dict of controlnet_aux's
+    ``ControlNetHED_Apache2``, here with seeded random weights."""
+    from controlnet_aux.hed import ControlNetHED_Apache2
+
+    folder = tmp_path_factory.mktemp("hed_weights")
+    torch.manual_seed(0)
+    torch.save(ControlNetHED_Apache2().state_dict(), folder / "ControlNetHED.pth")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def fill50k_root(tmp_path_factory) -> Path:
+    """A small circles set in ControlNet's fill50k layout (prompt.json, source/, target/)."""
+    from lightning_modules.circles import write_circles
+
+    return write_circles(tmp_path_factory.mktemp("fill50k"), count=6, size=64, layout="fill50k")
+
+
+@pytest.fixture(scope="session")
+def imagefolder_root(tmp_path_factory) -> Path:
+    """A small circles set in diffusers' imagefolder layout (metadata.jsonl)."""
+    from lightning_modules.circles import write_circles
+
+    return write_circles(tmp_path_factory.mktemp("imagefolder"), count=6, size=64, layout="imagefolder")
+
+
+@pytest.fixture(scope="session")
+def openpose_weights_dir(tmp_path_factory) -> Path:
+    """``body_pose_model.pth`` laid out as lllyasviel/Annotators ships it: controlnet_aux ``bodypose_model`` weights
+    under the upstream key names (without the block prefix that ``util.transfer`` adds back), seeded random."""
+    from controlnet_aux.open_pose.model import bodypose_model
+
+    folder = tmp_path_factory.mktemp("openpose_weights")
+    torch.manual_seed(0)
+    state = {name.split(".", 1)[1]: tensor for name, tensor in bodypose_model().state_dict().items()}
+    torch.save(state, folder / "body_pose_model.pth")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def dpt_dir(tmp_path_factory) -> Path:
+    """A tiny random DPT depth model saved as a transformers folder (config, weights, image processor)."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    folder = tmp_path_factory.mktemp("dpt")
+    torch.manual_seed(0)
+    config = DPTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=4,
+        backbone_out_indices=[0, 1, 2, 3],
+        num_attention_heads=4,
+        intermediate_size=37,
+        neck_hidden_sizes=[16, 16, 32, 32],
+        fusion_hidden_size=16,
+        reassemble_factors=[4, 2, 1, 0.5],
+    )
+    DPTForDepthEstimation(config).save_pretrained(folder)
+    DPTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def segformer_dir(tmp_path_factory) -> Path:
+    """A tiny random 150-class (ADE20K) Segformer saved as a transformers folder."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
+
+    folder = tmp_path_factory.mktemp("segformer")
+    torch.manual_seed(0)
+    config = SegformerConfig(
+        num_encoder_blocks=2,
+        depths=[1, 1],
+        sr_ratios=[4, 2],
+        hidden_sizes=[8, 16],
+        patch_sizes=[7, 3],
+        strides=[4, 2],
+        num_attention_heads=[1, 2],
+        mlp_ratios=[2, 2],
+        decoder_hidden_size=16,
+        num_labels=150,
+    )
+    SegformerForSemanticSegmentation(config).save_pretrained(folder)
+    SegformerImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

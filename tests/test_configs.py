@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import string
+
 import pytest
 from hydra.utils import instantiate
 from omegaconf import open_dict
@@ -22,8 +24,24 @@ GROUPS = [
     "experiment",
     "debug",
 ]
-# options that need a value the config cannot know
-REQUIRED = {"model=sd15": ["model.path=/some/pipeline"]}
+# options that need a value the config cannot know; {name} is filled with the session fixture of that name
+REQUIRED = {
+    "model=sd15": ["model.path=/some/pipeline"],
+    "condition=hed": ["condition.extractor.weights_dir={hed_weights_dir}"],
+    "condition=pose": ["condition.extractor.weights_dir={openpose_weights_dir}"],
+    "condition=depth": ["condition.extractor.model={dpt_dir}"],
+    "condition=seg": ["condition.extractor.model={segformer_dir}"],
+    "data=fill50k": ["data.root={fill50k_root}"],
+    "data=imagefolder": ["data.root={imagefolder_root}"],
+}
+
+
+def required_values(override: str, request) -> list[str]:
+    values = []
+    for value in REQUIRED.get(override, []):
+        names = [name for _, name, _, _ in string.Formatter().parse(value) if name]
+        values.append(value.format(**{name: request.getfixturevalue(name) for name in names}))
+    return values
 
 
 def all_options():
@@ -36,8 +54,8 @@ def test_every_group_has_options():
 
 
 @pytest.mark.parametrize("override", all_options())
-def test_every_option_composes_and_its_light_parts_instantiate(make_train_config, override):
-    cfg = make_train_config(override, *REQUIRED.get(override, []))
+def test_every_option_composes_and_its_light_parts_instantiate(make_train_config, override, request):
+    cfg = make_train_config(override, *required_values(override, request))
     check_train_config(cfg)
     extractor = instantiate(cfg.condition.extractor)
     datamodule = instantiate(cfg.data, extractor=extractor)
@@ -75,6 +93,12 @@ def test_incompatible_adapter_and_condition_fail_naming_both(make_train_config):
 def test_missing_model_path_is_named(make_train_config):
     cfg = make_train_config("model=sd15")
     with pytest.raises(CtrlkitError, match=r"model.path is required"):
+        check_train_config(cfg)
+
+
+def test_missing_extractor_weights_dir_is_named(make_train_config):
+    cfg = make_train_config("condition=hed")
+    with pytest.raises(CtrlkitError, match=r"condition.extractor.weights_dir is required"):
         check_train_config(cfg)
 
 

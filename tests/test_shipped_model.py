@@ -32,8 +32,13 @@ def test_model_tiny_loads_the_shipped_folder_and_samples(make_train_config, no_n
     backbone = instantiate(make_train_config("model=tiny").model)
     text = backbone.encode_prompts(["a red circle on a blue background"])
     latents = sample_latents(
-        backbone.unet, make_scheduler("unipc", backbone.noise_scheduler.config), text, (1, 4, 16, 16),
-        uncond_hidden_states=backbone.encode_prompts([""]), guidance_scale=5.0, num_inference_steps=4,
+        backbone.unet,
+        make_scheduler("unipc", backbone.noise_scheduler.config),
+        text,
+        (1, 4, 16, 16),
+        uncond_hidden_states=backbone.encode_prompts([""]),
+        guidance_scale=5.0,
+        num_inference_steps=4,
         generator=torch.Generator().manual_seed(0),
     )
     images = backbone.decode_latents(latents)
@@ -43,6 +48,12 @@ def test_model_tiny_loads_the_shipped_folder_and_samples(make_train_config, no_n
 def test_diffusers_pipeline_loads_the_shipped_folder(no_network):
     pipeline = StableDiffusionPipeline.from_pretrained(SHIPPED_TINY_MODEL, local_files_only=True)
     pipeline.set_progress_bar_config(disable=True)
-    images = pipeline("a green square on a white background", height=64, width=64, num_inference_steps=4,
-                      generator=torch.Generator().manual_seed(0), output_type="np").images
+    images = pipeline(
+        "a green square on a white background",
+        height=64,
+        width=64,
+        num_inference_steps=4,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()

@@ -1,0 +1,84 @@
+"""Grounding records (normalised xyxy boxes + phrases): from annotation files, and exact ones for ``shapes`` scenes.
+
+A record is what GLIGEN-style adapters consume: ``boxes`` (N, 4) float32 in [0, 1] as (x0, y0, x1, y1) of the
+image, and one phrase per box.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from conditions.shapes import ShapeScene
+
+
+class AnnotationError(ValueError):
+    """A grounding annotation file is malformed; the message names the file and the entry."""
+
+
+@dataclass
+class GroundingRecord:
+    """``boxes``: (N, 4) float32 normalised xyxy with x0 < x1, y0 < y1 inside [0, 1]; ``phrases``: N strings."""
+
+    boxes: np.ndarray = field(repr=False)
+    phrases: list[str]
+
+    def __post_init__(self) -> None:
+        self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
+        if len(self.boxes) != len(self.phrases):
+            raise ValueError(f"{len(self.boxes)} boxes but {len(self.phrases)} phrases")
+        x0, y0, x1, y1 = self.boxes.T
+        if not ((0 <= x0) & (x0 < x1) & (x1 <= 1) & (0 <= y0) & (y0 < y1) & (y1 <= 1)).all():
+            raise ValueError("boxes must be normalised xyxy with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
+
+    def to_json(self) -> dict:
+        return {"boxes": self.boxes.round(6).tolist(), "phrases": list(self.phrases)}
+
+
+def shapes_grounding(scene: ShapeScene) -> GroundingRecord:
+    """The exact boxes and phrases ("red circle") of a ``shapes`` scene, in drawing order."""
+    return GroundingRecord(np.array([obj.box for obj in scene.objects]), [obj.phrase for obj in scene.objects])
+
+
+def read_grounding(path: str | Path) -> dict[str, GroundingRecord]:
+    """Grounding records by image file name, from a COCO detection json or a JSON-lines file.
+
+    - COCO (``.json``): ``images`` (id, file_name, width, height), ``annotations`` (image_id, category_id, bbox as
+      pixel xywh), ``categories`` (id, name); the phrase is the category name.
+    - JSON lines (``.jsonl``): ``{"file_name": ..., "boxes": [[x0, y0, x1, y1], ...] normalised, "phrases": [...]}``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError(f"annotation file not found: {path}")
+    if path.suffix == ".jsonl":
+        records = {}
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                records[entry["file_name"]] = GroundingRecord(np.array(entry["boxes"]), list(entry["phrases"]))
+            except (ValueError, KeyError, TypeError) as error:
+                raise AnnotationError(f"{path} line {number}: {error}") from error
+        return records
+    if path.suffix != ".json":
+        raise AnnotationError(f"{path}: expected a COCO .json or a .jsonl annotation file")
+    try:
+        coco = json.loads(path.read_text())
+        names = {category["id"]: category["name"] for category in coco["categories"]}
+        images = {image["id"]: image for image in coco["images"]}
+        boxes: dict[int, list] = {image_id: [] for image_id in images}
+        for annotation in coco["annotations"]:
+            image = images[annotation["image_id"]]
+            x, y, w, h = annotation["bbox"]
+            box = (x / image["width"], y / image["height"], (x + w) / image["width"], (y + h) / image["height"])
+            boxes[annotation["image_id"]].append((np.clip(box, 0, 1), names[annotation["category_id"]]))
+        return {
+            images[i]["file_name"]: GroundingRecord(np.array([b for b, _ in entries]), [p for _, p in entries])
+            for i, entries in boxes.items()
+        }
+    except (ValueError, KeyError, TypeError) as error:
+        raise AnnotationError(f"{path}: not a COCO detection file ({type(error).__name__}: {error})") from error

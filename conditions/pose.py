@@ -1,0 +1,78 @@
+"""OpenPose body pose (controlnet_aux's network and ``body_pose_model.pth``): the rendered map and the keypoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from conditions.base import ConditionExtractor
+from conditions.resize import Resize
+from conditions.weights import weights_file
+
+# OpenPose COCO body order, the order of each person's 18 keypoints.
+BODY_PARTS = (
+    "nose", "neck", "right_shoulder", "right_elbow", "right_wrist", "left_shoulder", "left_elbow", "left_wrist",
+    "right_hip", "right_knee", "right_ankle", "left_hip", "left_knee", "left_ankle", "right_eye", "left_eye",
+    "right_ear", "left_ear",
+)  # fmt: skip
+
+
+class PoseExtractor(ConditionExtractor):
+    """OpenPose body skeletons drawn as controlnet_aux's ``OpenposeDetector`` draws them (body only), at the input's
+    size; ``keypoints`` gives the detected people as normalised coordinates.
+
+    Uses controlnet_aux's own ``Body`` estimator and drawing code, so the map equals ``OpenposeDetector`` for the
+    same weights at the same resolution. The estimator takes one image at a time (its multi-scale search and
+    peak grouping are per image), so a batch is a loop.
+
+    Args:
+        weights_dir: local folder holding ``filename`` (lllyasviel/Annotators ``body_pose_model.pth``).
+        filename: the upstream checkpoint name.
+        hub_id: download ``filename`` from this Hugging Face repo instead (only when given).
+        device: torch device the network runs on.
+        resize: detection resolution / output size (``conditions.resize.Resize`` or its fields); default: none.
+    """
+
+    name = "pose"
+    kind = "image"
+
+    def __init__(
+        self,
+        weights_dir: str | Path | None = None,
+        filename: str = "body_pose_model.pth",
+        hub_id: str | None = None,
+        device: str = "cpu",
+        resize: Resize | dict | None = None,
+    ) -> None:
+        path = weights_file(weights_dir, filename, "lllyasviel/Annotators", hub_id)
+        from controlnet_aux.open_pose import OpenposeDetector, util
+        from controlnet_aux.open_pose.body import Body
+        from controlnet_aux.open_pose.model import bodypose_model
+
+        # Body(path) would torch.load without weights_only on older torch; load the state dict safely here and
+        # hand Body the network (util.transfer maps the upstream key names onto the module's).
+        body = Body.__new__(Body)
+        body.model = bodypose_model()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        body.model.load_state_dict(util.transfer(body.model, state))
+        body.model.eval().requires_grad_(False).to(device)
+        self._detector = OpenposeDetector(body)
+        self.weights = str(path)
+        self.channels = 3
+        self.device = device
+        self.resize = Resize.coerce(resize)
+
+    def keypoints(self, image: np.ndarray) -> list[list[tuple[float, float] | None]]:
+        """HxWx3 uint8 RGB -> one list per person of 18 ``(x, y)`` in [0, 1] (``BODY_PARTS`` order), None where
+        a part was not found."""
+        poses = self._detector.detect_poses(image)
+        return [[None if k is None else (float(k.x), float(k.y)) for k in pose.body.keypoints] for pose in poses]
+
+    def extract(self, image: np.ndarray) -> np.ndarray:
+        """HxWx3 uint8 RGB -> HxWx3 uint8 skeleton drawing on black."""
+        from controlnet_aux.open_pose import draw_poses
+
+        poses = self._detector.detect_poses(image)
+        return draw_poses(poses, *image.shape[:2], draw_body=True, draw_hand=False, draw_face=False)

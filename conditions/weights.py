@@ -1,0 +1,70 @@
+"""Finding extractor weights on disk: local files by their upstream names; a hub id only when the user gives one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """A weights file or model folder an extractor needs is not where the config says; the message names both."""
+
+
+def weights_file(weights_dir: str | Path | None, filename: str, source: str, hub_id: str | None = None) -> Path:
+    """Path of ``filename`` in ``weights_dir``, or downloaded from ``hub_id`` when (and only when) one is given.
+
+    Args:
+        weights_dir: local folder holding the upstream file.
+        filename: the upstream file name, e.g. ``ControlNetHED.pth``.
+        source: where a user gets the file, quoted in the error, e.g. ``lllyasviel/Annotators``.
+        hub_id: a Hugging Face repo to download from instead of ``weights_dir``.
+    """
+    if hub_id is not None:
+        if weights_dir is not None:
+            raise ValueError(f"give weights_dir or hub_id, not both (got {weights_dir} and {hub_id})")
+        from huggingface_hub import hf_hub_download  # only reached when the user asked for the hub
+
+        return Path(hf_hub_download(hub_id, filename))
+    if weights_dir is None:
+        raise WeightsNotFoundError(
+            f"no weights_dir given: set condition.extractor.weights_dir to a folder holding {filename} "
+            f"(from {source}), or hub_id to download it"
+        )
+    path = Path(weights_dir) / filename
+    if not path.is_file():
+        raise WeightsNotFoundError(f"weights file not found: {path}; put {filename} from {source} there")
+    return path
+
+
+def model_folder(path: str | Path, source: str, marker: str = "config.json") -> str:
+    """A local transformers/diffusers model folder (must contain ``marker``), or a hub id the user passed as such.
+
+    A string that is not an existing folder is taken as a hub id only when it has the ``owner/name`` form *and*
+    does not look like a path (no leading ``/``, ``.`` or ``~``); anything else is a missing folder.
+    """
+    text = str(path)
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        if not (folder / marker).is_file():
+            raise WeightsNotFoundError(f"model folder {folder} has no {marker}; put the {source} model folder there")
+        return str(folder)
+    if text.count("/") == 1 and not text.startswith(("/", ".", "~")) and not folder.exists():
+        return text  # a hub id, passed explicitly by the user
+    raise WeightsNotFoundError(f"model folder not found: {folder}; put the {source} model folder there")
+
+
+def load_transformers_model(path: str | Path, auto_class: str, source: str, device: str = "cpu"):
+    """(image processor, model in eval mode) from a transformers model folder, or from a hub id given as such.
+
+    Args:
+        auto_class: the ``transformers`` auto class, e.g. ``AutoModelForDepthEstimation``.
+        source: what belongs in the folder, quoted in errors, e.g. ``a DPT depth model (Intel/dpt-hybrid-midas)``.
+    """
+    import transformers
+
+    where = model_folder(path, source)
+    local = Path(where).is_dir()
+    if local and not (Path(where) / "preprocessor_config.json").is_file():
+        raise WeightsNotFoundError(f"model folder {where} has no preprocessor_config.json; put {source} there")
+    processor = transformers.AutoImageProcessor.from_pretrained(where, local_files_only=local)
+    model = getattr(transformers, auto_class).from_pretrained(where, local_files_only=local)
+    return processor, model.eval().requires_grad_(False).to(device)

@@ -1,0 +1,211 @@
+"""Datasets people already have on disk: ControlNet's ``fill50k`` layout and diffusers' ``imagefolder`` layout.
+
+- ``fill50k``: ``<root>/prompt.json`` as JSON lines ``{"source": "source/0.png", "target": "target/0.png",
+  "prompt": "..."}``; ``source`` is the condition map, ``target`` the image (lllyasviel/ControlNet ``docs/train.md``).
+- ``imagefolder``: ``<root>/metadata.jsonl``, one JSON object per line with the image file (``file_name``), the
+  caption (``text``) and the condition map (``conditioning_image``); column names are settings, as in diffusers'
+  ``train_controlnet.py`` (``--image_column``, ``--caption_column``, ``--conditioning_image_column``).
+
+Either way the condition comes from the files (``conditions: files``) or from the configured extractor applied to
+the image on the fly (``conditions: extractor``). A malformed line or a missing file is a one-line error naming the
+index file and line, unless ``skip_invalid`` is set: then such lines are skipped and counted in the log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from conditions import ConditionExtractor, ImageDecodeError, read_image
+from lightning_modules.errors import CtrlkitError
+
+log = logging.getLogger(__name__)
+CONDITION_SOURCES = ("files", "extractor")
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """One training pair; ``where`` (``file:line``) names the index line it came from in errors."""
+
+    image: Path
+    condition: Path | None
+    prompt: str
+    where: str
+
+
+def read_index(
+    index_file: Path, columns: tuple[str, str, str], need_condition: bool, skip_invalid: bool
+) -> list[PairRecord]:
+    """Parse a JSON-lines index with (image, condition, prompt) ``columns``; paths are relative to its folder."""
+    if not index_file.is_file():
+        raise CtrlkitError(f"dataset index not found: {index_file}")
+    image_key, condition_key, prompt_key = columns
+    root, records, skipped = index_file.parent, [], 0
+    for number, line in enumerate(index_file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{index_file} line {number}"
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict):
+                raise ValueError("not a JSON object")
+            missing = [k for k in (image_key, prompt_key, *([condition_key] * need_condition)) if k not in entry]
+            if missing:
+                raise ValueError(f"missing key(s) {', '.join(missing)}")
+            if not isinstance(entry[prompt_key], str):
+                raise ValueError(f"'{prompt_key}' is not a string")
+            record = PairRecord(
+                image=root / str(entry[image_key]),
+                condition=root / str(entry[condition_key]) if need_condition else None,
+                prompt=entry[prompt_key],
+                where=where,
+            )
+            for path in (record.image, record.condition):
+                if path is not None and not path.is_file():
+                    raise ValueError(f"file not found: {path}")
+        except ValueError as error:  # json.JSONDecodeError is a ValueError
+            if not skip_invalid:
+                raise CtrlkitError(f"{where}: {error} (set data.skip_invalid=true to skip such lines)") from error
+            skipped += 1
+            continue
+        records.append(record)
+    if skipped:
+        log.warning("%s: skipped %d invalid line(s) (data.skip_invalid=true)", index_file, skipped)
+    if not records:
+        raise CtrlkitError(f"{index_file} has no usable lines")
+    return records
+
+
+def resize_and_centre_crop(image: np.ndarray, size: int, interpolation: int) -> np.ndarray:
+    """Short side to ``size``, then the centre ``size`` x ``size`` square (diffusers' Resize + CenterCrop)."""
+    height, width = image.shape[:2]
+    scale = size / min(height, width)
+    new_height, new_width = max(size, round(height * scale)), max(size, round(width * scale))
+    if (new_height, new_width) != (height, width):
+        image = cv2.resize(image, (new_width, new_height), interpolation=interpolation)
+    top, left = (new_height - size) // 2, (new_width - size) // 2
+    return image[top : top + size, left : left + size].copy()  # a writable array of its own (torch warns otherwise)
+
+
+class PairedImageDataset(Dataset):
+    """Items: ``pixel_values`` (3, S, S) float in [-1, 1]; ``condition`` (C, S, S) float in [0, 1]; ``prompt`` str.
+
+    Args:
+        records: the pairs (``read_index``).
+        extractor: gives the condition when ``conditions == "extractor"``, and its ``channels`` always.
+        image_size: side S; images are resized (short side) and centre-cropped, condition maps the same way.
+        conditions: ``files`` (precomputed maps) or ``extractor`` (computed from the image on the fly).
+    """
+
+    def __init__(
+        self, records: list[PairRecord], extractor: ConditionExtractor, image_size: int, conditions: str
+    ) -> None:
+        self.records = records
+        self.extractor = extractor
+        self.image_size = image_size
+        self.conditions = conditions
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        try:
+            image = resize_and_centre_crop(read_image(record.image), self.image_size, cv2.INTER_AREA)
+            if self.conditions == "extractor":
+                condition = self.extractor(image)
+            else:
+                # nearest: a precomputed map (edges, labels) keeps its values instead of blending them
+                condition_map = resize_and_centre_crop(
+                    read_image(record.condition), self.image_size, cv2.INTER_NEAREST
+                )
+                condition_map = condition_map[:, :, : self.extractor.channels]
+                condition = torch.from_numpy(condition_map).permute(2, 0, 1).float().div(255.0)
+        except ImageDecodeError as error:
+            raise ImageDecodeError(f"{record.where}: {error}") from error
+        pixel_values = torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1.0)
+        return {"pixel_values": pixel_values, "condition": condition, "prompt": record.prompt}
+
+
+class FileDataModule(pl.LightningDataModule):
+    """Pairs listed in an index file; the last ``val_size`` lines form the fixed validation split.
+
+    Args:
+        root: dataset folder (holds the index file).
+        extractor: the configured condition (``conf/condition``).
+        layout: ``fill50k`` or ``imagefolder`` (see module docstring).
+        conditions: ``files`` or ``extractor``.
+        image_column, caption_column, conditioning_image_column: ``imagefolder`` column names.
+        skip_invalid: skip (and count) malformed lines and lines naming missing files instead of failing.
+    """
+
+    LAYOUTS = {
+        "fill50k": ("prompt.json", ("target", "source", "prompt")),
+        "imagefolder": ("metadata.jsonl", None),
+    }
+
+    def __init__(
+        self,
+        root: str,
+        extractor: ConditionExtractor,
+        layout: str = "fill50k",
+        conditions: str = "files",
+        image_size: int = 64,
+        val_size: int = 16,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        skip_invalid: bool = False,
+        image_column: str = "file_name",
+        caption_column: str = "text",
+        conditioning_image_column: str = "conditioning_image",
+    ) -> None:
+        super().__init__()
+        if layout not in self.LAYOUTS:
+            raise CtrlkitError(f"unknown data.layout '{layout}'; choose one of: {', '.join(self.LAYOUTS)}")
+        if conditions not in CONDITION_SOURCES:
+            raise CtrlkitError(
+                f"unknown data.conditions '{conditions}'; choose one of: {', '.join(CONDITION_SOURCES)}"
+            )
+        if batch_size < 1:
+            raise CtrlkitError(f"data.batch_size must be >= 1, got {batch_size}")
+        if not Path(root).is_dir():
+            raise CtrlkitError(f"data.root {root} is not a folder")
+        index_name, columns = self.LAYOUTS[layout]
+        columns = columns or (image_column, conditioning_image_column, caption_column)
+        records = read_index(Path(root) / index_name, columns, conditions == "files", skip_invalid)
+        if not 1 <= val_size < len(records):
+            raise CtrlkitError(
+                f"data.val_size={val_size} must be >= 1 and below the {len(records)} usable pairs in {root}"
+            )
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        split = len(records) - val_size
+        self.train_dataset = PairedImageDataset(records[:split], extractor, image_size, conditions)
+        self.val_dataset = PairedImageDataset(records[split:], extractor, image_size, conditions)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=len(self.train_dataset) >= self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_dataset, batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def fixed_batch(self, count: int) -> dict:
+        """The first ``count`` validation items as one batch (what the sample grid shows)."""
+        count = min(count, len(self.val_dataset))
+        return default_collate([self.val_dataset[index] for index in range(count)])
