@@ -132,7 +132,8 @@ class PairedImageDataset(Dataset):
         except ImageDecodeError as error:
             raise ImageDecodeError(f"{record.where}: {error}") from error
         pixel_values = torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1.0)
-        return {"pixel_values": pixel_values, "condition": condition, "prompt": record.prompt}
+        # index: the key of the training system's latent cache (items are deterministic: resize + centre crop)
+        return {"index": index, "pixel_values": pixel_values, "condition": condition, "prompt": record.prompt}
 
 
 class FileDataModule(pl.LightningDataModule):

@@ -19,7 +19,8 @@ from lightning_modules.config_checks import CONF_DIR
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# CTRLKIT_TEST_THREADS=1 keeps the suite from oversubscribing a machine that runs something else
+torch.set_num_threads(int(os.environ.get("CTRLKIT_TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
 
 # Overrides that keep a training test to seconds: tiny validation, 2-step sampling, no experiment logger.
 FAST_OVERRIDES = [
