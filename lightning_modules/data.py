@@ -60,7 +60,36 @@ class ShapesDataset(Dataset):
         }
 
 
-class ShapesDataModule(pl.LightningDataModule):
+class ConditionedDataModule(pl.LightningDataModule):
+    """Loaders shared by every data module: subclasses set ``train_dataset``, ``val_dataset``, ``batch_size`` and
+    ``num_workers``; items are dicts with ``pixel_values``, ``condition``, ``prompt`` (and ``index``)."""
+
+    train_dataset: Dataset
+    val_dataset: Dataset
+    batch_size: int
+    num_workers: int
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            # keep a dataset smaller than one batch trainable
+            drop_last=len(self.train_dataset) >= self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_dataset, batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def fixed_batch(self, count: int) -> dict:
+        """The first ``count`` validation items as one batch (what the sample grid shows)."""
+        count = min(count, len(self.val_dataset))
+        return default_collate([self.val_dataset[index] for index in range(count)])
+
+
+class ShapesDataModule(ConditionedDataModule):
     """Train and fixed validation splits of ``shapes``; the validation split has its own seed.
 
     Args:
@@ -90,21 +119,3 @@ class ShapesDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.train_dataset = ShapesDataset(extractor, train_size, image_size, seed, num_objects)
         self.val_dataset = ShapesDataset(extractor, val_size, image_size, val_seed, num_objects)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_dataset, batch_size=self.batch_size, num_workers=self.num_workers)
-
-    def fixed_batch(self, count: int) -> dict:
-        """The first ``count`` validation items as one batch (what the sample grid shows)."""
-        count = min(count, len(self.val_dataset))
-        return default_collate([self.val_dataset[index] for index in range(count)])

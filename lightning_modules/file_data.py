@@ -20,11 +20,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset
 
 from conditions import ConditionExtractor, ImageDecodeError, read_image
+from lightning_modules.data import ConditionedDataModule
 from lightning_modules.errors import CtrlkitError
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class PairedImageDataset(Dataset):
         return {"index": index, "pixel_values": pixel_values, "condition": condition, "prompt": record.prompt}
 
 
-class FileDataModule(pl.LightningDataModule):
+class FileDataModule(ConditionedDataModule):
     """Pairs listed in an index file; the last ``val_size`` lines form the fixed validation split.
 
     Args:
@@ -192,21 +192,3 @@ class FileDataModule(pl.LightningDataModule):
         split = len(records) - val_size
         self.train_dataset = PairedImageDataset(records[:split], extractor, image_size, conditions)
         self.val_dataset = PairedImageDataset(records[split:], extractor, image_size, conditions)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=len(self.train_dataset) >= self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_dataset, batch_size=self.batch_size, num_workers=self.num_workers)
-
-    def fixed_batch(self, count: int) -> dict:
-        """The first ``count`` validation items as one batch (what the sample grid shows)."""
-        count = min(count, len(self.val_dataset))
-        return default_collate([self.val_dataset[index] for index in range(count)])
