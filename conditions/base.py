@@ -106,6 +106,21 @@ class ConditionExtractor(ABC):
         return _to_chw_float(self.process(image))
 
 
+class NetworkExtractor(ConditionExtractor):
+    """An extractor backed by a network that runs on batches of same-sized images; subclasses implement
+    ``run_network`` (a list of HxWx3 uint8 images of one size -> their HxWxC uint8 maps)."""
+
+    def extract(self, image: np.ndarray) -> np.ndarray:
+        return self.extract_batch([image])[0]
+
+    def extract_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return batched_by_size(images, self.run_network)
+
+    @abstractmethod
+    def run_network(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Same-sized HxWx3 uint8 images -> HxWxC uint8 maps, one network batch."""
+
+
 def batched_by_size(images: Sequence[np.ndarray], run: Callable[[list[np.ndarray]], list[np.ndarray]]) -> list:
     """Call ``run`` once per group of same-sized images (a network takes one size per batch); results in order."""
     results: list = [None] * len(images)

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from conditions.base import ConditionExtractor, batched_by_size
+from conditions.base import NetworkExtractor
 from conditions.resize import Resize
 from conditions.weights import load_transformers_model
 
 
-class DepthExtractor(ConditionExtractor):
+class DepthExtractor(NetworkExtractor):
     """Relative depth map from a transformers depth-estimation model (e.g. ``Intel/dpt-hybrid-midas``, the model
     behind controlnet_aux's ``MidasDetector``), normalised per image to 0..255 with near bright, as depth
     ControlNets were trained on.
@@ -45,15 +44,9 @@ class DepthExtractor(ConditionExtractor):
         self.device = device
         self.resize = Resize.coerce(resize)
 
-    def extract(self, image: np.ndarray) -> np.ndarray:
-        """HxWx3 uint8 RGB -> HxWx``channels`` uint8 depth (255 = nearest in this image, 0 = farthest)."""
-        return self.extract_batch([image])[0]
-
-    def extract_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return batched_by_size(images, self._run)
-
     @torch.no_grad()
-    def _run(self, images: list[np.ndarray]) -> list[np.ndarray]:
+    def run_network(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Same-sized HxWx3 uint8 RGB -> HxWx``channels`` uint8 depth (255 = nearest in each image, 0 = farthest)."""
         inputs = self.processor(images=list(images), return_tensors="pt").to(self.device)
         predicted = self.network(**inputs).predicted_depth  # (B, h, w): relative inverse depth, large = near
         height, width = images[0].shape[:2]

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
-from conditions.base import ConditionExtractor, batched_by_size
+from conditions.base import NetworkExtractor
 from conditions.resize import Resize
 from conditions.weights import weights_file
 
 
-class HEDExtractor(ConditionExtractor):
+class HEDExtractor(NetworkExtractor):
     """Soft edge map equal to controlnet_aux's ``HEDdetector`` for the same weights at the same resolution.
 
     Loads ``ControlNetHED.pth`` (lllyasviel/Annotators) into controlnet_aux's own ``ControlNetHED_Apache2`` and
@@ -61,15 +60,9 @@ class HEDExtractor(ConditionExtractor):
         self.device = device
         self.resize = Resize.coerce(resize)
 
-    def extract(self, image: np.ndarray) -> np.ndarray:
-        """HxWx3 uint8 RGB -> HxWx``channels`` uint8 soft edges (0..255)."""
-        return self.extract_batch([image])[0]
-
-    def extract_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return batched_by_size(images, self._run)
-
     @torch.no_grad()
-    def _run(self, images: list[np.ndarray]) -> list[np.ndarray]:
+    def run_network(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Same-sized HxWx3 uint8 RGB -> HxWx``channels`` uint8 soft edges (0..255)."""
         from controlnet_aux.util import nms, safe_step
 
         # contiguous NCHW: the memory layout HEDdetector's single image ends up in, so PyTorch picks the same

@@ -10,12 +10,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from conditions.base import ConditionExtractor, batched_by_size
+from conditions.base import NetworkExtractor, batched_by_size
 from conditions.resize import Resize
 from conditions.weights import load_transformers_model
 
 
-class SegExtractor(ConditionExtractor):
+class SegExtractor(NetworkExtractor):
     """Colour-coded segmentation map: class ``k`` is painted with ADE20K palette colour ``k``, the encoding seg
     ControlNets (lllyasviel's ``control_*_seg``, uniformer/OneFormer annotators) were trained on.
 
@@ -51,16 +51,13 @@ class SegExtractor(ConditionExtractor):
         self.device = device
         self.resize = Resize.coerce(resize)
 
-    def extract(self, image: np.ndarray) -> np.ndarray:
-        """HxWx3 uint8 RGB -> HxWx3 uint8 palette colours."""
-        return self.extract_batch([image])[0]
-
     def labels(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """HxWx3 uint8 images -> HxW int64 class indices (same size as each image)."""
         return batched_by_size(images, self._labels)
 
-    def extract_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return [self.palette[label] for label in self.labels(images)]
+    def run_network(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Same-sized HxWx3 uint8 RGB -> HxWx3 uint8 ADE20K palette colours."""
+        return [self.palette[label] for label in self._labels(images)]
 
     @torch.no_grad()
     def _labels(self, images: list[np.ndarray]) -> list[np.ndarray]:
