@@ -157,9 +157,11 @@ def build_shapes_tokenizer(max_length: int = 32) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
-def build_tiny_backbone(seed: int = 0, image_size: int = 64) -> Backbone:
+def build_tiny_backbone(seed: int = 0, image_size: int = 64, noise_schedule: dict | None = None) -> Backbone:
     """The tiny SD-architecture model (random weights): f=4 VAE (64 px -> 16x16x4), a 2-layer CLIP text encoder and
-    a 3-level UNet with cross-attention in every down block but the last, as SD1.5 is laid out."""
+    a 3-level UNet with cross-attention in every down block but the last, as SD1.5 is laid out.
+
+    ``noise_schedule`` overrides SD1.5's DDPMScheduler settings (e.g. zero terminal SNR with v-prediction)."""
     torch.manual_seed(seed)
     tokenizer = build_shapes_tokenizer()
     vae = AutoencoderKL(
@@ -200,12 +202,16 @@ def build_tiny_backbone(seed: int = 0, image_size: int = 64) -> Backbone:
         norm_num_groups=32,
     )
     scheduler = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        prediction_type="epsilon",
+        **{
+            "num_train_timesteps": 1000,
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "clip_sample": False,
+            "prediction_type": "epsilon",
+            "steps_offset": 1,
+            **(noise_schedule or {}),
+        }
     )
     return Backbone(vae, text_encoder, tokenizer, unet, scheduler)
 
