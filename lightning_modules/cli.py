@@ -16,6 +16,7 @@ USAGE = """usage: ctrlkit <command> [hydra overrides ...]
 commands:
   train            train an adapter on a frozen base model (conf/train.yaml)
   extract          write condition maps for a folder of images (conf/extract.yaml)
+  generate         sample prompts under a composition of adapters (conf/generate.yaml)
   pretrain-base    train the tiny base model that `model=tiny` ships (conf/pretrain_base.yaml)
 
 Examples:
@@ -24,6 +25,7 @@ Examples:
   ctrlkit train -m adapter.learning_rate=1e-4,1e-5 trainer.max_steps=5   (a Hydra sweep)
   ctrlkit train --cfg job                                                  (print the composed config)
   ctrlkit extract condition=canny input=photos output=photos_canny
+  ctrlkit generate composition=examples/composition.yaml
 """
 
 
@@ -75,7 +77,25 @@ def pretrain_base_main(cfg: DictConfig) -> None:
     pretrain_base(cfg)
 
 
-COMMANDS = {"train": train_main, "extract": extract_main, "pretrain-base": pretrain_base_main}
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
+def generate_main(cfg: DictConfig) -> None:
+    from lightning_modules.generate import run_generate
+
+    try:
+        run_generate(cfg)
+    except (InstantiationException, *USER_ERRORS) as error:
+        cause = _user_error(error)
+        if cause is None:
+            raise
+        _fail("generate", cause)
+
+
+COMMANDS = {
+    "train": train_main,
+    "extract": extract_main,
+    "generate": generate_main,
+    "pretrain-base": pretrain_base_main,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
