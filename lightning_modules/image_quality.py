@@ -41,7 +41,9 @@ def load_inception(path: str | Path | None, device: str = "cpu"):
             return unavailable(f"{path} is not a state dict")
         from torchmetrics.image.fid import NoTrainInceptionV3
 
-        network = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path))
+        network = NoTrainInceptionV3(
+            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path)
+        )
     except (RuntimeError, ValueError, KeyError, OSError) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         return unavailable(f"{path} is not torch-fidelity's Inception state dict ({first_line})")
