@@ -34,6 +34,10 @@ def load_inception(path: str | Path | None, device: str = "cpu"):
     if not path.is_file():
         return unavailable(f"{path} not found")
     try:
+        import torch_fidelity  # noqa: F401  (torchmetrics' Inception is torch-fidelity's network)
+    except ImportError:
+        return unavailable("torch-fidelity is not installed (pip install torch-fidelity)")
+    try:
         # torch-fidelity unpickles the file without weights_only; reading it here first with weights_only=True
         # guarantees it holds tensors only before it gets there.
         state = torch.load(path, map_location="cpu", weights_only=True)
