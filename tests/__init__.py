@@ -1,2 +1,2 @@
-"""ctrlkit tests; a regular package so `tests.*` imports resolve here, not to a site-packages `tests` (torch-fidelity
-0.4 installs one)."""
+"""ctrlkit tests. A regular package, so that ``tests.helpers`` resolves here even when an installed distribution
+(torch-fidelity 0.4 does) puts a top-level ``tests`` package into site-packages."""
