@@ -2,9 +2,12 @@
 
 ControlNet's "sudden convergence" is invisible in the loss; this callback samples the fixed validation scenes of
 ``shapes`` under their conditions, segments each image by the colours its caption names and logs
-``val/mask_iou`` (against the exact ground-truth mask) and ``val/caption_accuracy``. The base model without the
-adapter is scored once on the same seeds (``val/mask_iou_base``), and the first step whose IoU gains
-``jump_threshold`` over the base is logged as ``val/control_step``.
+``val/mask_iou`` (named colours against the exact ground-truth foreground), ``val/box_iou`` (each named object's
+largest colour region's bounding box against its ground-truth box, GLIGEN's layout measure) and
+``val/caption_accuracy``. The base model without the adapter is scored once on the same seeds (``..._base``), and
+so are the dataset's own images (``..._truth``, the best a generator can score: occlusion and shared colours keep
+box IoU below 1). The first step whose ``metric`` (the condition's config picks it: mask_iou for maps, box_iou
+for boxes) gains ``jump_threshold`` over the base is logged as ``val/control_step``.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import default_collate
-
-from conditions.metrics import colour_mask, mask_iou, score_shapes_image
+from conditions.metrics import colour_mask, mask_iou, named_box_ious, score_shapes_image
 from lightning_modules.callbacks import generate_in_eval_mode
+from lightning_modules.data import collate
+
+METRICS = ("mask_iou", "box_iou", "caption_accuracy")
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +32,9 @@ class ShapesControllabilityCallback(pl.Callback):
     """Scores the adapter on the first ``num_samples`` validation scenes every ``every_n_steps`` steps.
 
     Args:
-        output_file: JSON written at the end: base and final scores, the curve, the control step.
-        jump_threshold: IoU gain over the base model that counts as "control appeared".
+        output_file: JSON written at the end: base, truth and final scores, the curve, the control step.
+        metric: the score that decides the control step and is drawn in the curve: mask_iou or box_iou.
+        jump_threshold: gain of ``metric`` over the base model that counts as "control appeared".
         num_inference_steps, guidance_scale, scheduler, seed: the sampler, fixed across evaluations.
     """
 
@@ -43,7 +48,11 @@ class ShapesControllabilityCallback(pl.Callback):
         scheduler: str = "unipc",
         seed: int = 0,
         jump_threshold: float = 0.25,
+        metric: str = "mask_iou",
     ) -> None:
+        if metric not in METRICS:
+            raise ValueError(f"controllability metric '{metric}'; choose one of: {', '.join(METRICS)}")
+        self.metric = metric
         self.output_file = Path(output_file)
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
@@ -56,27 +65,23 @@ class ShapesControllabilityCallback(pl.Callback):
         self.jump_threshold = jump_threshold
         self.enabled = True
         self.base: dict | None = None
+        self.truth: dict | None = None
         self.curve: list[dict] = []
         self.control_step: int | None = None
 
     @torch.no_grad()
     def evaluate(self, pl_module: pl.LightningModule, dataset, use_adapter: bool = True) -> dict:
-        """Mean mask IoU and caption accuracy of generated images over the first ``num_samples`` scenes."""
+        """Mean mask IoU, box IoU and caption accuracy of generated images over the first ``num_samples`` scenes."""
         count = min(self.num_samples, len(dataset))
-        batch = default_collate([dataset[index] for index in range(count)])
+        batch = collate([dataset[index] for index in range(count)])
         images = generate_in_eval_mode(pl_module, batch, self.sampling, use_adapter=use_adapter)
         images = (images * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        ious, captions = [], []
-        for index, image in enumerate(images):
-            scene = dataset.scene(index)
-            named = np.zeros(image.shape[:2], dtype=bool)
-            correct = True
-            for obj in scene.objects:
-                named |= colour_mask(image, obj.colour)
-                correct &= score_shapes_image(image, obj.colour, obj.shape, scene.background).caption_correct
-            ious.append(mask_iou(named, scene.foreground_mask))
-            captions.append(correct)
-        return {"mask_iou": float(np.mean(ious)), "caption_accuracy": float(np.mean(captions))}
+        return score_images(images, [dataset.scene(index) for index in range(count)])
+
+    def score_dataset_images(self, dataset) -> dict:
+        """The scores of the scenes' own images: the ceiling of each metric on these scenes."""
+        scenes = [dataset.scene(index) for index in range(min(self.num_samples, len(dataset)))]
+        return score_images(np.stack([scene.image for scene in scenes]), scenes)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dataset = trainer.datamodule.val_dataset
@@ -90,6 +95,8 @@ class ShapesControllabilityCallback(pl.Callback):
         if self.base is None:
             self.base = self.evaluate(pl_module, dataset, use_adapter=False)
             log.info("base model without adapter: %s", self.base)
+        if self.truth is None:
+            self.truth = self.score_dataset_images(dataset)
         self._record(trainer, pl_module)
 
     def on_train_batch_end(
@@ -105,7 +112,9 @@ class ShapesControllabilityCallback(pl.Callback):
             self._record(trainer, pl_module)
         self.output_file.parent.mkdir(parents=True, exist_ok=True)
         summary = {
+            "metric": self.metric,
             "base_without_adapter": self.base,
+            "dataset_images": self.truth,
             "final": self.curve[-1],
             "control_step": self.control_step,
             "jump_threshold": self.jump_threshold,
@@ -113,7 +122,7 @@ class ShapesControllabilityCallback(pl.Callback):
             "curve": self.curve,
         }
         self.output_file.write_text(json.dumps(summary, indent=2))
-        draw_curve(self.curve, self.base, self.control_step, self.output_file.with_suffix(".png"))
+        draw_curve(self.curve, self.base, self.control_step, self.output_file.with_suffix(".png"), self.metric)
         print(
             f"controllability: base without adapter {self.base}, final {self.curve[-1]}, "
             f"control appeared at step {self.control_step}; written to {self.output_file}"
@@ -124,13 +133,12 @@ class ShapesControllabilityCallback(pl.Callback):
             return
         scores = self.evaluate(pl_module, trainer.datamodule.val_dataset)
         self.curve.append({"step": trainer.global_step, **scores})
-        metrics = {
-            "val/mask_iou": scores["mask_iou"],
-            "val/caption_accuracy": scores["caption_accuracy"],
-            "val/mask_iou_base": self.base["mask_iou"],
-            "val/caption_accuracy_base": self.base["caption_accuracy"],
-        }
-        if self.control_step is None and scores["mask_iou"] >= self.base["mask_iou"] + self.jump_threshold:
+        metrics = {}
+        for name in METRICS:
+            metrics[f"val/{name}"] = scores[name]
+            metrics[f"val/{name}_base"] = self.base[name]
+            metrics[f"val/{name}_truth"] = self.truth[name]
+        if self.control_step is None and scores[self.metric] >= self.base[self.metric] + self.jump_threshold:
             self.control_step = trainer.global_step
             metrics["val/control_step"] = self.control_step
             log.info("control appeared at step %d: %s", self.control_step, scores)
@@ -138,9 +146,30 @@ class ShapesControllabilityCallback(pl.Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
 
 
-def draw_curve(curve: list[dict], base: dict, control_step: int | None, path: Path, size=(480, 300)) -> None:
-    """A PNG of mask IoU (blue) and caption accuracy (green) against step, the base model's IoU as a grey dashed
-    line and the control step as a red line. Drawn with PIL so no plotting library is needed."""
+def score_images(images: np.ndarray, scenes: list) -> dict:
+    """Mean mask IoU, box IoU and caption accuracy of (B, H, W, 3) uint8 images of the given ``shapes`` scenes."""
+    mask_ious, box_ious, captions = [], [], []
+    for image, scene in zip(images, scenes):
+        named = np.zeros(image.shape[:2], dtype=bool)
+        correct = True
+        for obj in scene.objects:
+            named |= colour_mask(image, obj.colour)
+            correct &= score_shapes_image(image, obj.colour, obj.shape, scene.background).caption_correct
+        mask_ious.append(mask_iou(named, scene.foreground_mask))
+        box_ious.append(np.mean(named_box_ious(image, [(obj.colour, obj.box) for obj in scene.objects])))
+        captions.append(correct)
+    return {
+        "mask_iou": float(np.mean(mask_ious)),
+        "box_iou": float(np.mean(box_ious)),
+        "caption_accuracy": float(np.mean(captions)),
+    }
+
+
+def draw_curve(
+    curve: list[dict], base: dict, control_step: int | None, path: Path, metric: str = "mask_iou", size=(480, 300)
+) -> None:
+    """A PNG of ``metric`` (blue) and caption accuracy (green) against step, the base model's ``metric`` as a grey
+    dashed line and the control step as a red line. Drawn with PIL so no plotting library is needed."""
     from PIL import Image, ImageDraw
 
     width, height = size
@@ -158,11 +187,12 @@ def draw_curve(curve: list[dict], base: dict, control_step: int | None, path: Pa
     draw.text((left, height - bottom + 8), "step 0", fill="black")
     draw.text((width - right - 60, height - bottom + 8), f"step {last_step}", fill="black")
     for x in range(left, width - right, 12):  # dashed base line
-        y = xy(0, base["mask_iou"])[1]
+        y = xy(0, base[metric])[1]
         draw.line([(x, y), (min(x + 6, width - right), y)], fill="grey")
     if control_step is not None:
         draw.line([xy(control_step, 0), xy(control_step, 1)], fill="red")
-    for key, colour in (("mask_iou", "blue"), ("caption_accuracy", "green")):
+    for key, colour in ((metric, "blue"), ("caption_accuracy", "green")):
         draw.line([xy(point["step"], point[key]) for point in curve], fill=colour, width=2)
-    draw.text((left + 4, 4), "mask IoU (blue), caption accuracy (green), base IoU (grey), control (red)", fill="black")
+    label = metric.replace("_iou", " IoU")
+    draw.text((left + 4, 4), f"{label} (blue), caption accuracy (green), base (grey), control (red)", fill="black")
     image.save(path)

@@ -19,7 +19,12 @@ def test_control_step_is_the_first_jump_over_the_base(tmp_path):
         output_file=str(tmp_path / "c.json"), every_n_steps=10, jump_threshold=0.25
     )
     ious = iter([0.1, 0.15, 0.3, 0.5, 0.9])  # base, then steps 0, 10, 20, 30
-    callback.evaluate = lambda module, dataset, use_adapter=True: {"mask_iou": next(ious), "caption_accuracy": 0.5}
+    callback.evaluate = lambda module, dataset, use_adapter=True: {
+        "mask_iou": next(ious),
+        "box_iou": 0.2,
+        "caption_accuracy": 0.5,
+    }
+    callback.score_dataset_images = lambda dataset: {"mask_iou": 1.0, "box_iou": 0.8, "caption_accuracy": 1.0}
     logger = RecordingLogger()
     trainer = SimpleNamespace(
         global_step=0,
