@@ -151,7 +151,8 @@ class Composition:
     def prepared(self) -> Composition:
         """The same units with each condition through its adapter's ``prepare``: the step-independent work (e.g.
         T2I-Adapter's features) done once for a whole sampling run instead of at every step."""
-        return Composition([dataclasses.replace(unit, condition=unit.adapter.prepare(unit.condition)) for unit in self.units])
+        units = [dataclasses.replace(unit, condition=unit.adapter.prepare(unit.condition)) for unit in self.units]
+        return Composition(units)
 
     def __call__(
         self,

@@ -180,7 +180,7 @@ class GligenAdapter(ConditioningAdapter):
     # ------------------------------------------------------------------ weights
 
     def gligen_state_dict(self) -> dict[str, torch.Tensor]:
-        """GLIGEN's weights under the gated UNet's key names (``...transformer_blocks.0.fuser.*``, ``position_net.*``)."""
+        """GLIGEN's weights under the gated UNet's key names (``...fuser.*``, ``position_net.*``)."""
         return {
             name: tensor.detach().contiguous()
             for name, tensor in self.unet.state_dict().items()

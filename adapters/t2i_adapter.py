@@ -200,4 +200,3 @@ class T2IAdapterAdapter(ConditioningAdapter):
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise AdapterFormatError(f"cannot load a T2IAdapter from {directory}: {first_line}") from error
         return cls(t2i_adapter)
-

@@ -138,12 +138,9 @@ def named_box_ious(image: np.ndarray, objects: list[tuple[str, tuple[float, floa
         members = [index for index, (name, _) in enumerate(objects) if name == colour]
         regions = largest_components(labels == _PALETTE_NAMES.index(colour), len(members))
         detected = [mask_box(region) for region in regions]
-        pairs = sorted(
-            ((box_iou(found, objects[index][1]), index, slot) for index in members for slot, found in enumerate(detected)),
-            reverse=True,
-        )
+        pairs = [(box_iou(found, objects[i][1]), i, slot) for i in members for slot, found in enumerate(detected)]
         used_objects, used_slots = set(), set()
-        for iou, index, slot in pairs:
+        for iou, index, slot in sorted(pairs, reverse=True):
             if index not in used_objects and slot not in used_slots:
                 ious[index] = iou
                 used_objects.add(index)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
+
 from conditions.metrics import colour_mask, mask_iou, named_box_ious, score_shapes_image
 from lightning_modules.callbacks import generate_in_eval_mode
 from lightning_modules.data import collate

@@ -102,7 +102,9 @@ class AdapterTrainingSystem(pl.LightningModule):
             dropout["text"] = prompt_dropout
         unknown = set(dropout) - {"text", "condition", "both"}
         if unknown:
-            raise CtrlkitError(f"system.condition_dropout has unknown keys {sorted(unknown)}; use text, condition, both")
+            raise CtrlkitError(
+                f"system.condition_dropout has unknown keys {sorted(unknown)}; use text, condition, both"
+            )
         self.condition_dropout = ConditionDropout(**dropout)
         # The modules are not hyperparameters: keeping them out of hparams keeps them out of the checkpoint pickle.
         self.save_hyperparameters(ignore=["backbone", "adapter"])
