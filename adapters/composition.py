@@ -151,7 +151,10 @@ class Composition:
     def prepared(self) -> Composition:
         """The same units with each condition through its adapter's ``prepare``: the step-independent work (e.g.
         T2I-Adapter's features) done once for a whole sampling run instead of at every step."""
-        units = [dataclasses.replace(unit, condition=unit.adapter.prepare(unit.condition)) for unit in self.units]
+        units = []
+        for unit in self.units:
+            prepare = getattr(unit.adapter, "prepare", None)  # plain callables (wrappers, tests) have nothing to do
+            units.append(dataclasses.replace(unit, condition=prepare(unit.condition)) if prepare else unit)
         return Composition(units)
 
     def __call__(

@@ -129,10 +129,11 @@ class GligenAdapter(ConditioningAdapter):
 
     def gate_values(self) -> dict[str, float]:
         """Mean tanh(alpha) of the attention and dense gates over all layers (0 at init)."""
-        return {
-            "attn": float(torch.stack([fuser.alpha_attn.tanh() for fuser in self.fusers]).mean()),
-            "dense": float(torch.stack([fuser.alpha_dense.tanh() for fuser in self.fusers]).mean()),
-        }
+        with torch.no_grad():
+            return {
+                "attn": float(torch.stack([fuser.alpha_attn.tanh() for fuser in self.fusers]).mean()),
+                "dense": float(torch.stack([fuser.alpha_dense.tanh() for fuser in self.fusers]).mean()),
+            }
 
     def check_condition(self, condition: dict) -> None:
         if not isinstance(condition, dict) or not {"boxes", "phrase_embeddings", "masks"} <= set(condition):

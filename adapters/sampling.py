@@ -75,7 +75,7 @@ def sample_latents(
     if adapter is not None:
         if composition is not None:
             raise ValueError("pass an adapter or a composition, not both")
-        start, end = adapter.sampling_window
+        start, end = getattr(adapter, "sampling_window", (0.0, 1.0))
         composition = Composition([ControlUnit(adapter, condition, start=start, end=end)])
     if composition is not None:
         composition = composition.prepared()  # once per run: adapters' step-independent work

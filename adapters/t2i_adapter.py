@@ -151,8 +151,10 @@ class T2IAdapterAdapter(ConditioningAdapter):
 
     def prepare(self, condition: torch.Tensor | T2IFeatures) -> T2IFeatures:
         """condition (B, C, H, W) in [0, 1] -> its feature pyramid (computed here, once per sampling run)."""
-        if isinstance(condition, T2IFeatures):
-            return condition
+        return condition if isinstance(condition, T2IFeatures) else self.encode(condition)
+
+    def encode(self, condition: torch.Tensor) -> T2IFeatures:
+        """Run the adapter: condition (B, C, H, W) in [0, 1] -> features, the first at H / downscale_factor."""
         downscale = self.t2i_adapter.total_downscale_factor
         if condition.ndim != 4 or condition.shape[1] != self.condition_channels:
             raise ValueError(
@@ -179,8 +181,8 @@ class T2IAdapterAdapter(ConditioningAdapter):
         """condition (B, C, h*f, w*f) in [0, 1], or its prepared features -> intrablock residuals for the UNet.
 
         The list is new at every call: the UNet pops from it."""
-        features = self.prepare(condition).features
-        residuals = [feature.to(noisy_latents.dtype) * conditioning_scale for feature in features]
+        prepared = condition if isinstance(condition, T2IFeatures) else self.encode(condition)
+        residuals = [feature.to(noisy_latents.dtype) * conditioning_scale for feature in prepared.features]
         return {"down_intrablock_additional_residuals": residuals}
 
     def save_pretrained(self, directory: str | Path) -> None:
