@@ -7,6 +7,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, T2IAdapter, UNet2DConditionModel
@@ -186,3 +187,49 @@ def test_ctrlkit_train_t2i_adapter_on_canny_end_to_end(make_train_config, adapte
     controllability = json.loads((run / "controllability.json").read_text())
     assert controllability["metric"] == "mask_iou" and "mask_iou" in controllability["final"]
     assert not any(p.requires_grad for p in objects["backbone"].parameters())
+
+
+def test_ctrlkit_generate_with_a_t2i_adapter_equals_diffusers_adapter_pipeline(tmp_path):
+    from diffusers import StableDiffusionAdapterPipeline
+
+    from adapters import make_scheduler
+    from conditions.shapes import render_scene
+    from lightning_modules.backbone import load_tiny_backbone
+    from lightning_modules.generate import run_generate
+    from tests.test_generate import PROMPTS, compose_generate
+
+    backbone = load_tiny_backbone()
+    torch.manual_seed(0)
+    adapter = T2IAdapterAdapter.from_unet(backbone.unet, vae_scale_factor=4)
+    adapter.save_pretrained(tmp_path / "t2i")
+    mask = render_scene(np.random.default_rng(3), 64).foreground_mask
+    Image.fromarray((mask * 255).astype("uint8")).convert("RGB").save(tmp_path / "mask.png")
+    unit = f"{{adapter: {tmp_path / 't2i'}, condition_image: {tmp_path / 'mask.png'}, scale: 0.8}}"
+    cfg = compose_generate(tmp_path / "out", f"prompts=[{PROMPTS[0]},{PROMPTS[1]}]", f"units=[{unit}]")
+    with pytest.MonkeyPatch.context() as patch:
+        counting = CountingAdapter(adapter.t2i_adapter)
+        patch.setattr("lightning_modules.generate.T2IAdapterAdapter.from_pretrained", lambda folder: counting)
+        paths = run_generate(cfg)
+    assert counting.calls == 1  # once for the whole run, both prompts, both guidance halves, every step
+    ours = torch.stack([torch.from_numpy(np.asarray(Image.open(p))) for p in paths]).float() / 255
+
+    pipeline = StableDiffusionAdapterPipeline(
+        **{k: v for k, v in backbone.to_pipeline().components.items() if k != "image_encoder"},
+        adapter=adapter.t2i_adapter,
+    )
+    pipeline.scheduler = make_scheduler(cfg.scheduler, backbone.noise_scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    theirs = pipeline(
+        PROMPTS,
+        image=[Image.open(tmp_path / "mask.png")] * 2,
+        height=64,
+        width=64,
+        num_inference_steps=cfg.num_inference_steps,
+        guidance_scale=cfg.guidance_scale,
+        adapter_conditioning_scale=0.8,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        output_type="np",
+    ).images
+    theirs = torch.from_numpy(theirs * 255).round() / 255
+    # both through 8-bit rounding: at most one level apart where a float sits on a rounding boundary
+    assert (ours - theirs).abs().max() <= 1 / 255 + 1e-6
