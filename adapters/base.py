@@ -40,6 +40,12 @@ class ConditioningAdapter(nn.Module, ABC):
     accepts: ClassVar[Literal["image", "grounding"]]
     zero_initialized: ClassVar[bool]
 
+    @property
+    def sampling_window(self) -> tuple[float, float]:
+        """(start, end): the fraction of denoising steps the adapter runs in when a sampler is given no other window
+        (GLIGEN's scheduled sampling ends early); all steps by default."""
+        return (0.0, 1.0)
+
     @classmethod
     @abstractmethod
     def from_unet(cls, unet: UNet2DConditionModel, *, vae_scale_factor: int = 8, **options) -> ConditioningAdapter:
@@ -48,14 +54,31 @@ class ConditioningAdapter(nn.Module, ABC):
     @abstractmethod
     def forward(
         self,
-        condition: torch.Tensor,
+        condition: Any,
         *,
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
     ) -> UNetKwargs:
-        """condition (B, C, H, W) in [0, 1]; noisy_latents (B, 4, h, w); timesteps (B,) or scalar;
-        encoder_hidden_states (B, L, D) -> keyword arguments for the UNet call."""
+        """condition: (B, C, H, W) in [0, 1] for image adapters, a dict of tensors for grounding adapters, or what
+        ``prepare`` returned for it; noisy_latents (B, 4, h, w); timesteps (B,) or scalar; encoder_hidden_states
+        (B, L, D) -> keyword arguments for the UNet call."""
+
+    def prepare(self, condition: Any) -> Any:
+        """The step-independent work on a condition, done once per sampling run (T2I-Adapter's features do not
+        depend on the timestep); ``forward`` accepts the result in place of ``condition``. Default: nothing to do.
+
+        The result must be batched like the condition: a tensor, a list/tuple/dict of tensors, or a dataclass of
+        them (the sampler stacks it twice for classifier-free guidance)."""
+        return condition
+
+    def drop_condition(self, condition: Any, dropped: torch.Tensor) -> Any:
+        """``condition`` with the items where ``dropped`` (B,) bool is True replaced by the null condition
+        (condition dropout in training). Default, for image conditions: an all-zero map, as CoAdapter drops one."""
+        if not isinstance(condition, torch.Tensor):
+            raise TypeError(f"{type(self).__name__} must override drop_condition for {type(condition).__name__}")
+        keep = (~dropped).to(device=condition.device, dtype=condition.dtype)
+        return condition * keep.view(-1, *([1] * (condition.ndim - 1)))
 
     @abstractmethod
     def save_pretrained(self, directory: str | Path) -> None:

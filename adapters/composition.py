@@ -15,6 +15,7 @@ Modes, as in sd-webui-controlnet:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -69,11 +70,17 @@ class ControlUnit:
 
 
 def _batch_twice(value):
-    """Duplicate a condition for the two halves of classifier-free guidance (tensors, or dicts of tensors)."""
+    """Duplicate a condition for the two halves of classifier-free guidance (tensors, and dicts, lists, tuples and
+    dataclasses of them, as ``ConditioningAdapter.prepare`` may return)."""
     if isinstance(value, torch.Tensor):
         return torch.cat([value, value])
     if isinstance(value, dict):
         return {key: _batch_twice(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_batch_twice(item) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {field.name: _batch_twice(getattr(value, field.name)) for field in dataclasses.fields(value)}
+        return dataclasses.replace(value, **fields)
     return value
 
 
@@ -140,6 +147,15 @@ class Composition:
 
     def __init__(self, units: list[ControlUnit]) -> None:
         self.units = list(units)
+
+    def prepared(self) -> Composition:
+        """The same units with each condition through its adapter's ``prepare``: the step-independent work (e.g.
+        T2I-Adapter's features) done once for a whole sampling run instead of at every step."""
+        units = []
+        for unit in self.units:
+            prepare = getattr(unit.adapter, "prepare", None)  # plain callables (wrappers, tests) have nothing to do
+            units.append(dataclasses.replace(unit, condition=prepare(unit.condition)) if prepare else unit)
+        return Composition(units)
 
     def __call__(
         self,

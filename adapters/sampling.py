@@ -55,7 +55,8 @@ def sample_latents(
         encoder_hidden_states: (B, L, D) text embeddings of the prompts.
         latents_shape: (B, C, h, w) of the result.
         adapter, condition: optional adapter and its condition (B, ...); with guidance the adapter sees both halves
-            of the batch, as in diffusers' pipelines. Shorthand for a composition of one balanced unit.
+            of the batch, as in diffusers' pipelines. Shorthand for a composition of one balanced unit that runs in
+            the adapter's ``sampling_window`` (all steps, or GLIGEN's scheduled-sampling fraction).
         composition: several units (adapters + conditions with scale, window, mode, region); not with ``adapter``.
         uncond_hidden_states: (B, L, D) embeddings of the negative/empty prompt; guidance needs them.
         guidance_scale: classifier-free guidance weight; <= 1 disables guidance.
@@ -74,7 +75,10 @@ def sample_latents(
     if adapter is not None:
         if composition is not None:
             raise ValueError("pass an adapter or a composition, not both")
-        composition = Composition([ControlUnit(adapter, condition)])
+        start, end = getattr(adapter, "sampling_window", (0.0, 1.0))
+        composition = Composition([ControlUnit(adapter, condition, start=start, end=end)])
+    if composition is not None:
+        composition = composition.prepared()  # once per run: adapters' step-independent work
     num_steps = len(scheduler.timesteps)
     for step_index, timestep in enumerate(scheduler.timesteps):
         model_input = torch.cat([latents, latents]) if do_guidance else latents

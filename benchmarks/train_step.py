@@ -16,7 +16,7 @@ from adapters import ControlNetAdapter
 from conditions import CannyExtractor
 from lightning_modules.backbone import build_tiny_backbone
 from lightning_modules.data import ShapesDataModule
-from lightning_modules.system import AdapterTrainingSystem
+from lightning_modules.system import AdapterTrainingSystem, ConditionDropout
 
 
 def median_seconds(function, repeats: int, warmup: int = 3) -> float:
@@ -44,7 +44,7 @@ def main() -> None:
     batch = ShapesDataModule(CannyExtractor(), val_size=args.batch_size).fixed_batch(args.batch_size)
 
     def train_step() -> None:
-        loss = system.compute_loss(batch, prompt_dropout=0.5)
+        loss = system.compute_loss(batch, dropout=ConditionDropout(text=0.5))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

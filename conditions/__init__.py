@@ -4,7 +4,14 @@ Pure numpy / OpenCV / torch: nothing here imports lightning, hydra or wandb, nor
 """
 
 from conditions.base import ConditionExtractor, to_uint8_hwc
-from conditions.boxes import AnnotationError, GroundingRecord, read_grounding, shapes_grounding
+from conditions.boxes import (
+    AnnotationError,
+    GroundingRecord,
+    ShapesBoxesExtractor,
+    pad_grounding,
+    read_grounding,
+    shapes_grounding,
+)
 from conditions.canny import CannyExtractor
 from conditions.depth import DepthExtractor
 from conditions.hed import HEDExtractor
@@ -24,6 +31,7 @@ EXTRACTORS: dict[str, type[ConditionExtractor]] = {
     SegExtractor.name: SegExtractor,
     PoseExtractor.name: PoseExtractor,
     ShapesTruthExtractor.name: ShapesTruthExtractor,
+    ShapesBoxesExtractor.name: ShapesBoxesExtractor,
 }
 
 __all__ = [
@@ -33,6 +41,8 @@ __all__ = [
     "GroundingRecord",
     "PoseExtractor",
     "SegExtractor",
+    "ShapesBoxesExtractor",
+    "pad_grounding",
     "read_grounding",
     "shapes_grounding",
     "CannyExtractor",

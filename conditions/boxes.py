@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from conditions.base import ConditionExtractor
 from conditions.shapes import ShapeScene
 
 
@@ -82,3 +84,43 @@ def read_grounding(path: str | Path) -> dict[str, GroundingRecord]:
         }
     except (ValueError, KeyError, TypeError) as error:
         raise AnnotationError(f"{path}: not a COCO detection file ({type(error).__name__}: {error})") from error
+
+
+def pad_grounding(record: GroundingRecord, max_boxes: int) -> dict:
+    """A record as fixed-size slots: ``boxes`` (max_boxes, 4) float32, ``masks`` (max_boxes,) float32 (1 for a box,
+    0 for an empty slot) and ``phrases`` (max_boxes strings, "" for empty slots)."""
+    count = len(record.phrases)
+    if count > max_boxes:
+        raise ValueError(f"{count} boxes in a grounding record; at most max_boxes={max_boxes}")
+    boxes = torch.zeros(max_boxes, 4)
+    boxes[:count] = torch.from_numpy(record.boxes)
+    masks = torch.zeros(max_boxes)
+    masks[:count] = 1.0
+    return {"boxes": boxes, "masks": masks, "phrases": list(record.phrases) + [""] * (max_boxes - count)}
+
+
+class ShapesBoxesExtractor(ConditionExtractor):
+    """Exact grounding of a ``shapes`` scene: each object's box and phrase ("red circle"), padded to ``max_boxes``
+    slots (``pad_grounding``). Reads the drawn scene, so it works with ``data=shapes`` only.
+
+    Args:
+        max_boxes: slots per image (GLIGEN takes up to 30).
+    """
+
+    name = "boxes"
+    kind = "grounding"
+    channels = 0
+    reads_scene = True  # the shapes dataset calls from_scene() instead of __call__(image)
+
+    def __init__(self, max_boxes: int = 30) -> None:
+        if max_boxes < 1:
+            raise ValueError(f"max_boxes must be >= 1, got {max_boxes}")
+        self.max_boxes = max_boxes
+
+    def extract(self, image: np.ndarray) -> np.ndarray:
+        raise TypeError(
+            "the boxes condition reads the boxes of the drawn shapes scene, not pixels: use it with data=shapes"
+        )
+
+    def from_scene(self, scene: ShapeScene) -> dict:
+        return pad_grounding(shapes_grounding(scene), self.max_boxes)

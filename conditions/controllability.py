@@ -26,7 +26,7 @@ import numpy as np
 
 from conditions.base import ConditionExtractor
 from conditions.map_metrics import aligned_rmse, box_iou, edge_f1, map_ssim, palette_labels, segmentation_miou
-from conditions.metrics import colour_mask, largest_component, mask_iou, score_shapes_image
+from conditions.metrics import colour_mask, largest_component, mask_iou, named_box_ious, score_shapes_image
 from conditions.shapes import ShapeScene
 
 
@@ -117,19 +117,11 @@ def mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
 def scene_scores(image: np.ndarray, scene: ShapeScene) -> dict[str, float]:
     """Scores of a generated HxWx3 uint8 image against the exact ``shapes`` scene its caption describes."""
     named = np.zeros(image.shape[:2], dtype=bool)
-    correct, box_ious = True, []
-    height, width = image.shape[:2]
+    correct = True
     for obj in scene.objects:
-        object_mask = colour_mask(image, obj.colour)
-        named |= object_mask
+        named |= colour_mask(image, obj.colour)
         correct &= score_shapes_image(image, obj.colour, obj.shape, scene.background).caption_correct
-        region = largest_component(object_mask)
-        if region.any():
-            ys, xs = np.nonzero(region)
-            box = (xs.min() / width, ys.min() / height, (xs.max() + 1) / width, (ys.max() + 1) / height)
-            box_ious.append(box_iou(np.array(box), np.array(obj.box)))
-        else:
-            box_ious.append(0.0)
+    box_ious = named_box_ious(image, [(obj.colour, obj.box) for obj in scene.objects])
     return {
         "mask_iou": mask_iou(named, scene.foreground_mask),
         "box_iou": float(np.mean(box_ious)),

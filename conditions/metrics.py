@@ -94,3 +94,55 @@ def score_shapes_image(
     shape_ok = colour_ok and classify_shape(largest_component(object_mask)) == shape
     iou = None if target_mask is None else mask_iou(object_mask, target_mask)
     return ShapesScore(colour_correct=colour_ok, shape_correct=bool(shape_ok), mask_iou=iou)
+
+
+def mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
+    """Normalised xyxy bounding box of a HxW bool mask (pixel edges, as ``shapes`` boxes are); None if empty."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    height, width = mask.shape
+    return (xs.min() / width, ys.min() / height, (xs.max() + 1) / width, (ys.max() + 1) / height)
+
+
+def box_iou(a: tuple[float, ...] | None, b: tuple[float, ...] | None) -> float:
+    """Intersection over union of two xyxy boxes; 0.0 when either is missing."""
+    if a is None or b is None:
+        return 0.0
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    intersection = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - intersection
+    return float(intersection / union) if union > 0 else 0.0
+
+
+def largest_components(mask: np.ndarray, count: int) -> list[np.ndarray]:
+    """The ``count`` largest 8-connected regions of ``mask``, largest first (fewer if it has fewer)."""
+    total, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    order = 1 + np.argsort(-stats[1:, cv2.CC_STAT_AREA], kind="stable")
+    return [labels == label for label in order[:count]]
+
+
+def named_box_ious(image: np.ndarray, objects: list[tuple[str, tuple[float, float, float, float]]]) -> list[float]:
+    """Box IoU of each named object in a generated HxWx3 uint8 image, a colour "detector": the pixels nearest the
+    object's colour, the bounding box of their largest region, IoU with the object's ground-truth box.
+
+    Args:
+        objects: (colour name, normalised xyxy box) per object, e.g. ``[(o.colour, o.box) for o in scene.objects]``.
+    Returns one IoU per object, in order. When k objects share a colour, the k largest regions of that colour are
+    matched to them greedily by IoU (as detections are matched to ground truth in detection AP).
+    """
+    labels = nearest_colour_index(image)
+    ious = [0.0] * len(objects)
+    for colour in dict.fromkeys(colour for colour, _ in objects):
+        members = [index for index, (name, _) in enumerate(objects) if name == colour]
+        regions = largest_components(labels == _PALETTE_NAMES.index(colour), len(members))
+        detected = [mask_box(region) for region in regions]
+        pairs = [(box_iou(found, objects[i][1]), i, slot) for i in members for slot, found in enumerate(detected)]
+        used_objects, used_slots = set(), set()
+        for iou, index, slot in sorted(pairs, reverse=True):
+            if index not in used_objects and slot not in used_slots:
+                ious[index] = iou
+                used_objects.add(index)
+                used_slots.add(slot)
+    return ious

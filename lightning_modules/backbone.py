@@ -104,6 +104,19 @@ class Backbone(nn.Module):
         input_ids = tokens.input_ids.to(self.text_encoder.device)
         return self.text_encoder(input_ids)[0]
 
+    @torch.no_grad()
+    def encode_phrases(self, phrases: list[str]) -> torch.Tensor:
+        """Phrases -> pooled embeddings (N, D): the final-layer EOS token of the frozen text encoder, "before
+        projection", which GLIGEN uses as a box's phrase feature."""
+        tokens = self.tokenizer(
+            list(phrases),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return self.text_encoder(tokens.input_ids.to(self.text_encoder.device))[1]
+
     def save_single_file(self, path: str | Path) -> None:
         """Write one .safetensors in the original SD layout (``model.diffusion_model.*``, ``first_stage_model.*``,
         ``cond_stage_model.transformer.*``), the form A1111/ComfyUI and ``from_single_file`` read."""

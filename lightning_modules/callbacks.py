@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
+from PIL import Image, ImageDraw
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torchvision.utils import make_grid, save_image
 
@@ -19,13 +21,51 @@ def generate_in_eval_mode(pl_module: pl.LightningModule, batch: dict, sampling: 
     was_training = pl_module.training
     pl_module.eval()
     try:
-        return pl_module.generate(batch["condition"], list(batch["prompt"]), use_adapter=use_adapter, **sampling)
+        return pl_module.generate(
+            batch["condition"],
+            list(batch["prompt"]),
+            image_size=tuple(batch["pixel_values"].shape[-2:]),
+            use_adapter=use_adapter,
+            **sampling,
+        )
     finally:
         pl_module.train(was_training)
 
 
+BOX_COLOUR = (255, 0, 255)  # magenta: in no shapes palette, so boxes stay visible on any scene
+
+
+def draw_boxes(images: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Outline each image's boxes (normalised xyxy, (B, N, 4); slots with mask 0 skipped) on images (B, 3, H, W)
+    in [0, 1]; returns new images."""
+    drawn = []
+    for image, image_boxes, image_masks in zip(images, boxes.cpu(), masks.cpu()):
+        array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+        canvas = Image.fromarray(np.ascontiguousarray(array))
+        draw = ImageDraw.Draw(canvas)
+        height, width = array.shape[:2]
+        for (x0, y0, x1, y1), present in zip(image_boxes.tolist(), image_masks.tolist()):
+            if present > 0:
+                draw.rectangle([x0 * width, y0 * height, x1 * width - 1, y1 * height - 1], outline=BOX_COLOUR)
+        drawn.append(torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255)
+    return torch.stack(drawn)
+
+
+def grid_columns(condition, samples: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor]:
+    """The grid's columns, each (B, 3, H, W) in [0, 1]: a map condition | sample | target, or, for grounding
+    conditions, the boxes on grey | sample with the boxes | target with the boxes."""
+    if isinstance(condition, torch.Tensor):
+        if condition.shape[1] == 1:
+            condition = condition.expand(-1, 3, -1, -1)
+        return [condition[:, :3].float(), samples, target]
+    boxes, masks = condition["boxes"], condition["masks"]
+    canvas = torch.full_like(samples, 0.5)
+    return [draw_boxes(canvas, boxes, masks), draw_boxes(samples, boxes, masks), draw_boxes(target, boxes, masks)]
+
+
 class SampleGridCallback(pl.Callback):
-    """Samples the first validation items with a fixed seed and saves a grid: condition | sample | target per row.
+    """Samples the first validation items with a fixed seed and saves a grid: condition | sample | target per row
+    (grounding conditions: boxes | sample with boxes | target with boxes).
 
     Runs before the first step (the "before" picture), every ``every_n_steps`` optimizer steps, and at the end of
     training. Each grid is written to ``output_dir/step_XXXXXX.png`` and sent to loggers that show images (W&B).
@@ -79,17 +119,17 @@ class SampleGridCallback(pl.Callback):
             return
         batch = trainer.datamodule.fixed_batch(self.num_samples)
         samples = generate_in_eval_mode(pl_module, batch, self.sampling).cpu()
-        condition = batch["condition"]
-        if condition.shape[1] == 1:
-            condition = condition.expand(-1, 3, -1, -1)
         target = (batch["pixel_values"] / 2 + 0.5).clamp(0, 1)
-        rows = torch.stack([condition[:, :3], samples, target], dim=1).flatten(0, 1)  # row-major: cond, sample, target
+        columns = grid_columns(batch["condition"], samples, target)
+        rows = torch.stack(columns, dim=1).flatten(0, 1)  # row-major: cond, sample, target
         grid = make_grid(rows, nrow=3, padding=2, pad_value=1.0)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         path = self.output_dir / f"step_{step:06d}.png"
         save_image(grid, path)
         self.last_step, self.last_path = step, path
         caption = f"step {step}: condition | sample | target"
+        if not isinstance(batch["condition"], torch.Tensor):
+            caption += " (boxes drawn in magenta)"
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):  # WandbLogger
                 logger.log_image(key="val/samples", images=[grid], step=step, caption=[caption])

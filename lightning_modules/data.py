@@ -11,11 +11,27 @@ from conditions.base import ConditionExtractor
 from conditions.shapes import ShapeScene, render_scene
 
 
+def collate(items: list[dict]) -> dict:
+    """``default_collate``, except that grounding phrases stay one list of strings per item (B lists of N slots);
+    default_collate would transpose them into N tuples of B."""
+    condition = items[0].get("condition")
+    if not (isinstance(condition, dict) and "phrases" in condition):
+        return default_collate(items)
+    phrases = [list(item["condition"]["phrases"]) for item in items]
+    stripped = [
+        {**item, "condition": {k: v for k, v in item["condition"].items() if k != "phrases"}} for item in items
+    ]
+    batch = default_collate(stripped)
+    batch["condition"]["phrases"] = phrases
+    return batch
+
+
 class ShapesDataset(Dataset):
     """Item ``i`` is the scene drawn from ``numpy.random.default_rng([seed, i])``: the same on every worker and run.
 
     Items:
-        pixel_values: (3, S, S) float in [-1, 1]; condition: (C, S, S) float in [0, 1] from ``extractor``;
+        pixel_values: (3, S, S) float in [-1, 1]; condition: (C, S, S) float in [0, 1] from ``extractor``, or a
+        grounding dict (boxes, masks, phrases; ``conditions.boxes.pad_grounding``) from a grounding extractor;
         prompt: caption str; mask: (S, S) bool foreground ground truth; box: (4,) normalised xyxy of the first object;
         index: the item's index (the key of the training system's latent cache).
     """
@@ -78,15 +94,18 @@ class ConditionedDataModule(pl.LightningDataModule):
             drop_last=len(self.train_dataset) >= self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            collate_fn=collate,
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_dataset, batch_size=self.batch_size, num_workers=self.num_workers)
+        return DataLoader(
+            self.val_dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate
+        )
 
     def fixed_batch(self, count: int) -> dict:
         """The first ``count`` validation items as one batch (what the sample grid shows)."""
         count = min(count, len(self.val_dataset))
-        return default_collate([self.val_dataset[index] for index in range(count)])
+        return collate([self.val_dataset[index] for index in range(count)])
 
 
 class ShapesDataModule(ConditionedDataModule):

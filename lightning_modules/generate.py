@@ -8,6 +8,7 @@ image as PNG, a grid (conditions | result, one row per prompt) and the compositi
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from PIL import Image
 from adapters import make_scheduler, sample_latents
 from adapters.composition import Composition, ControlUnit
 from adapters.controlnet_formats import FORMATS, load_controlnet
+from adapters.gligen import WEIGHTS_NAME as GLIGEN_WEIGHTS
+from adapters.t2i_adapter import T2IAdapterAdapter
 from conditions import read_image
 from conditions.resize import fit_map
 from lightning_modules.backbone import Backbone
@@ -35,6 +38,12 @@ UNIT_FIELDS = ("adapter", "condition_image", "source_image", "extractor", "scale
 
 def load_adapter(path: str | Path, backbone: Backbone):
     """Adapter weights of any supported family and format -> (adapter, description of the format found)."""
+    folder = Path(path)
+    if (folder / GLIGEN_WEIGHTS).is_file():
+        raise CtrlkitError(f"{folder} is a GLIGEN adapter; ctrlkit generate takes image-conditioned units only so far")
+    config_file = folder / "config.json"
+    if config_file.is_file() and json.loads(config_file.read_text()).get("_class_name") == "T2IAdapter":
+        return T2IAdapterAdapter.from_pretrained(folder), "T2I-Adapter, diffusers folder"
     adapter, found = load_controlnet(path, backbone.unet)
     return adapter, f"ControlNet, {FORMATS[found]}"
 

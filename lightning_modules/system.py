@@ -6,6 +6,8 @@ The step reads like diffusers' ``examples/controlnet/train_controlnet.py``: enco
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -19,6 +21,39 @@ from lightning_modules.errors import CtrlkitError
 TIMESTEP_SAMPLINGS = ("uniform", "cubic")
 
 
+@dataclass(frozen=True)
+class ConditionDropout:
+    """Condition dropout for classifier-free guidance, one recipe for every adapter: each training item drops its
+    text (caption -> ""), its condition (the adapter's null condition, ``ConditioningAdapter.drop_condition``), or
+    both, with these probabilities (exclusive events, so their sum is at most 1).
+
+    ControlNet paper: text 0.5. GLIGEN: condition 0.1 (null grounding). CoAdapter: text 0.5 plus subsets.
+    """
+
+    text: float = 0.0
+    condition: float = 0.0
+    both: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("text", "condition", "both"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise CtrlkitError(f"system.condition_dropout.{name}={value} must be in [0, 1]")
+        if self.text + self.condition + self.both > 1.0 + 1e-9:
+            raise CtrlkitError(
+                f"system.condition_dropout: text + condition + both = {self.text + self.condition + self.both} "
+                "must be at most 1 (the three are exclusive)"
+            )
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(drop_text, drop_condition), each (B,) bool."""
+        u = torch.rand(batch_size, generator=generator)
+        both = u < self.both
+        text_only = (u >= self.both) & (u < self.both + self.text)
+        condition_only = (u >= self.both + self.text) & (u < self.both + self.text + self.condition)
+        return both | text_only, both | condition_only
+
+
 class AdapterTrainingSystem(pl.LightningModule):
     """Trains ``adapter`` on the frozen ``backbone``.
 
@@ -28,8 +63,9 @@ class AdapterTrainingSystem(pl.LightningModule):
         learning_rate: AdamW learning rate of the adapter (``adapter.learning_rate`` in the config).
         weight_decay, adam_betas: AdamW settings.
         lr_warmup_steps: linear warm-up from 0, then constant.
-        prompt_dropout: probability of replacing a caption by "" (ControlNet paper: 0.5), so classifier-free
-            guidance works with the adapter.
+        condition_dropout: ``{text, condition, both}`` probabilities (``ConditionDropout``), so classifier-free
+            guidance works with the adapter; the adapter config sets its method's recipe.
+        prompt_dropout: if set, overrides ``condition_dropout.text`` (the setting's earlier name).
         timestep_sampling: "uniform", or "cubic" (t = (1 - u^3) T, T2I-Adapter's bias towards early, noisy steps).
         cache_latents: keep each training item's VAE posterior (mean, std) after its first encoding, keyed by the
             batch's ``index``, and sample from it later (the frozen VAE gives the same posterior every epoch).
@@ -46,7 +82,8 @@ class AdapterTrainingSystem(pl.LightningModule):
         weight_decay: float = 1e-2,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         lr_warmup_steps: int = 0,
-        prompt_dropout: float = 0.5,
+        condition_dropout: dict | ConditionDropout | None = None,
+        prompt_dropout: float | None = None,
         timestep_sampling: str = "uniform",
         cache_latents: bool = False,
         cache_text_embeddings: bool = True,
@@ -57,8 +94,18 @@ class AdapterTrainingSystem(pl.LightningModule):
             raise CtrlkitError(
                 f"system.timestep_sampling='{timestep_sampling}'; choose one of: {', '.join(TIMESTEP_SAMPLINGS)}"
             )
-        if not 0.0 <= prompt_dropout <= 1.0:
-            raise CtrlkitError(f"system.prompt_dropout={prompt_dropout} must be in [0, 1]")
+        dropout = condition_dropout if condition_dropout is not None else {"text": 0.5}
+        dropout = dict(vars(dropout)) if isinstance(dropout, ConditionDropout) else dict(dropout)
+        if prompt_dropout is not None:
+            if not 0.0 <= prompt_dropout <= 1.0:
+                raise CtrlkitError(f"system.prompt_dropout={prompt_dropout} must be in [0, 1]")
+            dropout["text"] = prompt_dropout
+        unknown = set(dropout) - {"text", "condition", "both"}
+        if unknown:
+            raise CtrlkitError(
+                f"system.condition_dropout has unknown keys {sorted(unknown)}; use text, condition, both"
+            )
+        self.condition_dropout = ConditionDropout(**dropout)
         # The modules are not hyperparameters: keeping them out of hparams keeps them out of the checkpoint pickle.
         self.save_hyperparameters(ignore=["backbone", "adapter"])
         self.backbone = backbone
@@ -67,6 +114,7 @@ class AdapterTrainingSystem(pl.LightningModule):
         self.strict_loading = False
         self._latent_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._text_cache: dict[str, torch.Tensor] = {}
+        self._phrase_cache: dict[str, torch.Tensor] = {}
 
     def on_fit_start(self) -> None:
         # The frozen backbone is in eval mode on purpose; Lightning warns about any eval-mode module.
@@ -119,14 +167,36 @@ class AdapterTrainingSystem(pl.LightningModule):
                 self._text_cache[prompt] = embedding
         return torch.stack([self._text_cache[prompt] for prompt in prompts]).to(self.device)
 
+    def phrase_embeddings(self, phrases: list[list[str]]) -> torch.Tensor:
+        """B lists of N phrases -> pooled text-encoder embeddings (B, N, D), cached per phrase."""
+        new = sorted({phrase for row in phrases for phrase in row} - self._phrase_cache.keys())
+        if new:
+            for phrase, embedding in zip(new, self.backbone.encode_phrases(new)):
+                self._phrase_cache[phrase] = embedding
+        return torch.stack([torch.stack([self._phrase_cache[p] for p in row]) for row in phrases]).to(self.device)
+
+    def prepare_condition(self, condition: Any) -> Any:
+        """A batch's condition -> what adapters take, on this device. One rule per condition form, never per
+        adapter: a map (B, C, H, W) is moved; a grounding dict has its ``phrases`` (B lists of N strings) encoded
+        by the frozen text encoder into ``phrase_embeddings`` (B, N, D), its tensors moved."""
+        if isinstance(condition, torch.Tensor):
+            return condition.to(self.device)
+        if isinstance(condition, dict):
+            prepared = {k: v.to(self.device) for k, v in condition.items() if isinstance(v, torch.Tensor)}
+            if "phrases" in condition:
+                prepared["phrase_embeddings"] = self.phrase_embeddings(condition["phrases"])
+            return prepared
+        raise CtrlkitError(f"a batch condition must be a tensor or a grounding dict, got {type(condition).__name__}")
+
     def compute_loss(
         self,
         batch: dict,
-        prompt_dropout: float = 0.0,
+        dropout: ConditionDropout | None = None,
         generator: torch.Generator | None = None,
         use_latent_cache: bool = False,
     ):
-        """MSE between the UNet's prediction (with the adapter's kwargs) and the scheduler's target."""
+        """MSE between the UNet's prediction (with the adapter's kwargs) and the scheduler's target; ``dropout``
+        drops texts and conditions of some items (training only)."""
         if use_latent_cache:
             latents = self.training_latents(batch, generator=generator)
         else:
@@ -135,12 +205,15 @@ class AdapterTrainingSystem(pl.LightningModule):
         timesteps = self.sample_timesteps(latents.shape[0], generator)
         noisy_latents = self.backbone.noise_scheduler.add_noise(latents, noise, timesteps)
         prompts = list(batch["prompt"])
-        if prompt_dropout > 0:
-            dropped = torch.rand(len(prompts), generator=generator) < prompt_dropout
-            prompts = ["" if drop else prompt for prompt, drop in zip(prompts, dropped.tolist())]
+        condition = self.prepare_condition(batch["condition"])
+        if dropout is not None:
+            drop_text, drop_condition = dropout.sample(len(prompts), generator)
+            prompts = ["" if drop else prompt for prompt, drop in zip(prompts, drop_text.tolist())]
+            if drop_condition.any():
+                condition = self.adapter.drop_condition(condition, drop_condition.to(self.device))
         encoder_hidden_states = self.text_embeddings(prompts)
         unet_kwargs = self.adapter(
-            batch["condition"],
+            condition,
             noisy_latents=noisy_latents,
             timesteps=timesteps,
             encoder_hidden_states=encoder_hidden_states,
@@ -158,7 +231,7 @@ class AdapterTrainingSystem(pl.LightningModule):
         return F.mse_loss(model_pred.float(), target.float())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.compute_loss(batch, prompt_dropout=self.hparams.prompt_dropout, use_latent_cache=True)
+        loss = self.compute_loss(batch, dropout=self.condition_dropout, use_latent_cache=True)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
         return loss
 
@@ -200,9 +273,10 @@ class AdapterTrainingSystem(pl.LightningModule):
     @torch.no_grad()
     def generate(
         self,
-        condition: torch.Tensor,
+        condition: Any,
         prompts: list[str],
         *,
+        image_size: tuple[int, int] | None = None,
         num_inference_steps: int = 20,
         guidance_scale: float = 5.0,
         scheduler: str = "unipc",
@@ -210,9 +284,14 @@ class AdapterTrainingSystem(pl.LightningModule):
         negative_prompt: str = "",
         use_adapter: bool = True,
     ) -> torch.Tensor:
-        """Sample images (B, 3, H, W) in [0, 1] for ``prompts`` under ``condition`` (B, C, H, W)."""
-        condition = condition.to(self.device)
-        height, width = condition.shape[-2:]
+        """Sample images (B, 3, H, W) in [0, 1] for ``prompts`` under ``condition``: a map (B, C, H, W), whose
+        size is the images' unless ``image_size`` says, or a grounding dict (``image_size`` required)."""
+        condition = self.prepare_condition(condition)
+        if image_size is None:
+            if not isinstance(condition, torch.Tensor):
+                raise CtrlkitError("generate() needs image_size for a condition that is not a map")
+            image_size = tuple(condition.shape[-2:])
+        height, width = image_size
         factor = self.backbone.vae_scale_factor
         latent_channels = self.backbone.unet.config.in_channels
         shape = (len(prompts), latent_channels, height // factor, width // factor)

@@ -33,6 +33,9 @@ REQUIRED = {
     "condition=seg": ["condition.extractor.model={segformer_dir}"],
     "data=fill50k": ["data.root={fill50k_root}"],
     "data=imagefolder": ["data.root={imagefolder_root}"],
+    # a grounding adapter and a grounding condition only come in pairs
+    "adapter=gligen": ["condition=boxes"],
+    "condition=boxes": ["adapter=gligen"],
 }
 
 
@@ -59,7 +62,12 @@ def test_every_option_composes_and_its_light_parts_instantiate(make_train_config
     check_train_config(cfg)
     extractor = instantiate(cfg.condition.extractor)
     datamodule = instantiate(cfg.data, extractor=extractor)
-    assert datamodule.fixed_batch(1)["condition"].shape[1] == cfg.condition.channels
+    condition = datamodule.fixed_batch(1)["condition"]
+    if cfg.condition.kind == "image":
+        assert condition.shape[1] == cfg.condition.channels
+    else:
+        assert condition["boxes"].shape == (1, cfg.adapter.build.max_objects, 4)
+        assert len(condition["phrases"][0]) == cfg.adapter.build.max_objects
     with open_dict(cfg):
         cfg.trainer.accelerator = "cpu"
     assert instantiate(cfg.trainer).max_steps == cfg.trainer.max_steps or cfg.trainer.get("fast_dev_run")
@@ -77,15 +85,21 @@ def test_unknown_option_names_the_group_and_the_choices():
     check_group_overrides(["adapter=controlnet", "experiment=null", "adapter.learning_rate=1e-5", "+foo=bar"])
 
 
-def test_incompatible_adapter_and_condition_fail_naming_both(make_train_config):
-    cfg = make_train_config()
-    with open_dict(cfg):
-        cfg.condition.kind = "grounding"
-        cfg.condition.name = "boxes"
+@pytest.mark.parametrize(
+    ("adapter", "condition", "accepts", "gives"),
+    [
+        ("controlnet", "boxes", "image", "grounding"),
+        ("t2i_adapter", "boxes", "image", "grounding"),
+        ("t2i_adapter_light", "boxes", "image", "grounding"),
+        ("gligen", "canny", "grounding", "image"),
+        ("gligen", "shapes_mask", "grounding", "image"),
+    ],
+)
+def test_incompatible_adapter_and_condition_fail_naming_both(make_train_config, adapter, condition, accepts, gives):
+    cfg = make_train_config(f"adapter={adapter}", f"condition={condition}")
     with pytest.raises(
         CtrlkitError,
-        match=r"adapter 'controlnet' takes image conditions but condition 'boxes' gives "
-        r"grounding conditions",
+        match=rf"adapter '{adapter}' takes {accepts} conditions but condition '{condition}' gives {gives} conditions",
     ):
         check_train_config(cfg)
 

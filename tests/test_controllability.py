@@ -29,7 +29,11 @@ def test_control_step_is_the_first_jump_over_the_base(tmp_path):
         output_file=str(tmp_path / "c.json"), every_n_steps=10, jump_threshold=0.25
     )
     ious = iter([0.1, 0.15, 0.3, 0.5, 0.9])  # base, then steps 0, 10, 20, 30
-    callback.evaluate = lambda module, dataset, use_adapter=True: {"mask_iou": next(ious), "caption_accuracy": 0.5}
+    callback.evaluate = lambda module, dataset, use_adapter=True: {
+        "mask_iou": next(ious),
+        "box_iou": 0.2,
+        "caption_accuracy": 0.5,
+    }
     logger = RecordingLogger()
     trainer = SimpleNamespace(
         global_step=0,
@@ -46,6 +50,7 @@ def test_control_step_is_the_first_jump_over_the_base(tmp_path):
     assert callback.control_step == 20  # 0.5 >= 0.1 + 0.25; 0.3 at step 10 is not
     assert [row[1]["val/mask_iou"] for row in logger.rows] == [0.15, 0.3, 0.5, 0.9]
     assert logger.rows[2][1]["val/control_step"] == 20
+    assert logger.rows[0][1]["val/box_iou"] == 0.2
     summary = json.loads((tmp_path / "c.json").read_text())
     assert summary["control_step"] == 20 and summary["final"]["mask_iou"] == 0.9
     assert summary["base_without_adapter"]["mask_iou"] == 0.1
@@ -121,3 +126,30 @@ def test_curve_and_control_step_reach_wandb_and_csv(make_train_config, monkeypat
     assert [(int(row["step"]), float(row["val/control_step"])) for row in rows if row.get("val/control_step")] == [
         (0, 0.0)
     ]
+
+
+def test_a_configured_jump_metric_decides_the_control_step(tmp_path):
+    """condition=boxes sets jump_metric=box_iou (conf/condition/boxes.yaml: metric)."""
+    callback = ControllabilityCallback(
+        output_file=str(tmp_path / "c.json"), jump_metric="box_iou", jump_threshold=0.25
+    )
+    boxes = iter([0.2, 0.3, 0.6])  # base, steps 0 and 10; mask IoU never moves
+    callback.evaluate = lambda module, dataset, use_adapter=True: {
+        "mask_iou": 0.1,
+        "box_iou": next(boxes),
+        "caption_accuracy": 0.5,
+    }
+    datamodule = SimpleNamespace(val_dataset=None)
+    trainer = SimpleNamespace(global_step=0, is_global_zero=True, loggers=[], datamodule=datamodule)
+    callback.on_train_start(trainer, None)
+    trainer.global_step = 10
+    callback.on_train_end(trainer, None)
+    assert callback.control_step == 10  # gains: step 0 (0.3-0.2)/0.8 = 0.125, step 10 (0.6-0.2)/0.8 = 0.5
+    assert json.loads((tmp_path / "c.json").read_text())["jump_metric"] == "box_iou"
+
+
+def test_an_unknown_jump_metric_is_named(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match=r"unknown jump_metric 'fid'; choose one of: canny_f1"):
+        ControllabilityCallback(output_file=str(tmp_path / "c.json"), jump_metric="fid")

@@ -3,7 +3,15 @@
 import numpy as np
 import pytest
 
-from conditions.metrics import classify_shape, colour_mask, mask_iou, score_shapes_image
+from conditions.metrics import (
+    box_iou,
+    classify_shape,
+    colour_mask,
+    mask_box,
+    mask_iou,
+    named_box_ious,
+    score_shapes_image,
+)
 from conditions.shapes import COLOURS, render_scene
 
 
@@ -54,3 +62,35 @@ def test_classify_shape_on_ideal_masks():
     assert classify_shape((abs(yy - 20) <= 12) & (abs(xx - 20) <= 12)) == "square"
     assert classify_shape((yy >= 5) & (yy <= 35) & (abs(xx - 20) <= (yy - 5) / 2)) == "triangle"
     assert classify_shape(np.zeros((40, 40), bool)) is None
+
+
+def test_box_iou_known_values():
+    assert box_iou((0, 0, 0.5, 0.5), (0, 0, 0.5, 0.5)) == 1.0
+    assert box_iou((0, 0, 0.5, 0.5), (0.25, 0, 0.75, 0.5)) == pytest.approx(1 / 3)
+    assert box_iou((0, 0, 0.2, 0.2), (0.5, 0.5, 1, 1)) == 0.0
+    assert box_iou(None, (0, 0, 1, 1)) == 0.0
+    mask = np.zeros((10, 20), dtype=bool)
+    mask[2:5, 4:10] = True
+    assert mask_box(mask) == (0.2, 0.2, 0.5, 0.5)
+    assert mask_box(np.zeros((4, 4), dtype=bool)) is None
+
+
+def test_named_box_ious_on_drawn_and_wrong_images():
+    scene = render_scene(np.random.default_rng(5), 64, num_objects=1)
+    obj = scene.objects[0]
+    assert named_box_ious(scene.image, [(obj.colour, obj.box)]) == [1.0]
+    # the object drawn elsewhere: low; not drawn at all: 0
+    shifted = np.roll(scene.image, 20, axis=1)
+    assert named_box_ious(shifted, [(obj.colour, obj.box)])[0] < 0.6
+    blank = np.full_like(scene.image, COLOURS[scene.background])
+    assert named_box_ious(blank, [(obj.colour, obj.box)]) == [0.0]
+
+
+def test_objects_of_one_colour_get_one_region_each():
+    image = np.zeros((40, 40, 3), dtype=np.uint8)
+    image[:] = COLOURS["white"]
+    image[2:10, 2:10] = COLOURS["red"]  # small
+    image[20:38, 20:38] = COLOURS["red"]  # large
+    small, large = (2 / 40, 2 / 40, 10 / 40, 10 / 40), (20 / 40, 20 / 40, 38 / 40, 38 / 40)
+    assert named_box_ious(image, [("red", small), ("red", large)]) == [1.0, 1.0]
+    assert named_box_ious(image, [("red", small)]) == [0.0]  # one object: judged by the largest region only

@@ -1,0 +1,224 @@
+"""GLIGEN (Li et al., 2023): grounding tokens (boxes + phrases) read by gated self-attention layers added to every
+transformer block of the frozen UNet.
+
+Built from diffusers' own parts, placed where diffusers' ``UNet2DConditionModel(attention_type="gated")`` has them:
+a ``GatedSelfAttentionDense`` as ``fuser`` of each ``BasicTransformerBlock`` (x + tanh(alpha) * SelfAttn(LN([x;
+objs])), then the same with a feed-forward; both alphas start at 0, so the UNet is unchanged at init) and the
+``GLIGENTextBoundingboxProjection`` as ``unet.position_net`` (Fourier-embedded boxes, 8 frequencies -> 64 dims,
+concatenated with phrase embeddings, an MLP to grounding tokens, learnable null embeddings for empty slots). The
+UNet therefore *is* a gated diffusers UNet: exported, it loads with ``UNet2DConditionModel.from_pretrained`` and
+takes the same ``cross_attention_kwargs={"gligen": {boxes, positive_embeddings, masks}}``.
+
+Sources: gligen/GLIGEN ``ldm/modules/attention.py`` (GatedSelfAttentionDense), ``text_grounding_net.py`` (PositionNet,
+max 30 objects); diffusers ``models/attention.py``, ``models/embeddings.py``, ``unet_2d_condition.py
+_set_pos_net_if_use_gligen``; scheduled sampling as diffusers' ``gligen_scheduled_sampling_beta``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention import BasicTransformerBlock, GatedSelfAttentionDense
+from diffusers.models.embeddings import GLIGENTextBoundingboxProjection
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from adapters.base import AdapterFormatError, ConditioningAdapter, UNetKwargs
+
+WEIGHTS_NAME = "gligen.safetensors"
+CONFIG_NAME = "gligen_config.json"
+UNET_FOLDER = "unet"
+MAX_OBJECTS = 30  # GLIGEN's limit (gligen_inference.py prepare_batch; diffusers' pipeline)
+
+
+def add_gated_attention(unet: UNet2DConditionModel) -> None:
+    """Give every transformer block of ``unet`` a gated self-attention ``fuser`` and the UNet a ``position_net``,
+    with diffusers' shapes for ``attention_type="gated"``; mark the config gated. New layers train, the rest stays
+    as it was."""
+    if unet.config.attention_type in ("gated", "gated-text-image"):
+        raise ValueError(f"this UNet already has GLIGEN layers (attention_type='{unet.config.attention_type}')")
+    cross_attention_dim = unet.config.cross_attention_dim
+    if not isinstance(cross_attention_dim, int):
+        raise ValueError(f"GLIGEN needs one cross_attention_dim for every block, got {cross_attention_dim}")
+    blocks = [module for module in unet.modules() if isinstance(module, BasicTransformerBlock)]
+    if not blocks:
+        raise ValueError("this UNet has no transformer blocks for GLIGEN's gated self-attention")
+    for block in blocks:
+        # the arguments BasicTransformerBlock passes when built with attention_type="gated"
+        block.fuser = GatedSelfAttentionDense(
+            block.dim, block.cross_attention_dim, block.num_attention_heads, block.attention_head_dim
+        )
+        block.fuser.requires_grad_(True)
+    # _set_pos_net_if_use_gligen: phrase embeddings as wide as the text encoder's, tokens as wide as its context
+    unet.position_net = GLIGENTextBoundingboxProjection(
+        positive_len=cross_attention_dim, out_dim=cross_attention_dim, feature_type="text-only"
+    )
+    unet.position_net.requires_grad_(True)
+    unet.register_to_config(attention_type="gated")
+
+
+def is_gligen_parameter(name: str) -> bool:
+    """Whether a UNet state-dict key belongs to GLIGEN's layers (what the original trains, ``main.py``)."""
+    return ".fuser." in name or name.startswith("position_net.")
+
+
+class GligenAdapter(ConditioningAdapter):
+    """GLIGEN under the adapter contract.
+
+    The condition is a dict batched over B images with N <= ``max_objects`` slots:
+    ``boxes`` (B, N, 4) normalised xyxy in [0, 1], ``phrase_embeddings`` (B, N, D) pooled text-encoder embeddings
+    of the phrases (D = the UNet's cross_attention_dim), ``masks`` (B, N) 1 for a real box, 0 for an empty slot.
+
+    Args:
+        unet: a UNet that ``add_gated_attention`` has modified (``from_unet`` does it); it is referenced, not owned,
+            so the adapter's state dict holds only GLIGEN's layers.
+        max_objects: most boxes per image.
+        scheduled_sampling_beta: fraction of denoising steps (the first ones) with grounding at inference; the rest
+            run the plain UNet (GLIGEN's scheduled sampling, diffusers' default 0.3).
+        export_unet: ``save_pretrained`` also writes the whole gated UNet as a diffusers folder.
+    """
+
+    accepts = "grounding"
+    zero_initialized = True
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        max_objects: int = MAX_OBJECTS,
+        scheduled_sampling_beta: float = 0.3,
+        export_unet: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < scheduled_sampling_beta <= 1.0:
+            raise ValueError(f"scheduled_sampling_beta must be in (0, 1], got {scheduled_sampling_beta}")
+        if not 1 <= max_objects <= MAX_OBJECTS:
+            raise ValueError(f"max_objects must be in [1, {MAX_OBJECTS}], got {max_objects}")
+        if getattr(unet, "position_net", None) is None:
+            raise ValueError("the UNet has no GLIGEN layers: build the adapter with GligenAdapter.from_unet(unet)")
+        self.fusers = nn.ModuleList(m.fuser for m in unet.modules() if isinstance(m, BasicTransformerBlock))
+        self.position_net = unet.position_net
+        self._unet = (unet,)  # a tuple keeps the frozen UNet out of this module's parameters and state dict
+        self.max_objects = max_objects
+        self.scheduled_sampling_beta = scheduled_sampling_beta
+        self.export_unet = export_unet
+
+    @classmethod
+    def from_unet(
+        cls,
+        unet: UNet2DConditionModel,
+        *,
+        vae_scale_factor: int = 8,
+        max_objects: int = MAX_OBJECTS,
+        scheduled_sampling_beta: float = 0.3,
+        export_unet: bool = True,
+    ) -> GligenAdapter:
+        """Add GLIGEN's layers to ``unet`` in place (gates at 0: its output is unchanged) and wrap them."""
+        add_gated_attention(unet)
+        return cls(unet, max_objects, scheduled_sampling_beta, export_unet)
+
+    @property
+    def unet(self) -> UNet2DConditionModel:
+        return self._unet[0]
+
+    @property
+    def sampling_window(self) -> tuple[float, float]:
+        return (0.0, self.scheduled_sampling_beta)
+
+    def gate_values(self) -> dict[str, float]:
+        """Mean tanh(alpha) of the attention and dense gates over all layers (0 at init)."""
+        with torch.no_grad():
+            return {
+                "attn": float(torch.stack([fuser.alpha_attn.tanh() for fuser in self.fusers]).mean()),
+                "dense": float(torch.stack([fuser.alpha_dense.tanh() for fuser in self.fusers]).mean()),
+            }
+
+    def check_condition(self, condition: dict) -> None:
+        if not isinstance(condition, dict) or not {"boxes", "phrase_embeddings", "masks"} <= set(condition):
+            raise ValueError(
+                "GLIGEN takes a grounding dict with boxes (B, N, 4), phrase_embeddings (B, N, D) and masks (B, N)"
+            )
+        boxes, embeddings, masks = condition["boxes"], condition["phrase_embeddings"], condition["masks"]
+        batch, slots = masks.shape
+        if boxes.shape != (batch, slots, 4) or embeddings.shape[:2] != (batch, slots):
+            raise ValueError(
+                f"grounding shapes disagree: boxes {tuple(boxes.shape)}, phrase_embeddings {tuple(embeddings.shape)}, "
+                f"masks {tuple(masks.shape)}"
+            )
+        if slots > self.max_objects:
+            raise ValueError(f"{slots} grounding slots; GLIGEN takes at most max_objects={self.max_objects}")
+        if embeddings.shape[-1] != self.position_net.positive_len:
+            raise ValueError(
+                f"phrase embeddings are {embeddings.shape[-1]}-dimensional; this UNet's GLIGEN takes "
+                f"{self.position_net.positive_len} (the text encoder's width)"
+            )
+
+    def forward(
+        self,
+        condition: dict,
+        *,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+    ) -> UNetKwargs:
+        """Grounding dict (class docstring) -> ``cross_attention_kwargs["gligen"]`` as diffusers' UNet reads it."""
+        self.check_condition(condition)
+        dtype = noisy_latents.dtype
+        gligen = {
+            "boxes": condition["boxes"].to(dtype),
+            "positive_embeddings": condition["phrase_embeddings"].to(dtype),
+            "masks": condition["masks"].to(dtype),
+        }
+        return {"cross_attention_kwargs": {"gligen": gligen}}
+
+    def drop_condition(self, condition: dict, dropped: torch.Tensor) -> dict:
+        """Null grounding for the dropped items: every slot empty, so only the learnt null tokens remain."""
+        keep = (~dropped).to(device=condition["masks"].device, dtype=condition["masks"].dtype)
+        return {**condition, "masks": condition["masks"] * keep[:, None]}
+
+    # ------------------------------------------------------------------ weights
+
+    def gligen_state_dict(self) -> dict[str, torch.Tensor]:
+        """GLIGEN's weights under the gated UNet's key names (``...fuser.*``, ``position_net.*``)."""
+        return {
+            name: tensor.detach().contiguous()
+            for name, tensor in self.unet.state_dict().items()
+            if is_gligen_parameter(name)
+        }
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``gligen.safetensors`` (GLIGEN's layers only, UNet key names) and ``gligen_config.json``; with
+        ``export_unet`` also ``unet/``, the whole gated UNet as a diffusers folder."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self.gligen_state_dict(), str(directory / WEIGHTS_NAME))
+        config = {"max_objects": self.max_objects, "scheduled_sampling_beta": self.scheduled_sampling_beta}
+        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        if self.export_unet:
+            self.unet.save_pretrained(directory / UNET_FOLDER, safe_serialization=True)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, unet: UNet2DConditionModel) -> GligenAdapter:
+        """GLIGEN layers saved by ``save_pretrained``, added to ``unet`` (a base UNet without GLIGEN layers)."""
+        directory = Path(directory)
+        weights_file, config_file = directory / WEIGHTS_NAME, directory / CONFIG_NAME
+        for path in (weights_file, config_file):
+            if not path.is_file():
+                raise AdapterFormatError(f"{directory} is not a ctrlkit GLIGEN folder: {path.name} not found")
+        config = json.loads(config_file.read_text())
+        adapter = cls.from_unet(unet, **config)
+        state = load_file(str(weights_file))
+        expected = set(adapter.gligen_state_dict())
+        if set(state) != expected:
+            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise AdapterFormatError(
+                f"{weights_file} does not fit this UNet: {len(missing)} missing keys (e.g. {missing[:2]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+            )
+        try:
+            unet.load_state_dict(state, strict=False)
+        except RuntimeError as error:
+            raise AdapterFormatError(f"{weights_file} does not fit this UNet: {str(error).splitlines()[0]}") from error
+        return adapter
