@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from conditions.base import ConditionExtractor
-from conditions.map_metrics import aligned_rmse, box_iou, edge_f1, map_ssim, palette_labels, segmentation_miou
+from conditions.map_metrics import aligned_rmse, edge_f1, map_ssim, palette_labels, segmentation_miou
 from conditions.metrics import colour_mask, largest_component, mask_iou, named_box_ious, score_shapes_image
 from conditions.shapes import ShapeScene
 
