@@ -24,8 +24,10 @@ from adapters import make_scheduler, sample_latents
 from adapters.composition import Composition, ControlUnit
 from adapters.controlnet_formats import FORMATS, load_controlnet
 from adapters.gligen import WEIGHTS_NAME as GLIGEN_WEIGHTS
+from adapters.gligen import GligenAdapter
 from adapters.t2i_adapter import T2IAdapterAdapter
 from conditions import read_image
+from conditions.boxes import GroundingRecord, pad_grounding
 from conditions.resize import fit_map
 from lightning_modules.backbone import Backbone
 from lightning_modules.config_checks import CONF_DIR, group_options
@@ -33,14 +35,27 @@ from lightning_modules.errors import CtrlkitError
 
 log = logging.getLogger(__name__)
 
-UNIT_FIELDS = ("adapter", "condition_image", "source_image", "extractor", "scale", "start", "end", "mode", "mask")
+UNIT_FIELDS = (
+    "adapter",
+    "condition_image",
+    "source_image",
+    "extractor",
+    "boxes",
+    "phrases",
+    "scale",
+    "start",
+    "end",
+    "mode",
+    "mask",
+)
 
 
 def load_adapter(path: str | Path, backbone: Backbone):
     """Adapter weights of any supported family and format -> (adapter, description of the format found)."""
     folder = Path(path)
     if (folder / GLIGEN_WEIGHTS).is_file():
-        raise CtrlkitError(f"{folder} is a GLIGEN adapter; ctrlkit generate takes image-conditioned units only so far")
+        # adds GLIGEN's gated layers to the backbone's UNet in place: build_units loads grounding units last
+        return GligenAdapter.from_pretrained(folder, backbone.unet), "GLIGEN, ctrlkit adapter folder"
     config_file = folder / "config.json"
     if config_file.is_file() and json.loads(config_file.read_text()).get("_class_name") == "T2IAdapter":
         return T2IAdapterAdapter.from_pretrained(folder), "T2I-Adapter, diffusers folder"
@@ -90,30 +105,60 @@ def read_mask(path: str, size: tuple[int, int]) -> torch.Tensor:
 
 def build_units(specs: list[dict], backbone: Backbone, size: tuple[int, int], batch: int) -> tuple[list, list]:
     """Unit specs (dicts of ``UNIT_FIELDS``) -> ControlUnits and the condition maps (for the grid)."""
-    units, maps = [], []
     for index, spec in enumerate(specs):
         unknown = set(spec) - set(UNIT_FIELDS)
         if unknown:
             raise CtrlkitError(f"unit {index}: unknown field(s) {sorted(unknown)}; allowed: {', '.join(UNIT_FIELDS)}")
         if not spec.get("adapter"):
             raise CtrlkitError(f"unit {index}: adapter=<folder or file of adapter weights> is required")
+    # Grounding units last: GLIGEN adds its layers to the shared UNet, which the other adapters are built from.
+    order = sorted(range(len(specs)), key=lambda index: "boxes" in specs[index])
+    built = {}
+    for index in order:
+        spec = specs[index]
         adapter, found = load_adapter(spec["adapter"], backbone)
         log.info("unit %d: %s read as %s", index, spec["adapter"], found)
-        condition = condition_map(spec, size)
-        units.append(
-            ControlUnit(
-                adapter.eval(),
-                to_condition_tensor(condition, adapter.condition_channels, batch),
-                scale=float(spec.get("scale", 1.0)),
-                start=float(spec.get("start", 0.0)),
-                end=float(spec.get("end", 1.0)),
-                mode=spec.get("mode", "balanced"),
-                mask=read_mask(spec["mask"], size) if spec.get("mask") else None,
-                name=f"{index}: {Path(spec['adapter']).name}",
-            )
+        if adapter.accepts == "grounding":
+            condition, drawn = grounding_condition(spec, adapter, backbone, size, batch)
+        else:
+            drawn = condition_map(spec, size)
+            condition = to_condition_tensor(drawn, adapter.condition_channels, batch)
+        start, end = adapter.sampling_window  # GLIGEN's scheduled sampling unless the unit says otherwise
+        unit = ControlUnit(
+            adapter.eval(),
+            condition,
+            scale=float(spec.get("scale", 1.0)),
+            start=float(spec.get("start", start)),
+            end=float(spec.get("end", end)),
+            mode=spec.get("mode", "balanced"),
+            mask=read_mask(spec["mask"], size) if spec.get("mask") else None,
+            name=f"{index}: {Path(spec['adapter']).name}",
         )
-        maps.append(condition if condition.ndim == 3 else condition[..., None])
-    return units, maps
+        built[index] = (unit, drawn if drawn.ndim == 3 else drawn[..., None])
+    return [built[index][0] for index in range(len(specs))], [built[index][1] for index in range(len(specs))]
+
+
+def grounding_condition(spec: dict, adapter, backbone: Backbone, size: tuple[int, int], batch: int):
+    """``boxes`` (normalised xyxy) + ``phrases`` -> GLIGEN's grounding dict for ``batch`` prompts, and a picture
+    of the boxes for the grid."""
+    if not spec.get("boxes") or not spec.get("phrases"):
+        raise CtrlkitError(f"unit {spec['adapter']}: a GLIGEN unit needs boxes=[[x0, y0, x1, y1], ...] and phrases")
+    try:
+        slots = pad_grounding(GroundingRecord(np.array(spec["boxes"]), list(spec["phrases"])), adapter.max_objects)
+    except ValueError as error:
+        raise CtrlkitError(f"unit {spec['adapter']}: {error}") from error
+    with torch.no_grad():
+        embeddings = backbone.encode_phrases(slots["phrases"])
+    condition = {
+        "boxes": slots["boxes"][None].expand(batch, -1, -1).contiguous(),
+        "phrase_embeddings": embeddings[None].expand(batch, -1, -1).contiguous(),
+        "masks": slots["masks"][None].expand(batch, -1).contiguous(),
+    }
+    drawn = np.zeros((*size, 3), dtype=np.uint8)
+    for x0, y0, x1, y1 in np.array(spec["boxes"], dtype=np.float32):
+        corners = (int(x0 * size[1]), int(y0 * size[0])), (int(x1 * size[1]) - 1, int(y1 * size[0]) - 1)
+        cv2.rectangle(drawn, *corners, (255, 0, 255), 1)
+    return condition, drawn
 
 
 def unit_specs(cfg: DictConfig) -> list[dict]:

@@ -145,3 +145,45 @@ def test_cli_prints_the_paths_and_a_one_line_error(tmp_path, saved_controlnet):
     )
     assert failed.returncode == 2
     assert failed.stderr.strip().splitlines()[-1].startswith("ctrlkit generate: error: /nowhere not found")
+
+
+@pytest.fixture(scope="module")
+def t2i_and_gligen(tmp_path_factory):
+    """A T2I-Adapter and a GLIGEN adapter for the shipped tiny model, with weights that make them matter."""
+    from adapters.gligen import GligenAdapter
+    from adapters.t2i_adapter import T2IAdapterAdapter
+
+    folder = tmp_path_factory.mktemp("adapters")
+    generator = torch.Generator().manual_seed(5)
+    t2i = T2IAdapterAdapter.from_unet(load_tiny_backbone().unet, vae_scale_factor=4)
+    with torch.no_grad():
+        for parameter in t2i.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    t2i.save_pretrained(folder / "t2i")
+    gligen = GligenAdapter.from_unet(load_tiny_backbone().unet, export_unet=False)
+    with torch.no_grad():
+        for fuser in gligen.fusers:  # open the gates, as training would
+            fuser.alpha_attn.fill_(1.0)
+            fuser.alpha_dense.fill_(1.0)
+    gligen.save_pretrained(folder / "gligen")
+    return folder
+
+
+def test_controlnet_t2i_and_gligen_compose_and_each_unit_matters(tmp_path, saved_controlnet, t2i_and_gligen):
+    edges = saved_controlnet / "edges.png"
+    units = {
+        "controlnet": f"{{adapter: {saved_controlnet / 'adapter'}, condition_image: {edges}}}",
+        "t2i": f"{{adapter: {t2i_and_gligen / 't2i'}, condition_image: {edges}, scale: 0.8}}",
+        "gligen": f"{{adapter: {t2i_and_gligen / 'gligen'}, boxes: [[0.1, 0.1, 0.6, 0.6]], phrases: [red circle]}}",
+    }
+
+    def generate(names: list[str], tag: str) -> np.ndarray:
+        cfg = compose_generate(tmp_path / tag, f"units=[{','.join(units[n] for n in names)}]", "num_inference_steps=4")
+        return np.asarray(Image.open(run_generate(cfg)[0])).astype(int)
+
+    everything = generate(["controlnet", "t2i", "gligen"], "all")
+    grid = np.asarray(Image.open(tmp_path / "all" / "grid.png"))
+    assert grid.shape == (64, 4 * 64, 3)  # canny | canny | boxes | result
+    for left_out in units:
+        rest = [name for name in units if name != left_out]
+        assert np.abs(generate(rest, f"without_{left_out}") - everything).max() > 0, left_out
