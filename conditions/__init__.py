@@ -7,6 +7,7 @@ from conditions.base import ConditionExtractor, to_uint8_hwc
 from conditions.boxes import AnnotationError, GroundingRecord, read_grounding, shapes_grounding
 from conditions.canny import CannyExtractor
 from conditions.depth import DepthExtractor
+from conditions.detected_boxes import DetectedBoxes, DetectedBoxesExtractor
 from conditions.hed import HEDExtractor
 from conditions.io import ImageDecodeError, read_image
 from conditions.pose import PoseExtractor
@@ -24,12 +25,15 @@ EXTRACTORS: dict[str, type[ConditionExtractor]] = {
     SegExtractor.name: SegExtractor,
     PoseExtractor.name: PoseExtractor,
     ShapesTruthExtractor.name: ShapesTruthExtractor,
+    DetectedBoxesExtractor.name: DetectedBoxesExtractor,
 }
 
 __all__ = [
     "EXTRACTORS",
     "AnnotationError",
     "DepthExtractor",
+    "DetectedBoxes",
+    "DetectedBoxesExtractor",
     "GroundingRecord",
     "PoseExtractor",
     "SegExtractor",
