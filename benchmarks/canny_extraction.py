@@ -1,6 +1,6 @@
 """Canny extraction throughput: ours against controlnet_aux's ``CannyDetector`` on 512x512 photographs.
 
-Run by hand:  python benchmarks/canny_extraction.py [--images 64] [--repeats 30] [--batch 16] [--workers 2]
+Run by hand:  python benchmarks/canny_extraction.py [--images 64] [--repeats 30] [--batch 16] [--workers 2] [--profile]
 
 Both produce the same 512x512x3 uint8 map (checked image by image before timing). Every comparison runs in this
 one process with its passes interleaved (a, b, a, b, ...) so load drift on a shared machine hits both sides alike;
@@ -84,6 +84,36 @@ def report(title: str, theirs_label: str, ours_label: str, count: int, seconds: 
     return ratio
 
 
+def profile(images: list[np.ndarray], repeats: int) -> None:
+    """Where one image's time goes, one thread, medians: both sides' cv2.Canny and what surrounds it."""
+    from controlnet_aux.util import HWC3, resize_image
+
+    selected = []
+    for image in images:  # our per-pixel channel choice, precomputed, to time cv2.Canny on it alone
+        _OURS._edges(image)
+        scratch = _OURS._scratch(*image.shape[:2])
+        selected.append((scratch["dx_rows"][0].copy(), scratch["dy_rows"][0].copy()))
+    stacked = _OURS._scratch(SIZE, SIZE)
+    edges = [cv2.Canny(x, y, 100, 200) for x, y in selected]
+    parts = {
+        "theirs: whole CannyDetector call": lambda: [reference(i) for i in images],
+        "theirs: cv2.Canny on the RGB image": lambda: [cv2.Canny(i, 100, 200) for i in images],
+        "theirs: HWC3 + 2 resize_image + map resize": lambda: [
+            cv2.resize(HWC3(resize_image(resize_image(HWC3(i), SIZE), SIZE)[:, :, 0]), (SIZE, SIZE)) for i in images
+        ],
+        "ours: whole process()": lambda: [ours(i) for i in images],
+        "ours: cv2.Canny(dx, dy) on the chosen gradients": lambda: [cv2.Canny(x, y, 100, 200) for x, y in selected],
+        "ours: spatialGradient of the 3 stacked planes": lambda: [
+            cv2.spatialGradient(*(stacked[k].reshape(-1, SIZE) for k in ("planes", "dx", "dy"))) for _ in images
+        ],
+        "ours: GRAY2RGB of the edge map": lambda: [cv2.cvtColor(e, cv2.COLOR_GRAY2RGB) for e in edges],
+    }
+    seconds = interleaved(list(parts.values()), repeats)
+    print("profile, 1 thread, ms per image (median):")
+    for name, times in zip(parts, seconds):
+        print(f"   {name:50s} {1000 * statistics.median(times) / len(images):6.3f}")
+
+
 # Pool workers make the images themselves (same seed) and keep the maps, as ctrlkit extract's workers read and
 # write files: only indices and a checksum cross the pipe, not 768 KiB arrays each way.
 _IMAGES: list[np.ndarray] = []
@@ -109,6 +139,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30, help="rounds; figures are medians over them")
     parser.add_argument("--batch", type=int, default=16, help="images per process_batch call in comparison 2")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="only print where one image's time goes")
     args = parser.parse_args()
     torch.set_num_threads(1)
     default_threads = cv2.getNumThreads()
@@ -124,6 +155,9 @@ def main() -> None:
     ratios = {}
 
     cv2.setNumThreads(1)
+    if args.profile:
+        profile(images, args.repeats)
+        return
     seconds = interleaved([lambda: [reference(i) for i in images], lambda: [ours(i) for i in images]], args.repeats)
     ratios["1 thread"] = report(
         "1. one thread each (cv2.setNumThreads(1))",

@@ -127,7 +127,9 @@ class DetectedBoxesExtractor(ConditionExtractor):
         """HxWx3 uint8 RGB images (sizes may differ: the processor brings each to the model's size) -> records."""
         if not images:
             return []
-        inputs = self.processor(text=[self.phrases] * len(images), images=list(images), return_tensors="pt")
+        # the processor hands the arrays to torch, which warns on read-only ones (decoded files can be)
+        images = [image if image.flags.writeable else image.copy() for image in images]
+        inputs = self.processor(text=[self.phrases] * len(images), images=images, return_tensors="pt")
         outputs = self.network(**inputs.to(self.device))
         # (B, boxes): each box's best phrase by logit, then its sigmoid score (transformers' order: a sigmoid first
         # would tie saturated logits and pick another phrase)
