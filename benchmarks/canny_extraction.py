@@ -12,8 +12,9 @@ ratio meets 3x. torch runs one thread throughout. The comparisons, like with lik
   2. one process, all cores, as a user calls each: theirs per image with OpenCV's default thread count (OpenCV
      parallelises inside ``cv2.Canny``), ours ``CannyExtractor(threads=<cores>).process_batch(batch)`` (a batch
      spread over a thread pool; OpenCV and numpy release the GIL);
-  3. a pool of ``--workers`` processes of one thread each (the pool ``ctrlkit extract`` uses) running each
-     extractor; the workers hold the images and keep the maps, as extract's workers read and write files.
+  3. a pool of ``--workers`` processes set up as ``ctrlkit extract``'s workers are (one thread, freed memory kept
+     for reuse) running each extractor; the workers hold the images and keep the maps, as extract's workers read
+     and write files.
 """
 
 import argparse
@@ -28,7 +29,7 @@ import torch
 from skimage import data
 
 from conditions import CannyExtractor
-from lightning_modules.extract import _pool_context
+from lightning_modules.extract import _pool_context, setup_worker_process
 
 SIZE = 512
 TARGET = 3.0
@@ -120,8 +121,7 @@ _IMAGES: list[np.ndarray] = []
 
 
 def _init_pool_worker(count: int) -> None:
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
+    setup_worker_process()  # what ctrlkit extract's workers do, for both extractors
     _IMAGES.extend(photographs(count))
 
 
