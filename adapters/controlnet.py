@@ -100,6 +100,11 @@ class ControlNetAdapter(ConditioningAdapter):
             decoder.requires_grad_(True)
         return cls(controlnet, only_mid_control, decoder, decoder_learning_rate)
 
+    @property
+    def condition_channels(self) -> int:
+        """Channels of the condition map this adapter takes."""
+        return self.controlnet.config.conditioning_channels
+
     def forward(
         self,
         condition: torch.Tensor,

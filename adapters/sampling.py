@@ -17,6 +17,7 @@ from diffusers import (
 from diffusers.configuration_utils import FrozenDict
 
 from adapters.base import ConditioningAdapter
+from adapters.composition import Composition, ControlUnit
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -42,6 +43,7 @@ def sample_latents(
     *,
     adapter: ConditioningAdapter | None = None,
     condition: torch.Tensor | None = None,
+    composition: Composition | None = None,
     uncond_hidden_states: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
     num_inference_steps: int = 20,
@@ -53,7 +55,8 @@ def sample_latents(
         encoder_hidden_states: (B, L, D) text embeddings of the prompts.
         latents_shape: (B, C, h, w) of the result.
         adapter, condition: optional adapter and its condition (B, ...); with guidance the adapter sees both halves
-            of the batch, as in diffusers' pipelines.
+            of the batch, as in diffusers' pipelines. Shorthand for a composition of one balanced unit.
+        composition: several units (adapters + conditions with scale, window, mode, region); not with ``adapter``.
         uncond_hidden_states: (B, L, D) embeddings of the negative/empty prompt; guidance needs them.
         guidance_scale: classifier-free guidance weight; <= 1 disables guidance.
         generator: CPU generator for the initial noise, so results do not depend on the device.
@@ -68,16 +71,18 @@ def sample_latents(
     latents = torch.randn(latents_shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
     latents = latents * scheduler.init_noise_sigma
     hidden_states = torch.cat([uncond_hidden_states, encoder_hidden_states]) if do_guidance else encoder_hidden_states
-    adapter_condition = None
     if adapter is not None:
-        adapter_condition = torch.cat([condition, condition]) if do_guidance else condition
-    for timestep in scheduler.timesteps:
+        if composition is not None:
+            raise ValueError("pass an adapter or a composition, not both")
+        composition = Composition([ControlUnit(adapter, condition)])
+    num_steps = len(scheduler.timesteps)
+    for step_index, timestep in enumerate(scheduler.timesteps):
         model_input = torch.cat([latents, latents]) if do_guidance else latents
         model_input = scheduler.scale_model_input(model_input, timestep)
         unet_kwargs = {}
-        if adapter is not None:
-            unet_kwargs = adapter(
-                adapter_condition, noisy_latents=model_input, timesteps=timestep, encoder_hidden_states=hidden_states
+        if composition is not None:
+            unet_kwargs = composition(
+                model_input, timestep, hidden_states, step_index=step_index, num_steps=num_steps, guided=do_guidance
             )
         noise_pred = unet(model_input, timestep, encoder_hidden_states=hidden_states, **unet_kwargs).sample
         if do_guidance:

@@ -15,7 +15,9 @@ USAGE = """usage: ctrlkit <command> [hydra overrides ...]
 
 commands:
   train            train an adapter on a frozen base model (conf/train.yaml)
+  evaluate         score an adapter beside the base model: controllability and image quality (conf/evaluate.yaml)
   extract          write condition maps for a folder of images (conf/extract.yaml)
+  generate         sample prompts under a composition of adapters (conf/generate.yaml)
   pretrain-base    train the tiny base model that `model=tiny` ships (conf/pretrain_base.yaml)
 
 Examples:
@@ -23,7 +25,9 @@ Examples:
   ctrlkit train logger=csv adapter.learning_rate=1e-4
   ctrlkit train -m adapter.learning_rate=1e-4,1e-5 trainer.max_steps=5   (a Hydra sweep)
   ctrlkit train --cfg job                                                  (print the composed config)
+  ctrlkit evaluate adapter_path=outputs/train/runs/<run>                     (base vs adapter, metrics.json)
   ctrlkit extract condition=canny input=photos output=photos_canny
+  ctrlkit generate composition=examples/composition.yaml
 """
 
 
@@ -68,6 +72,19 @@ def extract_main(cfg: DictConfig) -> None:
         _fail("extract", cause)
 
 
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
+def evaluate_main(cfg: DictConfig) -> None:
+    from lightning_modules.evaluate import run_evaluate
+
+    try:
+        run_evaluate(cfg)
+    except (InstantiationException, *USER_ERRORS) as error:
+        cause = _user_error(error)
+        if cause is None:
+            raise
+        _fail("evaluate", cause)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain_base")
 def pretrain_base_main(cfg: DictConfig) -> None:
     from lightning_modules.pretrain_base import pretrain_base
@@ -75,7 +92,26 @@ def pretrain_base_main(cfg: DictConfig) -> None:
     pretrain_base(cfg)
 
 
-COMMANDS = {"train": train_main, "extract": extract_main, "pretrain-base": pretrain_base_main}
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
+def generate_main(cfg: DictConfig) -> None:
+    from lightning_modules.generate import run_generate
+
+    try:
+        run_generate(cfg)
+    except (InstantiationException, *USER_ERRORS) as error:
+        cause = _user_error(error)
+        if cause is None:
+            raise
+        _fail("generate", cause)
+
+
+COMMANDS = {
+    "train": train_main,
+    "evaluate": evaluate_main,
+    "extract": extract_main,
+    "generate": generate_main,
+    "pretrain-base": pretrain_base_main,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

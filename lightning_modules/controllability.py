@@ -1,10 +1,12 @@
-"""Controllability during training: does the adapter put the shape where the condition says?
+"""Controllability during training: does the adapter follow its condition, and at which step did it start to?
 
-ControlNet's "sudden convergence" is invisible in the loss; this callback samples the fixed validation scenes of
-``shapes`` under their conditions, segments each image by the colours its caption names and logs
-``val/mask_iou`` (against the exact ground-truth mask) and ``val/caption_accuracy``. The base model without the
-adapter is scored once on the same seeds (``val/mask_iou_base``), and the first step whose IoU gains
-``jump_threshold`` over the base is logged as ``val/control_step``.
+ControlNet's "sudden convergence" is invisible in the loss. Every ``every_n_steps`` steps this callback samples the
+first validation items under their conditions and scores the images by re-extraction: the condition decides
+the metric (``conditions.controllability``: Canny F1 for canny, SSIM for HED, ...), and on ``shapes`` the
+exact scene adds ``mask_iou``, ``box_iou`` and ``caption_accuracy``. Each score is logged as ``val/<score>``; the
+base model without the adapter is scored once on the same seeds (``val/<score>_base``). The first step whose
+``jump_metric`` covers ``jump_threshold`` of the gap between the base and a perfect score is the control step,
+logged as ``val/control_step`` (-1 at the end when control never appeared).
 """
 
 from __future__ import annotations
@@ -18,18 +20,45 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import default_collate
 
-from conditions.metrics import colour_mask, mask_iou, score_shapes_image
+from conditions.controllability import METRICS, EvalSample, mean_scores, primary_metric, score_samples
 from lightning_modules.callbacks import generate_in_eval_mode
 
 log = logging.getLogger(__name__)
 
 
-class ShapesControllabilityCallback(pl.Callback):
-    """Scores the adapter on the first ``num_samples`` validation scenes every ``every_n_steps`` steps.
+def to_uint8_images(batch: torch.Tensor, low: float = 0.0) -> np.ndarray:
+    """(B, C, H, W) float in [low, 1] -> (B, H, W, C) uint8."""
+    scaled = (batch.float() - low) / (1.0 - low)
+    return (scaled.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def evaluation_samples(dataset, batch: dict, generated: torch.Tensor) -> list[EvalSample]:
+    """Pair generated images (B, 3, H, W) in [0, 1] with the batch's conditions, images and (shapes) scenes."""
+    conditions = to_uint8_images(batch["condition"])
+    references = to_uint8_images(batch["pixel_values"], low=-1.0)
+    has_scenes = hasattr(dataset, "scene")
+    return [
+        EvalSample(
+            generated=image,
+            condition=condition,
+            reference=reference,
+            scene=dataset.scene(int(index)) if has_scenes else None,
+        )
+        for image, condition, reference, index in zip(
+            to_uint8_images(generated), conditions, references, batch["index"]
+        )
+    ]
+
+
+class ControllabilityCallback(pl.Callback):
+    """Scores the adapter on the first ``num_samples`` validation items every ``every_n_steps`` steps.
 
     Args:
-        output_file: JSON written at the end: base and final scores, the curve, the control step.
-        jump_threshold: IoU gain over the base model that counts as "control appeared".
+        output_file: JSON written at the end: base and final scores, the curve, the control step (and a PNG beside).
+        jump_metric: the score whose jump marks control; None: the condition's own (e.g. ``canny_f1``), or
+            ``mask_iou`` for a condition without a re-extraction metric on ``shapes``.
+        jump_threshold: fraction of the gap between the base score and a perfect score that counts as
+            "control appeared" (0.2: an IoU of 0.1 without the adapter must reach 0.28).
         num_inference_steps, guidance_scale, scheduler, seed: the sampler, fixed across evaluations.
     """
 
@@ -42,8 +71,11 @@ class ShapesControllabilityCallback(pl.Callback):
         guidance_scale: float = 5.0,
         scheduler: str = "unipc",
         seed: int = 0,
-        jump_threshold: float = 0.25,
+        jump_metric: str | None = None,
+        jump_threshold: float = 0.2,
     ) -> None:
+        if jump_metric is not None and jump_metric not in METRICS:
+            raise ValueError(f"unknown jump_metric '{jump_metric}'; choose one of: {', '.join(METRICS)}")
         self.output_file = Path(output_file)
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
@@ -53,6 +85,7 @@ class ShapesControllabilityCallback(pl.Callback):
             "scheduler": scheduler,
             "seed": seed,
         }
+        self.jump_metric = jump_metric
         self.jump_threshold = jump_threshold
         self.enabled = True
         self.base: dict | None = None
@@ -61,31 +94,27 @@ class ShapesControllabilityCallback(pl.Callback):
 
     @torch.no_grad()
     def evaluate(self, pl_module: pl.LightningModule, dataset, use_adapter: bool = True) -> dict:
-        """Mean mask IoU and caption accuracy of generated images over the first ``num_samples`` scenes."""
+        """Mean scores of images generated for the first ``num_samples`` validation items."""
         count = min(self.num_samples, len(dataset))
         batch = default_collate([dataset[index] for index in range(count)])
         images = generate_in_eval_mode(pl_module, batch, self.sampling, use_adapter=use_adapter)
-        images = (images * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        ious, captions = [], []
-        for index, image in enumerate(images):
-            scene = dataset.scene(index)
-            named = np.zeros(image.shape[:2], dtype=bool)
-            correct = True
-            for obj in scene.objects:
-                named |= colour_mask(image, obj.colour)
-                correct &= score_shapes_image(image, obj.colour, obj.shape, scene.background).caption_correct
-            ious.append(mask_iou(named, scene.foreground_mask))
-            captions.append(correct)
-        return {"mask_iou": float(np.mean(ious)), "caption_accuracy": float(np.mean(captions))}
+        return mean_scores(score_samples(dataset.extractor, evaluation_samples(dataset, batch, images)))
+
+    def resolve_jump_metric(self, dataset) -> str | None:
+        """The configured ``jump_metric``, else the condition's primary score, else ``mask_iou`` on shapes."""
+        if self.jump_metric is not None:
+            return self.jump_metric
+        extractor = getattr(dataset, "extractor", None)
+        primary = primary_metric(extractor) if extractor is not None else None
+        return primary or ("mask_iou" if hasattr(dataset, "scene") else None)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dataset = trainer.datamodule.val_dataset
-        if not hasattr(dataset, "scene"):
+        self.jump_metric = self.resolve_jump_metric(dataset)
+        if self.jump_metric is None:
             self.enabled = False
-            log.warning(
-                "controllability on shapes needs data=shapes (scenes with ground truth); it is off for %s",
-                type(dataset).__name__,
-            )
+            name = getattr(getattr(dataset, "extractor", None), "name", type(dataset).__name__)
+            log.warning("controllability is off: condition '%s' has no re-extraction metric and no scene", name)
             return
         if self.base is None:
             self.base = self.evaluate(pl_module, dataset, use_adapter=False)
@@ -103,20 +132,36 @@ class ShapesControllabilityCallback(pl.Callback):
             return
         if not self.curve or self.curve[-1]["step"] != trainer.global_step:
             self._record(trainer, pl_module)
+        if self.control_step is None:  # say so in every logger, not only by a missing key
+            for logger in trainer.loggers:
+                logger.log_metrics({"val/control_step": -1}, step=trainer.global_step)
         self.output_file.parent.mkdir(parents=True, exist_ok=True)
         summary = {
             "base_without_adapter": self.base,
             "final": self.curve[-1],
+            "jump_metric": self.jump_metric,
             "control_step": self.control_step,
             "jump_threshold": self.jump_threshold,
             "num_samples": self.num_samples,
             "curve": self.curve,
         }
         self.output_file.write_text(json.dumps(summary, indent=2))
-        draw_curve(self.curve, self.base, self.control_step, self.output_file.with_suffix(".png"))
+        curve_png = self.output_file.with_suffix(".png")
+        draw_curve(self.curve, self.base, self.control_step, curve_png, self.jump_metric)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):  # W&B: the curve as a picture beside the logged series
+                from PIL import Image
+
+                caption = f"{self.jump_metric}; control at step {self.control_step}"
+                logger.log_image(
+                    key="val/controllability_curve",
+                    images=[Image.open(curve_png)],
+                    step=trainer.global_step,
+                    caption=[caption],
+                )
         print(
             f"controllability: base without adapter {self.base}, final {self.curve[-1]}, "
-            f"control appeared at step {self.control_step}; written to {self.output_file}"
+            f"control ({self.jump_metric}) appeared at step {self.control_step}; written to {self.output_file}"
         )
 
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -124,13 +169,11 @@ class ShapesControllabilityCallback(pl.Callback):
             return
         scores = self.evaluate(pl_module, trainer.datamodule.val_dataset)
         self.curve.append({"step": trainer.global_step, **scores})
-        metrics = {
-            "val/mask_iou": scores["mask_iou"],
-            "val/caption_accuracy": scores["caption_accuracy"],
-            "val/mask_iou_base": self.base["mask_iou"],
-            "val/caption_accuracy_base": self.base["caption_accuracy"],
-        }
-        if self.control_step is None and scores["mask_iou"] >= self.base["mask_iou"] + self.jump_threshold:
+        metrics = {f"val/{key}": value for key, value in scores.items()}
+        metrics.update({f"val/{key}_base": value for key, value in self.base.items()})
+        metric = self.jump_metric
+        gain = METRICS[metric].gain(scores[metric], self.base[metric])
+        if self.control_step is None and gain >= self.jump_threshold:
             self.control_step = trainer.global_step
             metrics["val/control_step"] = self.control_step
             log.info("control appeared at step %d: %s", self.control_step, scores)
@@ -138,9 +181,21 @@ class ShapesControllabilityCallback(pl.Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
 
 
-def draw_curve(curve: list[dict], base: dict, control_step: int | None, path: Path, size=(480, 300)) -> None:
-    """A PNG of mask IoU (blue) and caption accuracy (green) against step, the base model's IoU as a grey dashed
-    line and the control step as a red line. Drawn with PIL so no plotting library is needed."""
+# The name this callback had when it scored shapes only (configs written before keep working).
+ShapesControllabilityCallback = ControllabilityCallback
+
+
+def draw_curve(
+    curve: list[dict],
+    base: dict,
+    control_step: int | None,
+    path: Path,
+    jump_metric: str = "mask_iou",
+    size=(480, 300),
+) -> None:
+    """A PNG of the scores against step: ``jump_metric`` in blue, ``mask_iou`` / ``caption_accuracy`` (when they are
+    not it) in green / orange, the base model's ``jump_metric`` as a grey dashed line and the control step as a red
+    line. Scores with another range (depth RMSE, 0..255) are divided by it. Drawn with PIL, no plotting library."""
     from PIL import Image, ImageDraw
 
     width, height = size
@@ -157,12 +212,17 @@ def draw_curve(curve: list[dict], base: dict, control_step: int | None, path: Pa
         draw.text((4, xy(0, value)[1] - 6), f"{value:.2f}", fill="black")
     draw.text((left, height - bottom + 8), "step 0", fill="black")
     draw.text((width - right - 60, height - bottom + 8), f"step {last_step}", fill="black")
+    scale = METRICS[jump_metric].scale
+    base_y = xy(0, min(base[jump_metric] / scale, 1.0))[1]
     for x in range(left, width - right, 12):  # dashed base line
-        y = xy(0, base["mask_iou"])[1]
-        draw.line([(x, y), (min(x + 6, width - right), y)], fill="grey")
+        draw.line([(x, base_y), (min(x + 6, width - right), base_y)], fill="grey")
     if control_step is not None:
         draw.line([xy(control_step, 0), xy(control_step, 1)], fill="red")
-    for key, colour in (("mask_iou", "blue"), ("caption_accuracy", "green")):
-        draw.line([xy(point["step"], point[key]) for point in curve], fill=colour, width=2)
-    draw.text((left + 4, 4), "mask IoU (blue), caption accuracy (green), base IoU (grey), control (red)", fill="black")
+    series = {jump_metric: "blue", "mask_iou": "green", "caption_accuracy": "orange"}
+    for key, colour in series.items():
+        points = [xy(p["step"], min(p[key] / METRICS[key].scale, 1.0)) for p in curve if key in p]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+    others = ", ".join(f"{key} ({colour})" for key, colour in list(series.items())[1:] if key != jump_metric)
+    draw.text((left + 4, 4), f"{jump_metric} (blue), {others}, base (grey), control (red)", fill="black")
     image.save(path)

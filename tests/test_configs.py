@@ -113,3 +113,18 @@ def test_missing_extractor_weights_dir_is_named(make_train_config):
 
 def test_conf_dir_is_this_repository():
     assert (CONF_DIR / "train.yaml").is_file()
+
+
+@pytest.mark.parametrize(
+    ("model", "learning_rate", "timestep_sampling"),
+    [("tiny", 1e-3, "cubic"), ("tiny_random", 1e-3, "cubic"), ("sd15", 1e-5, "uniform")],
+)
+def test_the_base_model_recipe_sets_adapter_rate_and_timesteps(
+    make_train_config, model, learning_rate, timestep_sampling
+):
+    cfg = make_train_config(f"model={model}")
+    assert cfg.adapter.learning_rate == cfg.system.learning_rate == learning_rate
+    assert cfg.system.timestep_sampling == timestep_sampling
+    # a direct override still wins over the recipe
+    cfg = make_train_config(f"model={model}", "adapter.learning_rate=3e-4", "system.timestep_sampling=uniform")
+    assert cfg.system.learning_rate == 3e-4 and cfg.system.timestep_sampling == "uniform"

@@ -1,9 +1,19 @@
-"""The controllability callback: base score beside the adapter's, the curve, and the step where control appears."""
+"""The controllability callback: base score beside the adapter's, the curve, and the step where control appears,
+in the JSON summary, the W&B run and the CSV log."""
 
+import csv
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
-from lightning_modules.controllability import ShapesControllabilityCallback
+from omegaconf import OmegaConf, open_dict
+
+from conditions import CannyExtractor, HEDExtractor
+from conditions.shapes_truth import ShapesTruthExtractor
+from lightning_modules.config_checks import CONF_DIR
+from lightning_modules.controllability import ControllabilityCallback, ShapesControllabilityCallback
+from lightning_modules.train import train
+from tests.helpers.wandb_records import read_history
 
 
 class RecordingLogger:
@@ -49,3 +59,65 @@ def test_turns_itself_off_without_ground_truth(tmp_path):
     )
     callback.on_train_start(trainer, None)
     assert not callback.enabled
+
+
+def test_no_jump_is_logged_as_minus_one(tmp_path):
+    callback = ControllabilityCallback(output_file=str(tmp_path / "c.json"), every_n_steps=10, jump_metric="canny_f1")
+    scores = iter([0.2, 0.2, 0.25])
+    callback.evaluate = lambda module, dataset, use_adapter=True: {"canny_f1": next(scores)}
+    logger = RecordingLogger()
+    trainer = SimpleNamespace(
+        global_step=0, is_global_zero=True, loggers=[logger], datamodule=SimpleNamespace(val_dataset=None)
+    )
+    callback.on_train_start(trainer, None)
+    trainer.global_step = 10
+    callback.on_train_end(trainer, None)
+    assert callback.control_step is None
+    assert logger.rows[-1] == (10, {"val/control_step": -1})
+    assert json.loads((tmp_path / "c.json").read_text())["jump_metric"] == "canny_f1"
+
+
+def test_the_condition_decides_the_jump_metric(hed_weights_dir):
+    callback = ControllabilityCallback(output_file="unused.json")
+    shapes = SimpleNamespace(extractor=CannyExtractor(), scene=None)
+    assert callback.resolve_jump_metric(shapes) == "canny_f1"
+    assert callback.resolve_jump_metric(SimpleNamespace(extractor=HEDExtractor(weights_dir=hed_weights_dir))) == (
+        "hed_ssim"
+    )
+    assert callback.resolve_jump_metric(SimpleNamespace(extractor=ShapesTruthExtractor("depth"))) == "depth_rmse"
+    assert ControllabilityCallback("x.json", jump_metric="box_iou").resolve_jump_metric(shapes) == "box_iou"
+
+
+def test_curve_and_control_step_reach_wandb_and_csv(make_train_config, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = make_train_config(
+        "logger=csv",
+        "trainer.max_steps=2",
+        "trainer.log_every_n_steps=1",
+        "callbacks.controllability.every_n_steps=1",
+        # any score counts as a jump, so the first evaluation (step 0) is the control step
+        "callbacks.controllability.jump_threshold=-1",
+    )
+    with open_dict(cfg):
+        cfg.logger.wandb = OmegaConf.load(CONF_DIR / "logger" / "wandb.yaml").wandb
+        cfg.logger.wandb.mode = "offline"
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    summary = json.loads((run / "controllability.json").read_text())
+    assert summary["jump_metric"] == "canny_f1" and summary["control_step"] == 0
+    assert [point["step"] for point in summary["curve"]] == [0, 1, 2]
+
+    (run_dir,) = (run / "wandb").glob("offline-run-*")
+    history = read_history(run_dir)
+    assert len(history["val/canny_f1"]) == 3 and len(history["val/mask_iou"]) == 3
+    assert history["val/control_step"] == [0]
+    assert len(history["val/canny_f1_base"]) == 3
+    assert history["val/controllability_curve/captions"] == [["canny_f1; control at step 0"]]
+
+    (metrics_file,) = (run / "csv").glob("version_*/metrics.csv")
+    rows = list(csv.DictReader(metrics_file.open()))
+    curve = {int(row["step"]): float(row["val/canny_f1"]) for row in rows if row.get("val/canny_f1")}
+    assert curve == {point["step"]: point["canny_f1"] for point in summary["curve"]}
+    assert [(int(row["step"]), float(row["val/control_step"])) for row in rows if row.get("val/control_step")] == [
+        (0, 0.0)
+    ]

@@ -41,7 +41,13 @@ def test_short_run_leaves_checkpoint_adapter_and_grid(make_train_config, tmp_pat
     assert Image.open(run / "samples" / "step_000003.png").size == (3 * 64 + 4 * 2, 2 * 64 + 3 * 2)
     assert (run / "config.yaml").is_file()
     controllability = json.loads((run / "controllability.json").read_text())
-    assert set(controllability["base_without_adapter"]) == {"mask_iou", "caption_accuracy"}
+    assert set(controllability["base_without_adapter"]) == {
+        "mask_iou",
+        "box_iou",
+        "caption_accuracy",
+        "canny_f1",
+        "canny_ssim",
+    }
     assert [point["step"] for point in controllability["curve"]] == [0, 3]
 
     # resuming continues from the checkpoint's step with its weights

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -45,13 +46,24 @@ def _payloads(data: bytes):
             pending = b""
 
 
-def read_history(run_dir: str | Path) -> dict[str, list]:
-    """History key -> list of logged values (JSON-decoded), in logging order."""
+def read_history(run_dir: str | Path, timeout: float = 30.0) -> dict[str, list]:
+    """History key -> list of logged values (JSON-decoded), in logging order.
+
+    wandb's core process may still be writing the file when ``run.finish()`` has returned; the file is read again
+    until it holds the run's ``exit`` record (or ``timeout`` seconds pass)."""
     run_file = next(Path(run_dir).glob("*.wandb"))
+    deadline = time.monotonic() + timeout
+    while True:
+        records = []
+        for payload in _payloads(run_file.read_bytes()):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(payload)
+            records.append(record)
+        if any(record.WhichOneof("record_type") == "exit" for record in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     history: dict[str, list] = defaultdict(list)
-    for payload in _payloads(run_file.read_bytes()):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
+    for record in records:
         if record.WhichOneof("record_type") == "history":
             for item in record.history.item:
                 key = item.key or "/".join(item.nested_key)

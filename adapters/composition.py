@@ -1,0 +1,174 @@
+"""Several conditioning units in one sampling run: any mix of adapters, each with its own strength, step window,
+guidance routing and region.
+
+A unit is an adapter plus its condition. At each denoising step every unit inside its window runs and its UNet
+keyword arguments merge: ControlNet and T2I-Adapter residuals sum, ``cross_attention_kwargs`` (GLIGEN's grounding)
+merge by key. A unit outside its window is not called at all (diffusers runs it at scale 0). The window rule is
+diffusers' (``StableDiffusionControlNetPipeline``): step i of n runs the unit unless i/n < start or (i+1)/n > end.
+
+Modes, as in sd-webui-controlnet:
+    balanced: residuals times ``scale`` on both halves of classifier-free guidance.
+    prompt:   "my prompt is more important": residual k of K+1 (the mid block last) weighted 0.825^(K-k).
+    control:  "the condition is more important": the unit runs on the conditional half only; the unconditional
+              half gets no residual, so guidance pushes towards the condition (diffusers' guess mode routing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from adapters.base import ConditioningAdapter, UNetKwargs
+
+MODES = ("balanced", "prompt", "control")
+RESIDUAL_KEYS = (
+    "down_block_additional_residuals",
+    "mid_block_additional_residual",
+    "down_intrablock_additional_residuals",
+)
+# sd-webui-controlnet's soft weights for "my prompt is more important" (also ControlNet's guess mode ablation)
+PROMPT_MODE_BASE = 0.825
+
+
+@dataclass
+class ControlUnit:
+    """One adapter and its condition in a composition.
+
+    Args:
+        adapter: any ConditioningAdapter (ControlNet, T2I-Adapter, GLIGEN).
+        condition: what ``adapter`` takes, batched like the prompts: an image condition (B, C, H, W) in [0, 1],
+            or the adapter's grounding input.
+        scale: multiplies the unit's residuals; 0 leaves the UNet as without the unit.
+        start, end: the fraction of the denoising steps in which the unit runs, 0 <= start < end <= 1.
+        mode: "balanced", "prompt" or "control" (module docstring).
+        mask: optional region (B or 1, 1, H, W) in [0, 1]; residuals are multiplied by it, resized to each
+            residual's resolution, so the unit acts only there.
+        name: shown in errors and logs.
+    """
+
+    adapter: ConditioningAdapter
+    condition: Any
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    mode: Literal["balanced", "prompt", "control"] = "balanced"
+    mask: torch.Tensor | None = None
+    name: str = "unit"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unit '{self.name}': mode '{self.mode}'; choose one of: {', '.join(MODES)}")
+        if not 0.0 <= self.start < self.end <= 1.0:
+            raise ValueError(f"unit '{self.name}': need 0 <= start < end <= 1, got start={self.start} end={self.end}")
+
+    def active(self, step_index: int, num_steps: int) -> bool:
+        return not (step_index / num_steps < self.start or (step_index + 1) / num_steps > self.end)
+
+
+def _batch_twice(value):
+    """Duplicate a condition for the two halves of classifier-free guidance (tensors, or dicts of tensors)."""
+    if isinstance(value, torch.Tensor):
+        return torch.cat([value, value])
+    if isinstance(value, dict):
+        return {key: _batch_twice(item) for key, item in value.items()}
+    return value
+
+
+def _weigh(kwargs: UNetKwargs, unit: ControlUnit) -> UNetKwargs:
+    """Apply scale, prompt-mode soft weights and the region mask to a unit's residuals."""
+    down = kwargs.get("down_block_additional_residuals")
+    count = len(down) if down is not None else 0
+    weighted: dict[str, Any] = dict(kwargs)
+    for key in RESIDUAL_KEYS:
+        if key not in kwargs:
+            continue
+        residuals = kwargs[key] if isinstance(kwargs[key], list) else [kwargs[key]]
+        out = []
+        for index, residual in enumerate(residuals):
+            weight = unit.scale
+            if unit.mode == "prompt":
+                position = count if key == "mid_block_additional_residual" else index
+                total = count if key != "down_intrablock_additional_residuals" else len(residuals) - 1
+                weight = weight * PROMPT_MODE_BASE ** (total - position)
+            residual = residual * weight
+            if unit.mask is not None:
+                mask = F.interpolate(unit.mask.to(residual), size=residual.shape[-2:], mode="area")
+                # one mask per prompt; with guidance the batch holds [unconditional; conditional] of those prompts
+                residual = residual * mask.repeat(residual.shape[0] // mask.shape[0], 1, 1, 1)
+            out.append(residual)
+        weighted[key] = out if isinstance(kwargs[key], list) else out[0]
+    return weighted
+
+
+def _pad_unconditional(kwargs: UNetKwargs) -> UNetKwargs:
+    """Residuals computed for the conditional half only -> zeros for the unconditional half, then them."""
+    padded: dict[str, Any] = dict(kwargs)
+    for key in RESIDUAL_KEYS:
+        if key in kwargs:
+            values = kwargs[key] if isinstance(kwargs[key], list) else [kwargs[key]]
+            values = [torch.cat([torch.zeros_like(value), value]) for value in values]
+            padded[key] = values if isinstance(kwargs[key], list) else values[0]
+    return padded
+
+
+def merge_unet_kwargs(parts: list[UNetKwargs]) -> UNetKwargs:
+    """Sum residuals position by position; merge ``cross_attention_kwargs`` by key (two units may not set the
+    same key)."""
+    merged: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if key == "cross_attention_kwargs":
+                current = merged.setdefault(key, {})
+                clash = set(current) & set(value)
+                if clash:
+                    raise ValueError(f"two units set cross_attention_kwargs {sorted(clash)}; compose one of each kind")
+                current.update(value)
+            elif key not in merged:
+                merged[key] = list(value) if isinstance(value, list) else value
+            elif isinstance(value, list):
+                merged[key] = [a + b for a, b in zip(merged[key], value)]
+            else:
+                merged[key] = merged[key] + value
+    return merged
+
+
+class Composition:
+    """Calls each active unit at a denoising step and merges what they give the UNet."""
+
+    def __init__(self, units: list[ControlUnit]) -> None:
+        self.units = list(units)
+
+    def __call__(
+        self,
+        noisy_latents: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        *,
+        step_index: int,
+        num_steps: int,
+        guided: bool,
+    ) -> UNetKwargs:
+        """Inputs as the UNet gets them (both guidance halves stacked when ``guided``) -> merged UNet kwargs."""
+        parts = []
+        for unit in self.units:
+            if unit.scale == 0 or not unit.active(step_index, num_steps):
+                continue  # skipped, not run at scale 0: scale 0 equals leaving the unit out
+            if guided and unit.mode == "control":
+                half = noisy_latents.shape[0] // 2
+                kwargs = unit.adapter(
+                    unit.condition,
+                    noisy_latents=noisy_latents[half:],
+                    timesteps=timestep,
+                    encoder_hidden_states=encoder_hidden_states[half:],
+                )
+                parts.append(_pad_unconditional(_weigh(kwargs, unit)))
+                continue
+            condition = _batch_twice(unit.condition) if guided else unit.condition
+            kwargs = unit.adapter(
+                condition, noisy_latents=noisy_latents, timesteps=timestep, encoder_hidden_states=encoder_hidden_states
+            )
+            parts.append(_weigh(kwargs, unit))
+        return merge_unet_kwargs(parts)

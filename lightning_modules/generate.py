@@ -1,0 +1,173 @@
+"""``ctrlkit generate``: sample a batch of prompts under a composition of conditioning units.
+
+Each unit names adapter weights (whatever ``ctrlkit train`` exported, a diffusers folder or an original single
+file), its condition (a condition image, or a source image and the extractor to run on it, fitted to the
+generation size pixel-perfectly) and its scale, step window, guidance mode and optional region mask. Writes each
+image as PNG, a grid (conditions | result, one row per prompt) and the composition used, and prints the paths.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import yaml
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from adapters import make_scheduler, sample_latents
+from adapters.composition import Composition, ControlUnit
+from adapters.controlnet_formats import FORMATS, load_controlnet
+from conditions import read_image
+from conditions.resize import fit_map
+from lightning_modules.backbone import Backbone
+from lightning_modules.config_checks import CONF_DIR, group_options
+from lightning_modules.errors import CtrlkitError
+
+log = logging.getLogger(__name__)
+
+UNIT_FIELDS = ("adapter", "condition_image", "source_image", "extractor", "scale", "start", "end", "mode", "mask")
+
+
+def load_adapter(path: str | Path, backbone: Backbone):
+    """Adapter weights of any supported family and format -> (adapter, description of the format found)."""
+    adapter, found = load_controlnet(path, backbone.unet)
+    return adapter, f"ControlNet, {FORMATS[found]}"
+
+
+def build_extractor(name: str, size: tuple[int, int]):
+    """The extractor of ``conf/condition/<name>.yaml``, fitting its map to ``size`` (crop and resize, pixel
+    perfect: the detector runs at the resolution that maps the source onto the generation size)."""
+    if name not in group_options("condition"):
+        raise CtrlkitError(f"unknown extractor '{name}'; choose one of: {', '.join(group_options('condition'))}")
+    condition = OmegaConf.load(CONF_DIR / "condition" / f"{name}.yaml")
+    extractor_cfg = OmegaConf.to_container(condition.extractor, resolve=False)
+    if "channels" in extractor_cfg:
+        extractor_cfg["channels"] = condition.channels
+    extractor_cfg["resize"] = {"output_size": list(size), "mode": "crop_and_resize", "pixel_perfect": True}
+    return instantiate(extractor_cfg)
+
+
+def condition_map(spec: dict, size: tuple[int, int]) -> np.ndarray:
+    """A unit's condition as an HxWxC uint8 map at the generation size."""
+    if spec.get("condition_image"):
+        image = read_image(spec["condition_image"])
+        return fit_map(image, size, "crop_and_resize", cv2.INTER_AREA)
+    if spec.get("source_image") and spec.get("extractor"):
+        return build_extractor(spec["extractor"], size).process(read_image(spec["source_image"]))
+    raise CtrlkitError(
+        f"unit {spec.get('adapter')}: give condition_image=<map>, or source_image=<photo> and extractor=<name>"
+    )
+
+
+def to_condition_tensor(condition: np.ndarray, channels: int, batch: int) -> torch.Tensor:
+    """HxWxC uint8 -> (batch, channels, H, W) float in [0, 1]; grey maps fill RGB, RGB maps give one channel."""
+    tensor = torch.from_numpy(np.array(condition)).float().div(255.0)
+    tensor = tensor[..., None] if tensor.ndim == 2 else tensor
+    tensor = tensor.permute(2, 0, 1)
+    tensor = tensor[:channels] if tensor.shape[0] >= channels else tensor[:1].expand(channels, -1, -1)
+    return tensor.unsqueeze(0).expand(batch, -1, -1, -1).contiguous()
+
+
+def read_mask(path: str, size: tuple[int, int]) -> torch.Tensor:
+    """A region image -> (1, 1, H, W) in [0, 1] (white: the unit acts there)."""
+    grey = fit_map(read_image(path), size, "crop_and_resize", cv2.INTER_AREA).mean(axis=-1)
+    return torch.from_numpy(grey / 255.0).float()[None, None]
+
+
+def build_units(specs: list[dict], backbone: Backbone, size: tuple[int, int], batch: int) -> tuple[list, list]:
+    """Unit specs (dicts of ``UNIT_FIELDS``) -> ControlUnits and the condition maps (for the grid)."""
+    units, maps = [], []
+    for index, spec in enumerate(specs):
+        unknown = set(spec) - set(UNIT_FIELDS)
+        if unknown:
+            raise CtrlkitError(f"unit {index}: unknown field(s) {sorted(unknown)}; allowed: {', '.join(UNIT_FIELDS)}")
+        if not spec.get("adapter"):
+            raise CtrlkitError(f"unit {index}: adapter=<folder or file of adapter weights> is required")
+        adapter, found = load_adapter(spec["adapter"], backbone)
+        log.info("unit %d: %s read as %s", index, spec["adapter"], found)
+        condition = condition_map(spec, size)
+        units.append(
+            ControlUnit(
+                adapter.eval(),
+                to_condition_tensor(condition, adapter.condition_channels, batch),
+                scale=float(spec.get("scale", 1.0)),
+                start=float(spec.get("start", 0.0)),
+                end=float(spec.get("end", 1.0)),
+                mode=spec.get("mode", "balanced"),
+                mask=read_mask(spec["mask"], size) if spec.get("mask") else None,
+                name=f"{index}: {Path(spec['adapter']).name}",
+            )
+        )
+        maps.append(condition if condition.ndim == 3 else condition[..., None])
+    return units, maps
+
+
+def unit_specs(cfg: DictConfig) -> list[dict]:
+    """Units of the composition file (``composition=<yaml>``, key ``units``) followed by ``units=[...]``."""
+    specs = []
+    if cfg.get("composition"):
+        path = Path(cfg.composition)
+        if not path.is_file():
+            raise CtrlkitError(f"composition file {path} not found")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded.get("units"), list):
+            raise CtrlkitError(f"{path} must hold a list under 'units:'")
+        specs += loaded["units"]
+    if cfg.get("units"):
+        specs += OmegaConf.to_container(cfg.units, resolve=True)
+    return specs
+
+
+def save_grid(maps: list[np.ndarray], images: np.ndarray, path: Path) -> None:
+    """One row per prompt: each unit's condition map, then the generated image."""
+    rows = []
+    for image in images:
+        tiles = [np.repeat(m, 3, axis=-1) if m.shape[-1] == 1 else m[..., :3] for m in maps] + [image]
+        rows.append(np.concatenate(tiles, axis=1))
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+
+
+def run_generate(cfg: DictConfig) -> list[Path]:
+    """Generate, write PNGs + grid + composition.yaml to ``cfg.output_dir``; returns the image paths."""
+    prompts = list(cfg.prompts) if not isinstance(cfg.prompts, str) else [cfg.prompts]
+    if not prompts:
+        raise CtrlkitError("prompts=[...] is empty; give at least one prompt")
+    size = (int(cfg.height), int(cfg.width))
+    backbone: Backbone = instantiate(cfg.model)
+    backbone.check_image_size(size[0])
+    backbone.check_image_size(size[1])
+    specs = unit_specs(cfg)
+    units, maps = build_units(specs, backbone, size, len(prompts))
+    factor = backbone.vae_scale_factor
+    latents = sample_latents(
+        backbone.unet,
+        make_scheduler(cfg.scheduler, backbone.noise_scheduler.config),
+        backbone.encode_prompts(prompts),
+        (len(prompts), backbone.unet.config.in_channels, size[0] // factor, size[1] // factor),
+        composition=Composition(units) if units else None,
+        uncond_hidden_states=backbone.encode_prompts([cfg.negative_prompt] * len(prompts)),
+        guidance_scale=cfg.guidance_scale,
+        num_inference_steps=cfg.num_inference_steps,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    images = (backbone.decode_latents(latents) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+    output = Path(cfg.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, image in enumerate(images):
+        paths.append(output / f"image_{index:03d}.png")
+        Image.fromarray(image).save(paths[-1])
+    save_grid(maps, images, output / "grid.png")
+    used = {"prompts": prompts, "negative_prompt": cfg.negative_prompt, "seed": cfg.seed, "units": specs}
+    (output / "composition.yaml").write_text(yaml.safe_dump(used, sort_keys=False))
+    for path in paths:
+        print(f"ctrlkit generate: wrote {path}")
+    print(f"ctrlkit generate: grid (conditions | result) {output / 'grid.png'}")
+    print(f"ctrlkit generate: composition used {output / 'composition.yaml'}")
+    return paths
