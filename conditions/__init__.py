@@ -14,6 +14,7 @@ from conditions.boxes import (
 )
 from conditions.canny import CannyExtractor
 from conditions.depth import DepthExtractor
+from conditions.detected_boxes import DetectedBoxes, DetectedBoxesExtractor
 from conditions.hed import HEDExtractor
 from conditions.io import ImageDecodeError, read_image
 from conditions.pose import PoseExtractor
@@ -32,12 +33,15 @@ EXTRACTORS: dict[str, type[ConditionExtractor]] = {
     PoseExtractor.name: PoseExtractor,
     ShapesTruthExtractor.name: ShapesTruthExtractor,
     ShapesBoxesExtractor.name: ShapesBoxesExtractor,
+    DetectedBoxesExtractor.name: DetectedBoxesExtractor,
 }
 
 __all__ = [
     "EXTRACTORS",
     "AnnotationError",
     "DepthExtractor",
+    "DetectedBoxes",
+    "DetectedBoxesExtractor",
     "GroundingRecord",
     "PoseExtractor",
     "SegExtractor",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -20,14 +22,17 @@ class CannyExtractor(ConditionExtractor):
     never resizes unless ``resize`` asks (no rounding to multiples of 64).
 
     ``cv2.Canny`` on a 3-channel image runs a slow generic path (6.5x a grayscale Canny, performance.md §7); this
-    class computes the same per-pixel channel choice with vectorised OpenCV calls into reused buffers and gives
+    class computes the same per-pixel channel choice with vectorised OpenCV/numpy calls into reused buffers and gives
     ``cv2.Canny`` the chosen gradients, with bit-identical output (tests/test_conditions.py checks it).
+    ``process_batch`` spreads a batch over ``threads`` threads (OpenCV and numpy release the GIL).
 
     Args:
         low_threshold: hysteresis low threshold, 0..255 gradient units (controlnet_aux default 100).
         high_threshold: hysteresis high threshold (default 200); must be >= low_threshold.
         channels: 3 (edge map repeated to RGB, what released canny ControlNets and diffusers pipelines take) or 1.
         resize: detection resolution / output size (``conditions.resize.Resize`` or its fields); default: none.
+        threads: threads a batch is spread over (1 = in the calling thread). Does not change the output, so it is
+            not one of ``settings()``; keep 1 inside worker processes (``ctrlkit extract``'s pool).
     """
 
     name = "canny"
@@ -39,6 +44,7 @@ class CannyExtractor(ConditionExtractor):
         high_threshold: int = 200,
         channels: int = 3,
         resize: Resize | dict | None = None,
+        threads: int = 1,
     ) -> None:
         if not 0 <= low_threshold <= high_threshold:
             raise ValueError(
@@ -47,20 +53,26 @@ class CannyExtractor(ConditionExtractor):
             )
         if channels not in (1, 3):
             raise ValueError(f"canny channels must be 1 or 3, got {channels}")
+        if threads < 1:
+            raise ValueError(f"canny threads must be >= 1, got {threads}")
         self.low_threshold = low_threshold
         self.high_threshold = high_threshold
         self.channels = channels
         self.resize = Resize.coerce(resize)
+        self._threads = threads
         self._buffers = threading.local()  # per-thread scratch arrays: fresh allocations cost more than the maths
+        self._executor: ThreadPoolExecutor | None = None  # started on the first batch that needs it
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        del state["_buffers"]  # thread-local scratch space is neither picklable nor worth sending to a worker
+        # Thread-local scratch space and a thread pool are neither picklable nor worth sending to a worker.
+        del state["_buffers"], state["_executor"]
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._buffers = threading.local()
+        self._executor = None
 
     def extract(self, image: np.ndarray) -> np.ndarray:
         """HxWx3 uint8 RGB -> HxWx``channels`` uint8 edge map with values 0 or 255."""
@@ -69,43 +81,66 @@ class CannyExtractor(ConditionExtractor):
             return cv2.cvtColor(edges, cv2.COLOR_GRAY2RGB)
         return edges[:, :, None].copy()
 
+    def extract_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """HxWx3 uint8 images -> their maps, over ``threads`` threads when there is more than one image."""
+        if self._threads == 1 or len(images) < 2:
+            return [self.extract(image) for image in images]
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix="canny")
+        return list(self._executor.map(self.extract, images))
+
     def _scratch(self, height: int, width: int) -> dict:
+        """This thread's buffers for an image of ``height`` x ``width``, reused while the size stays the same.
+
+        The three colour planes are stacked in one array, each with a padding row above and below, so one
+        ``spatialGradient`` call and one numpy call per step serve all three channels.
+        """
         scratch = getattr(self._buffers, "arrays", None)
         if scratch is None or scratch["size"] != (height, width):
-
-            def plane(dtype=np.int16) -> np.ndarray:
-                return np.empty((height, width), dtype)
-
+            stacked = (3, height + 2, width)
+            planes = np.empty(stacked, np.uint8)
+            dx, dy, magnitude = (np.empty(stacked, np.int16) for _ in range(3))
+            inner = slice(1, height + 1)  # the rows of the image inside each padded plane
             scratch = {
                 "size": (height, width),
-                "planes": [plane(np.uint8) for _ in range(3)],
-                "dx": [plane() for _ in range(3)],
-                "dy": [plane() for _ in range(3)],
-                "magnitude": [plane() for _ in range(3)],
-                "zero": np.zeros((height, width), np.int16),
-                "work": plane(),
-                "larger1": plane(np.uint8),
-                "larger2": plane(np.uint8),
+                "planes": planes,
+                "plane_rows": [planes[c, inner] for c in range(3)],
+                "dx": dx,
+                "dy": dy,
+                "magnitude": magnitude,
+                "work": np.empty(stacked, np.int16),
+                "dx_rows": [dx[c, inner] for c in range(3)],
+                "dy_rows": [dy[c, inner] for c in range(3)],
+                "magnitude_rows": [magnitude[c, inner] for c in range(3)],
+                "larger": np.empty((height, width), np.int16),
+                "larger1": np.empty((height, width), np.uint8),
+                "larger2": np.empty((height, width), np.uint8),
             }
             self._buffers.arrays = scratch
         return scratch
 
     def _edges(self, image: np.ndarray) -> np.ndarray:
         """HxWx3 uint8 -> HxW uint8 edges, equal to ``cv2.Canny(image, low, high)`` on the 3-channel image."""
-        s = self._scratch(*image.shape[:2])
-        cv2.split(image, s["planes"])
+        height, width = image.shape[:2]
+        s = self._scratch(height, width)
+        planes = s["planes"]
+        cv2.split(image, s["plane_rows"])
         # OpenCV's multi-channel Canny: 3x3 Sobel with replicated borders per channel, L1 magnitude, and per pixel
-        # the channel with the largest magnitude (the first one on ties).
-        for plane, dx, dy, magnitude in zip(s["planes"], s["dx"], s["dy"], s["magnitude"]):
-            cv2.spatialGradient(plane, dx, dy, 3, cv2.BORDER_REPLICATE)  # both 3x3 Sobels in one pass
-            cv2.absdiff(dx, s["zero"], dst=magnitude)
-            cv2.absdiff(dy, s["zero"], dst=s["work"])
-            cv2.add(magnitude, s["work"], dst=magnitude)
-        magnitude0, magnitude1, magnitude2 = s["magnitude"]
+        # the channel with the largest magnitude (the first one on ties). Replicating the first and last row into
+        # each plane's padding rows makes one Sobel over the stacked planes equal three Sobels with
+        # BORDER_REPLICATE (left and right borders are the stack's own).
+        planes[:, 0] = planes[:, 1]
+        planes[:, -1] = planes[:, -2]
+        cv2.spatialGradient(
+            planes.reshape(-1, width), s["dx"].reshape(-1, width), s["dy"].reshape(-1, width), 3, cv2.BORDER_REPLICATE
+        )
+        magnitude = np.abs(s["dx"], out=s["magnitude"])
+        np.add(magnitude, np.abs(s["dy"], out=s["work"]), out=magnitude)
+        magnitude0, magnitude1, magnitude2 = s["magnitude_rows"]
         cv2.compare(magnitude1, magnitude0, cv2.CMP_GT, dst=s["larger1"])
-        cv2.max(magnitude0, magnitude1, dst=s["work"])
-        cv2.compare(magnitude2, s["work"], cv2.CMP_GT, dst=s["larger2"])
-        for gradient in (s["dx"], s["dy"]):
+        cv2.max(magnitude0, magnitude1, dst=s["larger"])
+        cv2.compare(magnitude2, s["larger"], cv2.CMP_GT, dst=s["larger2"])
+        for gradient in (s["dx_rows"], s["dy_rows"]):
             cv2.copyTo(gradient[1], s["larger1"], gradient[0])
             cv2.copyTo(gradient[2], s["larger2"], gradient[0])
-        return cv2.Canny(s["dx"][0], s["dy"][0], self.low_threshold, self.high_threshold)
+        return cv2.Canny(s["dx_rows"][0], s["dy_rows"][0], self.low_threshold, self.high_threshold)

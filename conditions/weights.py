@@ -45,26 +45,38 @@ def model_folder(path: str | Path, source: str, marker: str = "config.json") -> 
     folder = Path(text).expanduser()
     if folder.is_dir():
         if not (folder / marker).is_file():
-            raise WeightsNotFoundError(f"model folder {folder} has no {marker}; put the {source} model folder there")
+            raise WeightsNotFoundError(f"model folder {folder} has no {marker}; put {source} there")
         return str(folder)
     if text.count("/") == 1 and not text.startswith(("/", ".", "~")) and not folder.exists():
         return text  # a hub id, passed explicitly by the user
-    raise WeightsNotFoundError(f"model folder not found: {folder}; put the {source} model folder there")
+    raise WeightsNotFoundError(f"model folder not found: {folder}; put {source} there")
 
 
-def load_transformers_model(path: str | Path, auto_class: str, source: str, device: str = "cpu"):
-    """(image processor, model in eval mode) from a transformers model folder, or from a hub id given as such.
+def load_transformers_model(
+    path: str | Path,
+    auto_class: str,
+    source: str,
+    device: str = "cpu",
+    processor_class: str = "AutoImageProcessor",
+    required_files: tuple[str | tuple[str, ...], ...] = ("preprocessor_config.json",),
+):
+    """(processor, model in eval mode) from a transformers model folder, or from a hub id given as such.
 
     Args:
         auto_class: the ``transformers`` auto class, e.g. ``AutoModelForDepthEstimation``.
         source: what belongs in the folder, quoted in errors, e.g. ``a DPT depth model (Intel/dpt-hybrid-midas)``.
+        processor_class: ``AutoImageProcessor``, or ``AutoProcessor`` for models that also take text.
+        required_files: files a local folder must hold besides ``config.json`` (checked before loading, so a
+            missing one is a one-line error naming the folder); a tuple entry means any one of those names.
     """
     import transformers
 
     where = model_folder(path, source)
     local = Path(where).is_dir()
-    if local and not (Path(where) / "preprocessor_config.json").is_file():
-        raise WeightsNotFoundError(f"model folder {where} has no preprocessor_config.json; put {source} there")
-    processor = transformers.AutoImageProcessor.from_pretrained(where, local_files_only=local)
+    for names in required_files if local else ():
+        names = (names,) if isinstance(names, str) else names
+        if not any((Path(where) / name).is_file() for name in names):
+            raise WeightsNotFoundError(f"model folder {where} has no {' or '.join(names)}; put {source} there")
+    processor = getattr(transformers, processor_class).from_pretrained(where, local_files_only=local)
     model = getattr(transformers, auto_class).from_pretrained(where, local_files_only=local)
     return processor, model.eval().requires_grad_(False).to(device)

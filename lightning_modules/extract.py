@@ -4,6 +4,10 @@ Layout of the output folder: the input's relative paths with a ``.png`` suffix, 
 object per finished image: ``{"source": <path relative to input>, "condition": <path relative to output>,
 "extractor": <name and settings>}``. A line is appended only after its PNG is completely written (write to a temporary
 name, then rename), so after an interruption the manifest lists exactly the finished images and a rerun skips them.
+
+A grounding extractor (``condition=detected_boxes``) writes a JSON record per image instead of a PNG (``.json``
+suffix: ``{"file_name", "boxes" (normalised xyxy), "phrases", ...}``), and at the end of every run
+``grounding.jsonl`` gathers all finished records in the JSON-lines layout ``conditions.read_grounding`` reads.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from lightning_modules.errors import CtrlkitError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MANIFEST = "manifest.jsonl"
+GROUNDING_INDEX = "grounding.jsonl"
 
 
 @dataclass
@@ -42,14 +47,14 @@ def find_images(input_dir: Path) -> list[Path]:
     return sorted(p.relative_to(input_dir) for p in input_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def condition_paths(sources: list[Path]) -> dict[Path, Path]:
-    """Source -> map path relative to the output: ``a/b.jpg`` -> ``a/b.png``; when two sources would share a name
-    (``b.jpg`` and ``b.png``), both keep their suffix: ``a/b.jpg.png``, ``a/b.png.png``."""
-    plain = {source: source.with_suffix(".png") for source in sources}
+def condition_paths(sources: list[Path], suffix: str = ".png") -> dict[Path, Path]:
+    """Source -> condition path relative to the output: ``a/b.jpg`` -> ``a/b.png``; when two sources would share a
+    name (``b.jpg`` and ``b.png``), both keep their suffix: ``a/b.jpg.png``, ``a/b.png.png``."""
+    plain = {source: source.with_suffix(suffix) for source in sources}
     counts: dict[Path, int] = {}
     for target in plain.values():
         counts[target] = counts.get(target, 0) + 1
-    return {s: (t if counts[t] == 1 else s.with_name(s.name + ".png")) for s, t in plain.items()}
+    return {s: (t if counts[t] == 1 else s.with_name(s.name + suffix)) for s, t in plain.items()}
 
 
 def check_folders(input_dir: Path, output_dir: Path) -> None:
@@ -97,9 +102,25 @@ def write_map(path: Path, condition_map: np.ndarray) -> None:
     ok, encoded = cv2.imencode(".png", image)
     if not ok:
         raise OSError(f"cannot encode the map for {path}")
+    _write_atomically(path, encoded.tobytes())
+
+
+def write_record(path: Path, source: str, record) -> None:
+    """Write a grounding record (``to_json()``) as JSON, with its source image as ``file_name``, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(path, json.dumps({"file_name": source, **record.to_json()}).encode())
+
+
+def _write_atomically(path: Path, content: bytes) -> None:
     temporary = path.with_name(path.name + ".partial")
-    temporary.write_bytes(encoded.tobytes())
+    temporary.write_bytes(content)
     os.replace(temporary, path)
+
+
+def write_grounding_index(output_dir: Path, sources: list[str], conditions: dict[str, str]) -> None:
+    """``grounding.jsonl``: the finished records of ``sources`` (in that order), one JSON line each."""
+    lines = [(output_dir / conditions[source]).read_text() + "\n" for source in sources if source in conditions]
+    _write_atomically(output_dir / GROUNDING_INDEX, "".join(lines).encode())
 
 
 # A worker process keeps its own extractor (set once by the pool initializer).
@@ -108,11 +129,32 @@ _WORKER_EXTRACTOR: ConditionExtractor | None = None
 
 def _init_worker(extractor: ConditionExtractor) -> None:
     global _WORKER_EXTRACTOR
-    cv2.setNumThreads(1)  # the pool is the parallelism; nested threads only contend for the same cores
+    setup_worker_process()
+    _WORKER_EXTRACTOR = extractor
+
+
+def setup_worker_process() -> None:
+    """One thread per worker process, and freed memory kept for reuse.
+
+    The pool is the parallelism; nested threads only contend for the same cores. glibc returns freed blocks of
+    maps this size (768 KiB) to the OS and faults fresh pages in for the next map; on a loaded VM those faults
+    cost as much as the Canny itself (``benchmarks/canny_extraction.py --profile``: 0.75 ms of a 3.5 ms image for
+    one 512x512x3 output), so workers keep their freed memory, bounded by their peak use.
+    """
+    cv2.setNumThreads(1)
     import torch
 
     torch.set_num_threads(1)
-    _WORKER_EXTRACTOR = extractor
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+        except OSError:  # not glibc (e.g. musl): keep its defaults
+            return
+        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameter numbers
+        libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)  # the largest glibc allows on 64-bit
+        libc.mallopt(m_trim_threshold, 1024 * 1024 * 1024)
 
 
 def _run_chunk(task: tuple[list[tuple[str, str]], str, str]) -> list[tuple[str, str, str | None]]:
@@ -132,8 +174,11 @@ def process_chunk(
         except ImageDecodeError as error:
             results.append((source, condition, str(error)))
     if images:
-        for (source, condition), condition_map in zip(readable, extractor.process_batch(images)):
-            write_map(output_dir / condition, condition_map)
+        for (source, condition), result in zip(readable, extractor.process_batch(images)):
+            if extractor.kind == "grounding":
+                write_record(output_dir / condition, source, result)
+            else:
+                write_map(output_dir / condition, result)
             results.append((source, condition, None))
     return results
 
@@ -151,15 +196,16 @@ def extract_folder(
     chunk_size: int = 8,
     progress: bool = True,
 ) -> ExtractReport:
-    """Extract a map for every image under ``input_dir`` into ``output_dir``; skip the ones already done.
+    """Extract a map (or grounding record) for every image under ``input_dir`` into ``output_dir``; skip the ones
+    already done.
 
     Args:
-        extractor: an image-kind extractor.
+        extractor: an image-kind extractor, or a grounding one that reads pixels (``detected_boxes``).
         num_workers: worker processes (0 = in this process).
         chunk_size: images per task sent to a worker (a neural extractor batches same-sized images of a chunk).
     """
-    if extractor.kind != "image" or getattr(extractor, "reads_scene", False):
-        raise CtrlkitError(f"condition '{extractor.name}' does not make image maps from image files; pick e.g. canny")
+    if getattr(extractor, "reads_scene", False):
+        raise CtrlkitError(f"condition '{extractor.name}' reads shapes scenes, not image files; pick e.g. canny")
     if num_workers < 0 or chunk_size < 1:
         raise CtrlkitError(f"num_workers must be >= 0 and chunk_size >= 1, got {num_workers}, {chunk_size}")
     input_dir, output_dir = Path(input_dir).resolve(), Path(output_dir).resolve()
@@ -168,7 +214,7 @@ def extract_folder(
     output_dir.mkdir(parents=True, exist_ok=True)
     done = read_manifest(output_dir, settings)
     sources = find_images(input_dir)
-    targets = condition_paths(sources)
+    targets = condition_paths(sources, ".json" if extractor.kind == "grounding" else ".png")
     jobs = [(str(s), str(targets[s])) for s in sources if str(s) not in done]
     report = ExtractReport(skipped=len(sources) - len(jobs))
     tasks = [(chunk, str(input_dir), str(output_dir)) for chunk in _chunks(jobs, chunk_size)]
@@ -183,6 +229,9 @@ def extract_folder(
             context = _pool_context()
             with context.Pool(num_workers, initializer=_init_worker, initargs=(extractor,)) as pool:
                 _collect(pool.imap_unordered(_run_chunk, tasks), manifest, bar, report, settings)
+    if extractor.kind == "grounding":
+        finished = {e["source"]: e["condition"] for e in read_manifest(output_dir, settings).values()}
+        write_grounding_index(output_dir, [str(source) for source in sources], finished)
     return report
 
 
@@ -209,9 +258,9 @@ def _collect(results, manifest, bar, report: ExtractReport, settings: dict) -> N
         bar.update(len(chunk))
 
 
-def format_report(report: ExtractReport, output_dir: str | Path) -> str:
+def format_report(report: ExtractReport, output_dir: str | Path, written: str = "maps") -> str:
     lines = [
-        f"ctrlkit extract: {report.written} maps written, {report.skipped} already done, "
+        f"ctrlkit extract: {report.written} {written} written, {report.skipped} already done, "
         f"{len(report.failed)} unreadable; outputs in {output_dir}"
     ]
     lines += [f"  unreadable: {source} ({error})" for source, error in sorted(report.failed)]
@@ -226,10 +275,16 @@ def run_extract(cfg) -> ExtractReport:
     for key in ("input", "output"):
         if OmegaConf.is_missing(cfg, key):
             raise CtrlkitError(f"{key} is required: ctrlkit extract condition=<name> input=<dir> output=<dir>")
-    for key in ("condition.extractor.weights_dir", "condition.extractor.model"):
+    needed = {
+        "condition.extractor.weights_dir": "<path>",
+        "condition.extractor.model": "<path>",
+        "condition.extractor.phrases": "'[a cat,a dog]'",
+    }
+    for key, example in needed.items():
         if _is_missing(cfg, key):
-            raise CtrlkitError(f"{key} is required with condition={cfg.condition.name}: add {key}=<path>")
+            raise CtrlkitError(f"{key} is required with condition={cfg.condition.name}: add {key}={example}")
     extractor = instantiate(cfg.condition.extractor, _convert_="all")
     report = extract_folder(extractor, cfg.input, cfg.output, cfg.num_workers, cfg.chunk_size, cfg.progress)
-    print(format_report(report, Path(cfg.output).resolve()), file=sys.stderr if report.failed else sys.stdout)
+    written = "grounding records" if extractor.kind == "grounding" else "maps"
+    print(format_report(report, Path(cfg.output).resolve(), written), file=sys.stderr if report.failed else sys.stdout)
     return report

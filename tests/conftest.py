@@ -151,3 +151,83 @@ def segformer_dir(tmp_path_factory) -> Path:
     SegformerForSemanticSegmentation(config).save_pretrained(folder)
     SegformerImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
+
+
+def build_clip_tokenizer(max_length: int = 16):
+    """A CLIP BPE tokenizer laid out as OpenAI's: the 256 byte tokens, their ``</w>`` forms, then
+    ``<|startoftext|>`` and ``<|endoftext|>`` as the two highest ids (no merges: text tokenizes byte by byte).
+    OWL-ViT pools the text at ``input_ids.argmax()``, which is the end token only if it has the highest id, so a
+    tokenizer with the special tokens first (ids 0 and 1) silently pools the wrong position. Pads with "!" as
+    google/owlvit-* do."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {char: index for index, char in enumerate(alphabet)}
+    vocab.update({char + "</w>": len(alphabet) + index for index, char in enumerate(alphabet)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length, pad_token="!")
+
+
+def _save_tiny_owl(folder: Path, model_type: str) -> Path:
+    """A tiny random OWL-ViT or OWLv2 detector (64x64 input, 16-pixel patches) with its processor, saved as
+    transformers saves the hub folders."""
+    from transformers import (
+        Owlv2Config,
+        Owlv2ForObjectDetection,
+        Owlv2ImageProcessor,
+        Owlv2Processor,
+        OwlViTConfig,
+        OwlViTForObjectDetection,
+        OwlViTImageProcessor,
+        OwlViTProcessor,
+    )
+
+    tokenizer = build_clip_tokenizer()
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": tokenizer.model_max_length,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 64,
+        "patch_size": 16,
+    }
+    size = {"height": 64, "width": 64}
+    torch.manual_seed(0)
+    if model_type == "owlvit":
+        model = OwlViTForObjectDetection(OwlViTConfig(text_config=text, vision_config=vision, projection_dim=32))
+        processor = OwlViTProcessor(OwlViTImageProcessor(size=size, crop_size=size), tokenizer)
+    else:
+        model = Owlv2ForObjectDetection(Owlv2Config(text_config=text, vision_config=vision, projection_dim=32))
+        processor = Owlv2Processor(Owlv2ImageProcessor(size=size), tokenizer)
+    # Untrained heads saturate: every box collapses to a corner and every score to 0 or 1. Shrinking their
+    # weights leaves boxes near each patch's prior box and scores spread around 0.5, so records vary like real ones.
+    with torch.no_grad():
+        for head in (model.box_head, model.class_head):
+            for parameter in head.parameters():
+                parameter.mul_(0.01)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def owlvit_dir(tmp_path_factory) -> Path:
+    return _save_tiny_owl(tmp_path_factory.mktemp("owlvit"), "owlvit")
+
+
+@pytest.fixture(scope="session")
+def owlv2_dir(tmp_path_factory) -> Path:
+    return _save_tiny_owl(tmp_path_factory.mktemp("owlv2"), "owlv2")

@@ -66,6 +66,33 @@ def test_canny_batch_equals_single_images():
     assert torch.equal(extractor(batch.float() / 255), maps)
 
 
+@pytest.mark.parametrize("size", [(1, 1), (1, 9), (9, 1), (3, 5), (100, 130), (257, 123)])
+def test_canny_equals_opencv_multichannel_canny_at_any_size(size):
+    """Our stacked-plane gradients equal OpenCV's 3-channel Canny (what CannyDetector calls) at odd sizes and
+    borders too, on a photo crop and on pure noise (the worst case for ties between channels)."""
+    import cv2
+
+    height, width = size
+    noise = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    for image in (np.ascontiguousarray(photographs()["coffee"][:height, :width]), noise):
+        for low, high in [(100, 200), (0, 0), (20, 40)]:
+            ours = CannyExtractor(low, high, channels=1).process(image)[:, :, 0]
+            np.testing.assert_array_equal(ours, cv2.Canny(image, low, high))
+
+
+def test_canny_threaded_batch_equals_one_thread():
+    import pickle
+
+    photo = photographs()["rocket"]
+    images = [np.ascontiguousarray(photo[i * 40 : i * 40 + 64, : 96 + (i % 3)]) for i in range(7)]
+    threaded = CannyExtractor(threads=2)
+    expected = CannyExtractor().process_batch(images)
+    for extractor in (threaded, pickle.loads(pickle.dumps(threaded))):  # a worker process gets a pickled copy
+        for got, want in zip(extractor.process_batch(images), expected):
+            np.testing.assert_array_equal(got, want)
+    assert threaded.settings() == CannyExtractor().settings()  # threads do not change maps: not a manifest setting
+
+
 def test_canny_accepts_gray_and_rgba():
     gray = photographs()["astronaut"][:64, :64, 0]
     assert CannyExtractor()(gray).shape == (3, 64, 64)
@@ -75,7 +102,11 @@ def test_canny_accepts_gray_and_rgba():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"low_threshold": 200, "high_threshold": 100}, "thresholds"), ({"channels": 2}, "channels must be 1 or 3")],
+    [
+        ({"low_threshold": 200, "high_threshold": 100}, "thresholds"),
+        ({"channels": 2}, "channels must be 1 or 3"),
+        ({"threads": 0}, "threads must be >= 1"),
+    ],
 )
 def test_canny_rejects_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -182,6 +182,6 @@ def test_ctrlkit_train_gligen_on_boxes_end_to_end(make_train_config):
     assert grid.shape[:2] == (2 * 64 + 3 * 2, 3 * 64 + 4 * 2)
     assert (grid == np.array(BOX_COLOUR, dtype=np.uint8)).all(-1).sum() > 20
     controllability = json.loads((run / "controllability.json").read_text())
-    assert controllability["metric"] == "box_iou" and "box_iou" in controllability["base_without_adapter"]
+    assert controllability["jump_metric"] == "box_iou" and "box_iou" in controllability["base_without_adapter"]
     assert 0.0 <= controllability["final"]["box_iou"] <= 1.0
     assert controllability["dataset_images"]["box_iou"] > 0.5  # the scenes' own images score high

@@ -185,7 +185,7 @@ def test_ctrlkit_train_t2i_adapter_on_canny_end_to_end(make_train_config, adapte
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_000000.png", "step_000002.png"]
     assert Image.open(run / "samples" / "step_000002.png").size == (3 * 64 + 4 * 2, 2 * 64 + 3 * 2)
     controllability = json.loads((run / "controllability.json").read_text())
-    assert controllability["metric"] == "mask_iou" and "mask_iou" in controllability["final"]
+    assert controllability["jump_metric"] == "canny_f1" and "mask_iou" in controllability["final"]
     assert not any(p.requires_grad for p in objects["backbone"].parameters())
 
 
