@@ -10,7 +10,7 @@ import torch
 
 from conditions.base import NetworkExtractor
 from conditions.resize import Resize
-from conditions.weights import weights_file
+from conditions.weights import load_state_dict_file, weights_file
 
 
 class HEDExtractor(NetworkExtractor):
@@ -51,7 +51,7 @@ class HEDExtractor(NetworkExtractor):
         from controlnet_aux.hed import ControlNetHED_Apache2  # heavy package import, only when HED is used
 
         network = ControlNetHED_Apache2()
-        network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        network.load_state_dict(load_state_dict_file(path))
         self.network = network.float().eval().requires_grad_(False).to(device)
         self.weights = str(path)
         self.safe = safe
