@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from conditions.base import ConditionExtractor
 from conditions.resize import Resize

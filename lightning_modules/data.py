@@ -76,8 +76,8 @@ class ResumableSampler(Sampler[int]):
     Epoch ``e`` visits ``torch.randperm(n)`` drawn from a generator seeded with ``seed + e`` (Lightning calls
     ``set_epoch``). ``resume_at = (epoch, items)`` skips that many items of that epoch when it is iterated: a
     resumed run continues the epoch exactly where the killed one stopped (a checkpoint taken on an epoch's last
-    batch resumes with the next epoch, which is then iterated whole). ``consumed`` counts the epoch's items the training loop has used
-    (the data module advances it per batch; an item fetched ahead is not consumed).
+    batch resumes with the next epoch, which is then iterated whole). ``consumed`` counts the epoch's items the
+    training loop has used (the data module advances it per batch; an item fetched ahead is not consumed).
     """
 
     def __init__(self, length: int, seed: int = 0) -> None:

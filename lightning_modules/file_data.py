@@ -199,7 +199,9 @@ class FileDataModule(ConditionedDataModule):
         if not Path(root).is_dir():
             raise CtrlkitError(f"data.root {root} is not a folder")
         if skip_invalid is not None:
-            warnings.warn("data.skip_invalid is deprecated; use data.on_error=skip|raise", DeprecationWarning)
+            warnings.warn(
+                "data.skip_invalid is deprecated; use data.on_error=skip|raise", DeprecationWarning, stacklevel=2
+            )
             on_error = "skip" if skip_invalid else "raise"
         check_on_error(on_error)
         self.on_error = on_error
