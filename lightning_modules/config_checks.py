@@ -36,6 +36,36 @@ def check_group_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> No
                 raise CtrlkitError(f"unknown {key} '{name.strip()}'; choose one of: {', '.join(options)}")
 
 
+def check_override_keys(config_name: str, overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """Name an override of a key the config does not have (``system.learnng_rate=1``) in one line, with the keys
+    its parent takes, instead of Hydra's multi-line "Could not override" report. Sweeps and ``+``/``~`` overrides
+    are left to Hydra."""
+    dotted = [
+        o for o in overrides if "=" in o and not o.startswith(("+", "~", "hydra.", "--")) and "." in o.split("=")[0]
+    ]
+    if not dotted or any("," in o or o.split("=", 1)[1].startswith(_SWEEP_FUNCTIONS) for o in overrides):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    groups = [o for o in overrides if "=" in o and "." not in o.split("=")[0].lstrip("+~")]
+    try:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir)):
+            cfg = compose(config_name=config_name, overrides=groups)
+    except Exception:  # anything odd here is Hydra's to report
+        return
+    finally:
+        GlobalHydra.instance().clear()
+    for override in dotted:
+        key = override.split("=", 1)[0]
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key, throw_on_missing=False)
+        if isinstance(parent, DictConfig) and leaf not in parent.keys():
+            keys = ", ".join(sorted(str(k) for k in parent.keys() if not str(k).startswith("_")))
+            raise CtrlkitError(f"unknown key '{key}'; {parent_key} takes: {keys} (add a new key with +{key}=...)")
+
+
 def check_train_config(cfg: DictConfig) -> None:
     """Everything about the config that can be wrong, checked before any model loads; each failure is one line
     naming the key and what is allowed: adapter x condition compatibility, required values, unknown keys and wrong
