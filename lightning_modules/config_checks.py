@@ -43,7 +43,10 @@ def check_override_keys(config_name: str, overrides: list[str], conf_dir: Path =
     dotted = [
         o for o in overrides if "=" in o and not o.startswith(("+", "~", "hydra.", "--")) and "." in o.split("=")[0]
     ]
-    if not dotted or any("," in o or o.split("=", 1)[1].startswith(_SWEEP_FUNCTIONS) for o in overrides):
+    sweeping = any(
+        o in ("-m", "--multirun") or "," in o or o.partition("=")[2].startswith(_SWEEP_FUNCTIONS) for o in overrides
+    )
+    if not dotted or sweeping:
         return
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST_OVERRIDES, compose_train_config
 
 from lightning_modules.checkpoints import AtomicCheckpointIO, find_resume_checkpoint
 from lightning_modules.errors import CtrlkitError
 from lightning_modules.train import train
+from tests.conftest import FAST_OVERRIDES, compose_train_config
 
 REPO = Path(__file__).resolve().parent.parent
 # 6 steps over 4-batch epochs (so the run crosses an epoch and meets cached latents again), a checkpoint, a
