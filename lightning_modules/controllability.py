@@ -138,8 +138,9 @@ class ShapesControllabilityCallback(pl.Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
         # Other callbacks read scores from callback_metrics; checkpoint callbacks that keep a best checkpoint get
         # the fresh score now, while the module still holds the weights that earned it.
-        trainer.callback_metrics["val/mask_iou"] = torch.tensor(scores["mask_iou"])
-        for callback in trainer.checkpoint_callbacks:
+        if isinstance(getattr(trainer, "callback_metrics", None), dict):
+            trainer.callback_metrics["val/mask_iou"] = torch.tensor(scores["mask_iou"])
+        for callback in getattr(trainer, "checkpoint_callbacks", []):
             if hasattr(callback, "consider_best"):
                 callback.consider_best(trainer, "val/mask_iou", scores["mask_iou"])
 
