@@ -21,7 +21,7 @@ from conditions.pose import PoseExtractor
 from conditions.resize import RESIZE_MODES, Resize
 from conditions.seg import SegExtractor
 from conditions.shapes_truth import ShapesTruthExtractor
-from conditions.weights import WeightsNotFoundError
+from conditions.weights import UnsafeWeightsError, WeightsNotFoundError, load_state_dict_file
 
 # Name -> extractor class. A Hydra config group (conf/condition/) picks one by ``_target_``; this table serves code
 # that needs names outside Hydra (CLI listings, tests).
@@ -56,7 +56,9 @@ __all__ = [
     "RESIZE_MODES",
     "Resize",
     "ShapesTruthExtractor",
+    "UnsafeWeightsError",
     "WeightsNotFoundError",
+    "load_state_dict_file",
     "read_image",
     "to_uint8_hwc",
 ]

@@ -47,7 +47,9 @@ class DepthExtractor(NetworkExtractor):
     @torch.no_grad()
     def run_network(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Same-sized HxWx3 uint8 RGB -> HxWx``channels`` uint8 depth (255 = nearest in each image, 0 = farthest)."""
-        inputs = self.processor(images=list(images), return_tensors="pt").to(self.device)
+        # channels_last said outright: the processor would guess channels-first for an image 1 or 3 pixels high
+        inputs = self.processor(images=list(images), return_tensors="pt", input_data_format="channels_last")
+        inputs = inputs.to(self.device)
         predicted = self.network(**inputs).predicted_depth  # (B, h, w): relative inverse depth, large = near
         height, width = images[0].shape[:2]
         depth = F.interpolate(predicted[:, None].float(), size=(height, width), mode="bicubic", align_corners=False)

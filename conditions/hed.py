@@ -10,7 +10,9 @@ import torch
 
 from conditions.base import NetworkExtractor
 from conditions.resize import Resize
-from conditions.weights import weights_file
+from conditions.weights import load_state_dict_file, weights_file
+
+HED_MIN_SIDE = 16
 
 
 class HEDExtractor(NetworkExtractor):
@@ -51,7 +53,7 @@ class HEDExtractor(NetworkExtractor):
         from controlnet_aux.hed import ControlNetHED_Apache2  # heavy package import, only when HED is used
 
         network = ControlNetHED_Apache2()
-        network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        network.load_state_dict(load_state_dict_file(path))
         self.network = network.float().eval().requires_grad_(False).to(device)
         self.weights = str(path)
         self.safe = safe
@@ -65,14 +67,23 @@ class HEDExtractor(NetworkExtractor):
         """Same-sized HxWx3 uint8 RGB -> HxWx``channels`` uint8 soft edges (0..255)."""
         from controlnet_aux.util import nms, safe_step
 
+        height, width = images[0].shape[:2]
+        # four 2x2 poolings: a side under 16 px would pool away to nothing, so tiny images are padded (edge pixels
+        # repeated) and the maps cropped back; larger images run unchanged, as controlnet_aux runs them
+        pad_bottom, pad_right = max(0, HED_MIN_SIDE - height), max(0, HED_MIN_SIDE - width)
+        if pad_bottom or pad_right:
+            images = [cv2.copyMakeBorder(i, 0, pad_bottom, 0, pad_right, cv2.BORDER_REPLICATE) for i in images]
         # contiguous NCHW: the memory layout HEDdetector's single image ends up in, so PyTorch picks the same
         # convolution kernels and the output matches bit for bit
         batch = torch.from_numpy(np.stack(images)).float().permute(0, 3, 1, 2).contiguous().to(self.device)
         projections = [p[:, 0].float().cpu().numpy() for p in self.network(batch)]
-        height, width = images[0].shape[:2]
+        padded_height, padded_width = images[0].shape[:2]
         maps = []
         for index in range(len(images)):
-            sides = [cv2.resize(p[index], (width, height), interpolation=cv2.INTER_LINEAR) for p in projections]
+            sides = [
+                cv2.resize(p[index], (padded_width, padded_height), interpolation=cv2.INTER_LINEAR)[:height, :width]
+                for p in projections
+            ]
             edge = 1 / (1 + np.exp(-np.mean(np.stack(sides, axis=2), axis=2).astype(np.float64)))
             if self.safe:
                 edge = safe_step(edge)

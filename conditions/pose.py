@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from conditions.base import ConditionExtractor
 from conditions.resize import Resize
-from conditions.weights import weights_file
+from conditions.weights import load_state_dict_file, weights_file
 
 # OpenPose COCO body order, the order of each person's 18 keypoints.
 BODY_PARTS = (
@@ -55,7 +54,7 @@ class PoseExtractor(ConditionExtractor):
         # hand Body the network (util.transfer maps the upstream key names onto the module's).
         body = Body.__new__(Body)
         body.model = bodypose_model()
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_state_dict_file(path)
         body.model.load_state_dict(util.transfer(body.model, state))
         body.model.eval().requires_grad_(False).to(device)
         self._detector = OpenposeDetector(body)

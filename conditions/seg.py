@@ -61,7 +61,9 @@ class SegExtractor(NetworkExtractor):
 
     @torch.no_grad()
     def _labels(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        inputs = self.processor(images=list(images), return_tensors="pt").to(self.device)
+        # channels_last said outright: the processor would guess channels-first for an image 1 or 3 pixels high
+        inputs = self.processor(images=list(images), return_tensors="pt", input_data_format="channels_last")
+        inputs = inputs.to(self.device)
         logits = self.network(**inputs).logits  # (B, classes, h, w)
         logits = F.interpolate(logits.float(), size=images[0].shape[:2], mode="bilinear", align_corners=False)
         return list(logits.argmax(dim=1).cpu().numpy())

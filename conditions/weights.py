@@ -80,3 +80,43 @@ def load_transformers_model(
     processor = getattr(transformers, processor_class).from_pretrained(where, local_files_only=local)
     model = getattr(transformers, auto_class).from_pretrained(where, local_files_only=local)
     return processor, model.eval().requires_grad_(False).to(device)
+
+
+class UnsafeWeightsError(ValueError):
+    """A weights file is a pickle that would run code when loaded; ctrlkit refuses it and says why."""
+
+
+def load_state_dict_file(path: str | Path) -> dict:
+    """Tensors of a weights file, loaded without running any code from it.
+
+    ``.safetensors`` files load with safetensors (the default format everywhere in ctrlkit); anything else goes
+    through ``torch.load(..., weights_only=True)``, which only rebuilds tensors and plain containers.
+
+    Raises:
+        UnsafeWeightsError: the file is a pickle that needs arbitrary code (a class or function from a module);
+            the message names the offending global and says why it is refused.
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UnsafeWeightsError(unsafe_pickle_message(path, error)) from error
+
+
+def unsafe_pickle_message(path: str | Path, error: Exception) -> str:
+    """One line: which global the pickle at ``path`` wanted and why ctrlkit will not load it."""
+    detail = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line), "")
+    what = f" ({detail.rstrip('.')})" if detail else ""
+    return (
+        f"refusing to load {path}: it is a pickle that needs to run code to load{what}; loading it could execute "
+        f"anything, so ctrlkit only reads safetensors or plain-tensor pickles (torch.load weights_only=True). "
+        f"Convert it to .safetensors from a trusted copy"
+    )

@@ -12,6 +12,8 @@ from PIL import Image, ImageDraw
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torchvision.utils import make_grid, save_image
 
+from lightning_modules.checkpoints import checkpoint_files
+
 log = logging.getLogger(__name__)
 
 
@@ -150,12 +152,74 @@ class ExportAdapterCallback(pl.Callback):
 
 
 class AdapterCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``last.ckpt`` is always the state at the end of training.
+    """``ModelCheckpoint`` for runs that get killed: the newest ``keep_last`` periodic checkpoints, ``last.ckpt``
+    (always the state at the end of training) and ``best.ckpt`` (the best ``best_metric`` so far).
 
-    Lightning writes ``last`` at the end only when no ``last`` was saved before, so a run stopped by ``max_steps``
-    after a periodic save would keep a stale ``last.ckpt``.
+    Files are written atomically by the trainer's ``AtomicCheckpointIO`` and overwritten in place when a resumed run
+    reaches a step again (no ``-v1`` copies). ``best_metric`` (``val/mask_iou`` of the controllability callback)
+    arrives through ``consider_best`` when it is measured, so ``best.ckpt`` holds the weights that scored it.
+
+    Args (besides ``ModelCheckpoint``'s):
+        keep_last: periodic checkpoints kept (newest first); -1 keeps all.
+        best_metric: the score that picks ``best.ckpt`` (None: no best checkpoint).
+        best_mode: ``max`` or ``min``.
     """
 
+    BEST_NAME = "best"
+
+    def __init__(
+        self,
+        *args,
+        keep_last: int = 3,
+        best_metric: str | None = "val/mask_iou",
+        best_mode: str = "max",
+        **kwargs,
+    ) -> None:
+        kwargs.setdefault("enable_version_counter", False)
+        super().__init__(*args, **kwargs)
+        if best_mode not in ("max", "min"):
+            raise ValueError(f"best_mode must be 'max' or 'min', got '{best_mode}'")
+        self.keep_last = keep_last
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self.best_score: float | None = None
+        self.best_step: int | None = None
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning writes ``last`` at the end only when no ``last`` was saved before, so a run stopped by
+        # ``max_steps`` after a periodic save would keep a stale ``last.ckpt``.
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        self._remove_old_periodic(trainer)
+
+    def _remove_old_periodic(self, trainer: pl.Trainer) -> None:
+        if self.keep_last < 0 or not trainer.is_global_zero or self.dirpath is None:
+            return
+        special = {f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}", f"{self.BEST_NAME}{self.FILE_EXTENSION}"}
+        periodic = [path for path in checkpoint_files(Path(self.dirpath)) if path.name not in special]
+        for path in periodic[self.keep_last :]:
+            trainer.strategy.remove_checkpoint(path)
+
+    def consider_best(self, trainer: pl.Trainer, metric: str, score: float) -> None:
+        """A fresh ``metric`` value for the current weights: write ``best.ckpt`` if it beats the best so far."""
+        if metric != self.best_metric or self.dirpath is None or trainer.sanity_checking:
+            return
+        better = self.best_score is None or (
+            score > self.best_score if self.best_mode == "max" else score < self.best_score
+        )
+        if not better:
+            return
+        self.best_score, self.best_step = float(score), trainer.global_step
+        trainer.save_checkpoint(str(Path(self.dirpath) / f"{self.BEST_NAME}{self.FILE_EXTENSION}"), weights_only=False)
+        log.info("best %s=%.4f at step %d -> %s", metric, score, trainer.global_step, self.dirpath)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "best_score": self.best_score, "best_step": self.best_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.best_score = state_dict.get("best_score")
+        self.best_step = state_dict.get("best_step")

@@ -8,7 +8,7 @@ import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
-from lightning_modules.config_checks import CONF_DIR, check_group_overrides
+from lightning_modules.config_checks import CONF_DIR, check_group_overrides, check_override_keys
 from lightning_modules.errors import USER_ERRORS
 
 USAGE = """usage: ctrlkit <command> [hydra overrides ...]
@@ -112,6 +112,13 @@ COMMANDS = {
     "generate": generate_main,
     "pretrain-base": pretrain_base_main,
 }
+CONFIG_NAMES = {
+    "train": "train",
+    "evaluate": "evaluate",
+    "extract": "extract",
+    "generate": "generate",
+    "pretrain-base": "pretrain_base",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         check_group_overrides(overrides)
+        if command in CONFIG_NAMES:
+            check_override_keys(CONFIG_NAMES[command], overrides)
     except USER_ERRORS as error:
         _fail(command, error)
     sys.argv = [f"ctrlkit {command}", *overrides]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+import json
+import types
+import typing
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_modules.errors import CtrlkitError
 
@@ -32,8 +36,44 @@ def check_group_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> No
                 raise CtrlkitError(f"unknown {key} '{name.strip()}'; choose one of: {', '.join(options)}")
 
 
+def check_override_keys(config_name: str, overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """Name an override of a key the config does not have (``system.learnng_rate=1``) in one line, with the keys
+    its parent takes, instead of Hydra's multi-line "Could not override" report. Sweeps and ``+``/``~`` overrides
+    are left to Hydra."""
+    dotted = [
+        o for o in overrides if "=" in o and not o.startswith(("+", "~", "hydra.", "--")) and "." in o.split("=")[0]
+    ]
+    sweeping = any(
+        o in ("-m", "--multirun") or "," in o or o.partition("=")[2].startswith(_SWEEP_FUNCTIONS) for o in overrides
+    )
+    if not dotted or sweeping:
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    groups = [o for o in overrides if "=" in o and "." not in o.split("=")[0].lstrip("+~")]
+    try:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir)):
+            cfg = compose(config_name=config_name, overrides=groups)
+    except Exception:  # anything odd here is Hydra's to report
+        return
+    finally:
+        GlobalHydra.instance().clear()
+    for override in dotted:
+        key = override.split("=", 1)[0]
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key, throw_on_missing=False)
+        if isinstance(parent, DictConfig) and leaf not in parent.keys():
+            keys = ", ".join(sorted(str(k) for k in parent.keys() if not str(k).startswith("_")))
+            raise CtrlkitError(f"unknown key '{key}'; {parent_key} takes: {keys} (add a new key with +{key}=...)")
+
+
 def check_train_config(cfg: DictConfig) -> None:
-    """Adapter x condition compatibility and required values, named by config key."""
+    """Everything about the config that can be wrong, checked before any model loads; each failure is one line
+    naming the key and what is allowed: adapter x condition compatibility, required values, unknown keys and wrong
+    types (against the signature of each ``_target_``), probabilities, batch size, image size against the model's
+    VAE factor, and condition channels against the adapter."""
     accepts, kind = cfg.adapter.accepts, cfg.condition.kind
     if accepts != kind:
         raise CtrlkitError(
@@ -46,6 +86,9 @@ def check_train_config(cfg: DictConfig) -> None:
     for key in ("condition.extractor.weights_dir", "condition.extractor.model", "data.root"):
         if _is_missing(cfg, key):
             raise CtrlkitError(f"{key} is required: add {key}=<path>")
+    for path, node in _target_nodes(cfg):
+        check_node_against_signature(path, node)
+    check_values(cfg)
 
 
 def _is_missing(cfg: DictConfig, dotted_key: str) -> bool:
@@ -54,3 +97,160 @@ def _is_missing(cfg: DictConfig, dotted_key: str) -> bool:
     parent = OmegaConf.select(cfg, parent_key, throw_on_missing=False) if parent_key else cfg
     # `leaf in parent` is False for a ??? value, so look at the keys themselves.
     return isinstance(parent, DictConfig) and leaf in parent.keys() and OmegaConf.is_missing(parent, leaf)
+
+
+# ------------------------------------------------------------------ keys and types against the targets' signatures
+
+_SIMPLE_TYPES = {bool: "bool", int: "int", float: "float", str: "str", type(None): "null", list: "list", tuple: "list"}
+
+
+def _target_nodes(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
+    """(dotted path, node) of every config node that Hydra instantiates."""
+    paths = ["model", "condition.extractor", "data", "system", "adapter.build", "trainer"]
+    paths += [f"{group}.{name}" for group in ("callbacks", "logger") for name in (cfg.get(group) or {})]
+    found = []
+    for path in paths:
+        node = OmegaConf.select(cfg, path, throw_on_missing=False)
+        if isinstance(node, DictConfig) and "_target_" in node:
+            found.append((path, node))
+    return found
+
+
+def check_node_against_signature(path: str, node: DictConfig) -> None:
+    """Unknown keys and wrongly typed values of one ``_target_`` node, judged by the target's signature."""
+    from hydra.utils import get_object
+
+    try:
+        target = get_object(node._target_)
+        function = target.__init__ if inspect.isclass(target) else target
+        parameters = inspect.signature(function).parameters
+        hints = typing.get_type_hints(function)
+    except Exception:  # an unimportable target is reported by instantiate with its own message
+        return
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    allowed = sorted(name for name in parameters if name not in ("self", "cls", "args", "kwargs"))
+    for key in node.keys():
+        key = str(key)
+        if key.startswith("_"):
+            continue
+        if key not in parameters:
+            if takes_any:
+                continue
+            raise CtrlkitError(f"unknown key '{path}.{key}'; {path} takes: {', '.join(allowed)}")
+        if OmegaConf.is_missing(node, key) or key not in hints:
+            continue
+        try:
+            value = node[key]
+        except Exception:  # an interpolation that cannot resolve here (hydra runtime values) is not ours to judge
+            continue
+        _check_type(f"{path}.{key}", value, hints[key])
+
+
+def _check_type(key: str, value, annotation) -> None:
+    """Raise when ``value`` fits none of the simple types (or Literal values) ``annotation`` allows."""
+    options = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+    literals = [
+        a for option in options if typing.get_origin(option) is typing.Literal for a in typing.get_args(option)
+    ]
+    types_allowed = []
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if typing.get_origin(option) is typing.Literal:
+            continue
+        if origin not in _SIMPLE_TYPES:
+            return  # a class, dict, callable ...: coerced or checked by the target itself
+        types_allowed.append(origin)
+    plain = OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
+    if literals and plain in literals:
+        return
+    if any(_fits(plain, kind) for kind in types_allowed):
+        return
+    names = [_SIMPLE_TYPES[kind] for kind in types_allowed] + [repr(literal) for literal in literals]
+    raise CtrlkitError(f"{key}={plain!r} has the wrong type; allowed: {' or '.join(dict.fromkeys(names))}")
+
+
+def _is_union(annotation) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+
+def _fits(value, kind) -> bool:
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind in (list, tuple):
+        return isinstance(value, list | tuple)
+    return isinstance(value, kind)
+
+
+# ------------------------------------------------------------------ values
+
+PROBABILITY_KEYS = ("system.prompt_dropout",)
+ON_ERROR = ("skip", "raise")
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Ranges and consistency of the values that training would otherwise only trip over after loading models."""
+    for key in PROBABILITY_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, int | float) and not 0.0 <= value <= 1.0:
+            raise CtrlkitError(f"{key}={value} is a probability; allowed: a number in [0, 1]")
+    batch_size = OmegaConf.select(cfg, "data.batch_size", default=None)
+    if isinstance(batch_size, int) and batch_size < 1:
+        raise CtrlkitError(f"data.batch_size={batch_size} must be >= 1; allowed: an integer >= 1")
+    on_error = OmegaConf.select(cfg, "data.on_error", default=None)
+    if on_error is not None and on_error not in ON_ERROR:
+        raise CtrlkitError(f"data.on_error='{on_error}'; choose one of: {', '.join(ON_ERROR)}")
+    max_nonfinite = OmegaConf.select(cfg, "system.max_nonfinite_steps", default=None)
+    if isinstance(max_nonfinite, int) and max_nonfinite < 1:
+        raise CtrlkitError(f"system.max_nonfinite_steps={max_nonfinite} must be >= 1; allowed: an integer >= 1")
+    _check_channels(cfg)
+    _check_image_size(cfg)
+
+
+def _check_channels(cfg: DictConfig) -> None:
+    channels = OmegaConf.select(cfg, "condition.channels", default=None)
+    if channels is None:
+        return
+    for key in ("adapter.build.conditioning_channels", "condition.extractor.channels"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value != channels:
+            raise CtrlkitError(
+                f"{key}={value} does not match condition.channels={channels} of condition "
+                f"'{cfg.condition.get('name', '?')}'; allowed: {channels} (leave it at ${{condition.channels}})"
+            )
+
+
+def _check_image_size(cfg: DictConfig) -> None:
+    image_size = OmegaConf.select(cfg, "data.image_size", default=None)
+    factors = model_size_factors(cfg.model)
+    if not isinstance(image_size, int) or factors is None:
+        return
+    vae_factor, unet_factor = factors
+    multiple = vae_factor * unet_factor
+    if image_size < 1 or image_size % multiple:
+        nearest = max(multiple, round(image_size / multiple) * multiple)
+        raise CtrlkitError(
+            f"data.image_size={image_size} must be a positive multiple of {multiple} for this model (VAE factor "
+            f"{vae_factor} x UNet downsampling {unet_factor}); allowed: {multiple}, {2 * multiple}, ... e.g. {nearest}"
+        )
+
+
+def model_size_factors(model: DictConfig) -> tuple[int, int] | None:
+    """(VAE factor, UNet downsampling) read from the model's config files, without loading weights; None if the
+    model config does not say (then the loaded model is checked instead)."""
+    target = str(model.get("_target_", ""))
+    if target.endswith("build_tiny_backbone"):
+        return 4, 4  # lightning_modules.backbone.build_tiny_backbone: VAE (16, 32, 64), UNet (32, 64, 64)
+    if target.endswith("load_tiny_backbone"):
+        folder = Path(__file__).resolve().parent / "assets" / "tiny_shapes_sd"
+    else:
+        path = model.get("path") if "path" in model and not OmegaConf.is_missing(model, "path") else None
+        config = model.get("config")
+        folder = Path(str(path)) if path and Path(str(path)).is_dir() else Path(str(config)) if config else None
+    try:
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+    except (OSError, TypeError, ValueError):
+        return None
+    return 2 ** (len(vae["block_out_channels"]) - 1), 2 ** (len(unet["block_out_channels"]) - 1)

@@ -196,6 +196,22 @@ class ControllabilityCallback(pl.Callback):
             log.info("control appeared at step %d: %s", self.control_step, scores)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+        # Other callbacks read scores from callback_metrics; checkpoint callbacks that keep a best checkpoint get
+        # the fresh score now, while the module still holds the weights that earned it.
+        if isinstance(getattr(trainer, "callback_metrics", None), dict):
+            trainer.callback_metrics["val/mask_iou"] = torch.tensor(scores["mask_iou"])
+        for callback in getattr(trainer, "checkpoint_callbacks", []):
+            if hasattr(callback, "consider_best"):
+                callback.consider_best(trainer, "val/mask_iou", scores["mask_iou"])
+
+    def state_dict(self) -> dict:
+        """Base scores, curve and control step, so a resumed run continues the same curve."""
+        return {"base": self.base, "curve": self.curve, "control_step": self.control_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.base = state_dict.get("base")
+        self.curve = list(state_dict.get("curve", []))
+        self.control_step = state_dict.get("control_step")
 
 
 # The name this callback had when it scored shapes only (configs written before keep working).

@@ -7,14 +7,17 @@
   ``train_controlnet.py`` (``--image_column``, ``--caption_column``, ``--conditioning_image_column``).
 
 Either way the condition comes from the files (``conditions: files``) or from the configured extractor applied to
-the image on the fly (``conditions: extractor``). A malformed line or a missing file is a one-line error naming the
-index file and line, unless ``skip_invalid`` is set: then such lines are skipped and counted in the log.
+the image on the fly (``conditions: extractor``). Bad data -- a malformed line, a missing file, an empty caption, an
+image that does not decode -- is reported by file and line and skipped and counted (``on_error: skip``, the
+default), or stops the run with a one-line error (``on_error: raise``). Index lines are checked when the data
+module is built; images are decoded when their item is loaded (then the training system counts the skip).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +27,8 @@ import torch
 from torch.utils.data import Dataset
 
 from conditions import ConditionExtractor, ImageDecodeError, read_image
-from lightning_modules.data import ConditionedDataModule
-from lightning_modules.errors import CtrlkitError
+from lightning_modules.data import ConditionedDataModule, check_on_error
+from lightning_modules.errors import BadDataError, CtrlkitError
 
 log = logging.getLogger(__name__)
 CONDITION_SOURCES = ("files", "extractor")
@@ -42,9 +45,14 @@ class PairRecord:
 
 
 def read_index(
-    index_file: Path, columns: tuple[str, str, str], need_condition: bool, skip_invalid: bool
-) -> list[PairRecord]:
-    """Parse a JSON-lines index with (image, condition, prompt) ``columns``; paths are relative to its folder."""
+    index_file: Path, columns: tuple[str, str, str], need_condition: bool, on_error: str = "raise"
+) -> tuple[list[PairRecord], int]:
+    """Parse a JSON-lines index with (image, condition, prompt) ``columns``; paths are relative to its folder.
+
+    A bad line (malformed, missing key, empty caption, missing file) raises ``BadDataError`` naming the file and
+    line under ``on_error="raise"``; under ``"skip"`` it is logged by name, skipped and counted.
+    Returns (records, number of skipped lines).
+    """
     if not index_file.is_file():
         raise CtrlkitError(f"dataset index not found: {index_file}")
     image_key, condition_key, prompt_key = columns
@@ -62,6 +70,8 @@ def read_index(
                 raise ValueError(f"missing key(s) {', '.join(missing)}")
             if not isinstance(entry[prompt_key], str):
                 raise ValueError(f"'{prompt_key}' is not a string")
+            if not entry[prompt_key].strip():
+                raise ValueError(f"empty caption ('{prompt_key}')")
             record = PairRecord(
                 image=root / str(entry[image_key]),
                 condition=root / str(entry[condition_key]) if need_condition else None,
@@ -72,16 +82,17 @@ def read_index(
                 if path is not None and not path.is_file():
                     raise ValueError(f"file not found: {path}")
         except ValueError as error:  # json.JSONDecodeError is a ValueError
-            if not skip_invalid:
-                raise CtrlkitError(f"{where}: {error} (set data.skip_invalid=true to skip such lines)") from error
+            if on_error == "raise":
+                raise BadDataError(f"{where}: {error} (set data.on_error=skip to skip such lines)") from error
+            log.warning("skipping %s: %s", where, error)
             skipped += 1
             continue
         records.append(record)
     if skipped:
-        log.warning("%s: skipped %d invalid line(s) (data.skip_invalid=true)", index_file, skipped)
+        log.warning("%s: skipped %d invalid line(s) (data.on_error=skip)", index_file, skipped)
     if not records:
         raise CtrlkitError(f"{index_file} has no usable lines")
-    return records
+    return records, skipped
 
 
 def resize_and_centre_crop(image: np.ndarray, size: int, interpolation: int) -> np.ndarray:
@@ -116,6 +127,9 @@ class PairedImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def describe(self, index: int) -> str:
+        return self.records[index].where
+
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         try:
@@ -145,7 +159,10 @@ class FileDataModule(ConditionedDataModule):
         layout: ``fill50k`` or ``imagefolder`` (see module docstring).
         conditions: ``files`` or ``extractor``.
         image_column, caption_column, conditioning_image_column: ``imagefolder`` column names.
-        skip_invalid: skip (and count) malformed lines and lines naming missing files instead of failing.
+        on_error: ``skip`` (default): a bad line or an undecodable image is reported by file and line, skipped and
+            counted; ``raise``: it stops the run with a one-line error.
+        seed: the shuffling seed (``${seed}``).
+        skip_invalid: deprecated spelling of ``on_error`` (true = skip, false = raise).
     """
 
     LAYOUTS = {
@@ -163,7 +180,9 @@ class FileDataModule(ConditionedDataModule):
         val_size: int = 16,
         batch_size: int = 16,
         num_workers: int = 0,
-        skip_invalid: bool = False,
+        on_error: str = "skip",
+        seed: int = 0,
+        skip_invalid: bool | None = None,
         image_column: str = "file_name",
         caption_column: str = "text",
         conditioning_image_column: str = "conditioning_image",
@@ -179,9 +198,17 @@ class FileDataModule(ConditionedDataModule):
             raise CtrlkitError(f"data.batch_size must be >= 1, got {batch_size}")
         if not Path(root).is_dir():
             raise CtrlkitError(f"data.root {root} is not a folder")
+        if skip_invalid is not None:
+            warnings.warn(
+                "data.skip_invalid is deprecated; use data.on_error=skip|raise", DeprecationWarning, stacklevel=2
+            )
+            on_error = "skip" if skip_invalid else "raise"
+        check_on_error(on_error)
+        self.on_error = on_error
+        self.shuffle_seed = seed
         index_name, columns = self.LAYOUTS[layout]
         columns = columns or (image_column, conditioning_image_column, caption_column)
-        records = read_index(Path(root) / index_name, columns, conditions == "files", skip_invalid)
+        records, self.skipped_lines = read_index(Path(root) / index_name, columns, conditions == "files", on_error)
         if not 1 <= val_size < len(records):
             raise CtrlkitError(
                 f"data.val_size={val_size} must be >= 1 and below the {len(records)} usable pairs in {root}"

@@ -5,6 +5,7 @@ The step reads like diffusers' ``examples/controlnet/train_controlnet.py``: enco
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -16,8 +17,10 @@ import torch.nn.functional as F
 from adapters.base import ConditioningAdapter
 from adapters.sampling import make_scheduler, sample_latents
 from lightning_modules.backbone import Backbone
-from lightning_modules.errors import CtrlkitError
+from lightning_modules.checkpoints import capture_rng_states, restore_rng_states
+from lightning_modules.errors import CtrlkitError, NonFiniteLossError
 
+log = logging.getLogger(__name__)
 TIMESTEP_SAMPLINGS = ("uniform", "cubic")
 
 
@@ -72,6 +75,11 @@ class AdapterTrainingSystem(pl.LightningModule):
             Datasets whose items change between epochs (random crops, flips) must not use it.
         cache_text_embeddings: keep the frozen text encoder's output per prompt string.
         cache_limit: most cached items; beyond it new items are encoded every time.
+        seed: seeds the training generator that draws every random number of a training step (posterior sample,
+            noise, timesteps, prompt dropout). Its state is saved in checkpoints with the global RNG states, so a
+            resumed run draws exactly what the uninterrupted run would have.
+        max_nonfinite_steps: a step whose loss is NaN/inf is skipped (no update) and counted; this many in a row
+            stop the run with ``NonFiniteLossError`` naming the step (the last checkpoint is left as it was).
     """
 
     def __init__(
@@ -88,6 +96,8 @@ class AdapterTrainingSystem(pl.LightningModule):
         cache_latents: bool = False,
         cache_text_embeddings: bool = True,
         cache_limit: int = 50_000,
+        seed: int = 0,
+        max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
         if timestep_sampling not in TIMESTEP_SAMPLINGS:
@@ -115,6 +125,11 @@ class AdapterTrainingSystem(pl.LightningModule):
         self._latent_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._text_cache: dict[str, torch.Tensor] = {}
         self._phrase_cache: dict[str, torch.Tensor] = {}
+        self.training_generator = torch.Generator().manual_seed(seed)
+        self.skipped_items = 0  # bad data items left out of training batches
+        self.nonfinite_steps = 0  # steps skipped for a NaN/inf loss, in all
+        self.nonfinite_in_a_row = 0
+        self._rng_states_to_restore: dict | None = None
 
     def on_fit_start(self) -> None:
         # The frozen backbone is in eval mode on purpose; Lightning warns about any eval-mode module.
@@ -146,12 +161,14 @@ class AdapterTrainingSystem(pl.LightningModule):
         indices = batch["index"].tolist()
         missing = [row for row, index in enumerate(indices) if index not in self._latent_cache]
         fresh = {}
-        if missing:
-            means, stds = self.backbone.encode_posterior(batch["pixel_values"][missing])
-            for row, mean, std in zip(missing, means.cpu(), stds.cpu()):
-                fresh[row] = (mean, std)
-                if len(self._latent_cache) < self.hparams.cache_limit:
-                    self._latent_cache[indices[row]] = (mean, std)
+        # One item per VAE call: a cached posterior then depends on its item alone, not on which batch first met
+        # it (CPU kernels may round differently for different batch sizes), so a resumed run -- whose cache starts
+        # empty -- sees bit-identical latents.
+        for row in missing:
+            means, stds = self.backbone.encode_posterior(batch["pixel_values"][row : row + 1])
+            fresh[row] = (means[0].cpu(), stds[0].cpu())
+            if len(self._latent_cache) < self.hparams.cache_limit:
+                self._latent_cache[indices[row]] = fresh[row]
         pairs = [fresh[row] if row in fresh else self._latent_cache[index] for row, index in enumerate(indices)]
         mean = torch.stack([pair[0] for pair in pairs]).to(self.device)
         std = torch.stack([pair[1] for pair in pairs]).to(self.device)
@@ -161,10 +178,9 @@ class AdapterTrainingSystem(pl.LightningModule):
         """Frozen text-encoder output (B, L, D), computed once per distinct prompt when caching is on."""
         if not self.hparams.cache_text_embeddings:
             return self.backbone.encode_prompts(prompts)
-        new = sorted(set(prompts) - self._text_cache.keys())
-        if new:
-            for prompt, embedding in zip(new, self.backbone.encode_prompts(new)):
-                self._text_cache[prompt] = embedding
+        # one prompt per call, for the same reason as the latent cache: values independent of the batch
+        for prompt in sorted(set(prompts) - self._text_cache.keys()):
+            self._text_cache[prompt] = self.backbone.encode_prompts([prompt])[0]
         return torch.stack([self._text_cache[prompt] for prompt in prompts]).to(self.device)
 
     def phrase_embeddings(self, phrases: list[list[str]]) -> torch.Tensor:
@@ -230,13 +246,54 @@ class AdapterTrainingSystem(pl.LightningModule):
             )
         return F.mse_loss(model_pred.float(), target.float())
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.compute_loss(batch, dropout=self.condition_dropout, use_latent_cache=True)
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        """The loss of one batch, or None (no update) for a batch of only bad items or a non-finite loss."""
+        self.count_skipped_items(batch)
+        if "pixel_values" not in batch:
+            return None
+        loss = self.compute_loss(
+            batch,
+            dropout=self.condition_dropout,
+            generator=self.training_generator,
+            use_latent_cache=True,
+        )
+        if not torch.isfinite(loss):
+            return self.skip_nonfinite_step(loss)
+        self.nonfinite_in_a_row = 0
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
         return loss
 
+    def count_skipped_items(self, batch: dict) -> None:
+        skipped = batch.pop("skipped", [])
+        for message in skipped:
+            log.warning("skipped bad data item: %s", message)
+        self.skipped_items += len(skipped)
+        if skipped or self.skipped_items:
+            self.log("train/skipped_items", float(self.skipped_items), batch_size=1)
+
+    def skip_nonfinite_step(self, loss: torch.Tensor) -> None:
+        """Count a NaN/inf loss and skip its update; stop the run after ``max_nonfinite_steps`` in a row."""
+        self.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        step = self.global_step + 1  # the optimizer step this batch would have made
+        log.warning(
+            "non-finite loss %s at step %d: step skipped (%d in a row)", loss.item(), step, self.nonfinite_in_a_row
+        )
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=1)
+        limit = self.hparams.max_nonfinite_steps
+        if self.nonfinite_in_a_row >= limit:
+            raise NonFiniteLossError(
+                f"loss was {loss.item()} for {self.nonfinite_in_a_row} steps in a row, the last at step {step} "
+                f"(system.max_nonfinite_steps={limit}); stopped, the last good checkpoint is kept -- lower the "
+                f"learning rate or check the data"
+            )
+        return None
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # Fixed noise and timesteps per batch, so val/loss is comparable across validations.
+        batch.pop("skipped", None)  # bad items are counted where they are trained on, not here
+        if "pixel_values" not in batch:
+            return
         generator = torch.Generator().manual_seed(batch_idx)
         loss = self.compute_loss(batch, generator=generator)
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
@@ -257,8 +314,30 @@ class AdapterTrainingSystem(pl.LightningModule):
         checkpoint["state_dict"] = {
             name: tensor for name, tensor in checkpoint["state_dict"].items() if not name.startswith("backbone.")
         }
+        # Everything random a resumed run needs to continue bit for bit (plain values: weights_only loads them).
+        checkpoint["ctrlkit_resume"] = {
+            "training_generator": self.training_generator.get_state(),
+            "rng": capture_rng_states(),
+            "skipped_items": self.skipped_items,
+            "nonfinite_steps": self.nonfinite_steps,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+        }
+
+    def on_train_start(self) -> None:
+        # The global RNGs are set back here, just before the first resumed batch, so nothing Lightning does while
+        # restoring can shift them.
+        if self._rng_states_to_restore is not None:
+            restore_rng_states(self._rng_states_to_restore)
+            self._rng_states_to_restore = None
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        resume = checkpoint.get("ctrlkit_resume")
+        if resume is not None:
+            self.training_generator.set_state(resume["training_generator"])
+            self._rng_states_to_restore = resume["rng"]
+            self.skipped_items = int(resume["skipped_items"])
+            self.nonfinite_steps = int(resume["nonfinite_steps"])
+            self.nonfinite_in_a_row = int(resume["nonfinite_in_a_row"])
         expected = {name for name in self.state_dict() if name.startswith("adapter.")}
         found = set(checkpoint.get("state_dict", {}))
         if found != expected:

@@ -10,11 +10,18 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from lightning_modules.checkpoints import (
+    RESUME_AUTO,
+    AtomicCheckpointIO,
+    checkpoint_files,
+    find_resume_checkpoint,
+    newest_run_with_checkpoints,
+    read_training_checkpoint,
+)
 from lightning_modules.config_checks import check_train_config
 from lightning_modules.errors import CtrlkitError
 
@@ -25,27 +32,52 @@ def check_checkpoint(path: str | None) -> str | None:
     """Return ``path`` if it is a readable ctrlkit training checkpoint; raise a one-line error otherwise."""
     if path is None:
         return None
-    checkpoint_file = Path(path)
-    if not checkpoint_file.is_file():
-        raise CtrlkitError(f"ckpt_path {checkpoint_file} does not exist")
-    try:
-        checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for foreign or corrupt files
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CtrlkitError(
-            f"ckpt_path {checkpoint_file} is not a ctrlkit training checkpoint (a Lightning .ckpt written by "
-            f"ctrlkit train): {reason}"
-        ) from error
-    if (
-        not isinstance(checkpoint, dict)
-        or "state_dict" not in checkpoint
-        or "pytorch-lightning_version" not in checkpoint
-    ):
-        raise CtrlkitError(
-            f"ckpt_path {checkpoint_file} is not a ctrlkit training checkpoint: expected a Lightning checkpoint with "
-            f"'state_dict' and 'pytorch-lightning_version'"
-        )
-    return str(checkpoint_file)
+    read_training_checkpoint(path)
+    return str(path)
+
+
+def resolve_resume(cfg: DictConfig) -> str | None:
+    """The checkpoint this run starts from, or None for a fresh run.
+
+    - ``ckpt_path=<file>``: that checkpoint; the run writes into its own new directory.
+    - ``resume=auto`` (or ``ckpt_path=last``): the newest good checkpoint of this run directory (when it has one,
+      e.g. ``hydra.run.dir=<old run>``), else of the newest run under the same ``runs/`` folder; a fresh run when
+      there is none. ``resume=<run dir>`` names the run. Either way training continues in that run's directory
+      (``paths.output_dir`` is switched to it), so its checkpoints stay together.
+    A truncated or unreadable newest checkpoint is reported and the one before it is used.
+    """
+    resume, ckpt_path = cfg.get("resume"), cfg.get("ckpt_path")
+    if ckpt_path is not None and str(ckpt_path) in RESUME_AUTO:
+        resume, ckpt_path = "auto", None
+    if ckpt_path is not None:
+        if resume is not None:
+            raise CtrlkitError("give resume=<auto|run dir> or ckpt_path=<file>, not both")
+        return check_checkpoint(str(ckpt_path))
+    if resume is None:
+        return None
+    output_dir = Path(cfg.paths.output_dir)
+    if str(resume) == "auto":
+        has_checkpoints = bool(checkpoint_files(output_dir / "checkpoints"))
+        run_dir = output_dir if has_checkpoints else newest_run_with_checkpoints(output_dir.parent, output_dir)
+        if run_dir is None:
+            print(f"resume=auto: no checkpoint under {output_dir.parent}; starting a new run")
+            return None
+    else:
+        run_dir = Path(str(resume)).expanduser()
+        if run_dir.is_file():
+            return check_checkpoint(str(run_dir))
+        if run_dir.name == "checkpoints":
+            run_dir = run_dir.parent
+        if not run_dir.is_dir():
+            raise CtrlkitError(f"resume={resume}: no such run directory; give auto, a run directory or a .ckpt file")
+    checkpoint = find_resume_checkpoint(run_dir)
+    if checkpoint is None:
+        raise CtrlkitError(f"resume={resume}: {run_dir / 'checkpoints'} holds no checkpoint")
+    if run_dir.resolve() != output_dir.resolve():
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(run_dir)
+    print(f"resuming from {checkpoint}; the run continues in {run_dir}")
+    return str(checkpoint)
 
 
 def _instantiate_group(group: DictConfig | None) -> list:
@@ -63,7 +95,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Train the configured adapter; returns (final metrics, built objects)."""
     started = time.perf_counter()
     check_train_config(cfg)
-    ckpt_path = check_checkpoint(cfg.get("ckpt_path"))
+    ckpt_path = resolve_resume(cfg)
     pl.seed_everything(cfg.seed, workers=True)
 
     log.info("building backbone <%s>", cfg.model._target_)
@@ -79,7 +111,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     system = instantiate(cfg.system, backbone=backbone, adapter=adapter, _convert_="all")
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # AtomicCheckpointIO: a checkpoint file is complete or absent, never half-written by a killed job
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
 
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +123,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         logger.log_hyperparams(resolved)
 
     try:
-        trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
         _finish_wandb(loggers)
 
@@ -135,6 +168,13 @@ def _summary(objects: dict, output_dir: Path, seconds: float) -> str:
             lines.append(f"  W&B run:      {run_dir}  (offline runs upload with `wandb sync <run dir>`)")
         elif getattr(logger, "log_dir", None):
             lines.append(f"  {type(logger).__name__}: {logger.log_dir}")
+    system, datamodule = objects["system"], objects["datamodule"]
+    skipped_lines = getattr(datamodule, "skipped_lines", 0)
+    if system.skipped_items or skipped_lines or system.nonfinite_steps:
+        lines.append(
+            f"  bad data:     {skipped_lines} index line(s) and {system.skipped_items} item(s) skipped; "
+            f"{system.nonfinite_steps} step(s) skipped for a non-finite loss"
+        )
     metrics = {name: round(float(value), 5) for name, value in trainer.callback_metrics.items()}
     lines.append(f"  metrics:      {metrics}")
     return "\n".join(lines)
