@@ -198,11 +198,12 @@ class ControllabilityCallback(pl.Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
         # Other callbacks read scores from callback_metrics; checkpoint callbacks that keep a best checkpoint get
         # the fresh score now, while the module still holds the weights that earned it.
-        if isinstance(getattr(trainer, "callback_metrics", None), dict):
-            trainer.callback_metrics["val/mask_iou"] = torch.tensor(scores["mask_iou"])
-        for callback in getattr(trainer, "checkpoint_callbacks", []):
-            if hasattr(callback, "consider_best"):
-                callback.consider_best(trainer, "val/mask_iou", scores["mask_iou"])
+        for key, value in scores.items():
+            if isinstance(getattr(trainer, "callback_metrics", None), dict):
+                trainer.callback_metrics[f"val/{key}"] = torch.tensor(value)
+            for callback in getattr(trainer, "checkpoint_callbacks", []):
+                if hasattr(callback, "consider_best"):  # it keeps best.ckpt by its own best_metric, if present
+                    callback.consider_best(trainer, f"val/{key}", value)
 
     def state_dict(self) -> dict:
         """Base scores, curve and control step, so a resumed run continues the same curve."""

@@ -106,8 +106,8 @@ def nan_loss_at(steps: set[int] | None):
     """A compute_loss that returns NaN for the training steps in ``steps`` (None: always)."""
     original = AdapterTrainingSystem.compute_loss
 
-    def compute_loss(self, batch, prompt_dropout=0.0, generator=None, use_latent_cache=False):
-        loss = original(self, batch, prompt_dropout, generator, use_latent_cache)
+    def compute_loss(self, batch, *args, **kwargs):
+        loss = original(self, batch, *args, **kwargs)
         if self.training and (steps is None or self.global_step + 1 in steps):
             return loss * float("nan")
         return loss
