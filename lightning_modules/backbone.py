@@ -94,28 +94,24 @@ class Backbone(nn.Module):
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> text embeddings (B, L, D) from the frozen text encoder's last hidden state, as SD1.x uses."""
+        return self._encode_text(prompts)[0]
+
+    def _encode_text(self, texts: list[str]):
+        """The frozen text encoder's output (last hidden state, pooled EOS) for ``texts`` padded to its length."""
         tokens = self.tokenizer(
-            list(prompts),
+            list(texts),
             padding="max_length",
             max_length=self.tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         )
-        input_ids = tokens.input_ids.to(self.text_encoder.device)
-        return self.text_encoder(input_ids)[0]
+        return self.text_encoder(tokens.input_ids.to(self.text_encoder.device))
 
     @torch.no_grad()
     def encode_phrases(self, phrases: list[str]) -> torch.Tensor:
         """Phrases -> pooled embeddings (N, D): the final-layer EOS token of the frozen text encoder, "before
         projection", which GLIGEN uses as a box's phrase feature."""
-        tokens = self.tokenizer(
-            list(phrases),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        return self.text_encoder(tokens.input_ids.to(self.text_encoder.device))[1]
+        return self._encode_text(phrases)[1]
 
     def save_single_file(self, path: str | Path) -> None:
         """Write one .safetensors in the original SD layout (``model.diffusion_model.*``, ``first_stage_model.*``,

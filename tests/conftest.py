@@ -42,17 +42,22 @@ def tiny_backbone() -> Backbone:
     return build_tiny_backbone(seed=0)
 
 
-def compose_train_config(output_dir: Path, overrides: list[str] | None = None) -> DictConfig:
-    """Compose conf/train.yaml with the Hydra runtime filled in, as `ctrlkit train` would see it."""
+def compose_config(config_name: str, output_dir: Path, overrides: list[str]) -> DictConfig:
+    """Compose conf/<config_name>.yaml with the Hydra runtime filled in, as its `ctrlkit` command would see it."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose(config_name="train", return_hydra_config=True, overrides=FAST_OVERRIDES + list(overrides or []))
+        cfg = compose(config_name=config_name, return_hydra_config=True, overrides=overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
         cfg.hydra.runtime.output_dir = str(output_dir)
         cfg.hydra.job.num = 0
     HydraConfig().set_config(cfg)
     return cfg
+
+
+def compose_train_config(output_dir: Path, overrides: list[str] | None = None) -> DictConfig:
+    """conf/train.yaml with the fast test settings first."""
+    return compose_config("train", output_dir, FAST_OVERRIDES + list(overrides or []))
 
 
 @pytest.fixture

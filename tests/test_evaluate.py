@@ -5,29 +5,18 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
-from lightning_modules.config_checks import CONF_DIR
 from lightning_modules.errors import CtrlkitError
 from lightning_modules.evaluate import locate_adapter, run_evaluate
 from lightning_modules.train import train
+from tests.conftest import compose_config
 from tests.helpers.wandb_records import read_history
 from tests.test_cli import run_ctrlkit
 
 
 def compose_evaluate_config(output_dir: Path, overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose(config_name="evaluate", return_hydra_config=True, overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig().set_config(cfg)
-    return cfg
+    return compose_config("evaluate", output_dir, overrides)
 
 
 @pytest.fixture

@@ -10,9 +10,6 @@ import pytest
 import torch
 import yaml
 from diffusers import StableDiffusionControlNetPipeline
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 from PIL import Image
 
@@ -20,22 +17,18 @@ from adapters import ControlNetAdapter, make_scheduler
 from adapters.controlnet_formats import save_controlnet_single_file
 from conditions.shapes import render_scene
 from lightning_modules.backbone import load_tiny_backbone
-from lightning_modules.config_checks import CONF_DIR
 from lightning_modules.errors import CtrlkitError
 from lightning_modules.generate import run_generate
+from tests.conftest import compose_config
 from tests.test_adapters import randomize_zero_convs
 
 PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
 
 
 def compose_generate(output_dir, *overrides):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose(config_name="generate", return_hydra_config=True, overrides=list(overrides))
+    cfg = compose_config("generate", output_dir, list(overrides))
     with open_dict(cfg):
         cfg.output_dir = str(output_dir)
-        cfg.hydra.runtime.output_dir = str(output_dir)
-    HydraConfig().set_config(cfg)
     return cfg
 
 
