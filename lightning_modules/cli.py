@@ -45,17 +45,22 @@ def _fail(command: str, error: BaseException) -> None:
     raise SystemExit(2)
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def train_main(cfg: DictConfig) -> float | None:
-    from lightning_modules.train import train  # heavy imports only once the config composed
-
+def _run(command: str, function, cfg: DictConfig):
+    """``function(cfg)``, with a user error (also one Hydra wrapped while instantiating) as one line and exit 2."""
     try:
-        metrics, _ = train(cfg)
+        return function(cfg)
     except (InstantiationException, *USER_ERRORS) as error:
         cause = _user_error(error)
         if cause is None:
             raise
-        _fail("train", cause)
+        _fail(command, cause)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def train_main(cfg: DictConfig) -> float | None:
+    from lightning_modules.train import train  # heavy imports only once the config composed
+
+    metrics, _ = _run("train", train, cfg)
     return metrics.get("val/loss")
 
 
@@ -63,46 +68,28 @@ def train_main(cfg: DictConfig) -> float | None:
 def extract_main(cfg: DictConfig) -> None:
     from lightning_modules.extract import run_extract
 
-    try:
-        run_extract(cfg)
-    except (InstantiationException, *USER_ERRORS) as error:
-        cause = _user_error(error)
-        if cause is None:
-            raise
-        _fail("extract", cause)
+    _run("extract", run_extract, cfg)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def evaluate_main(cfg: DictConfig) -> None:
     from lightning_modules.evaluate import run_evaluate
 
-    try:
-        run_evaluate(cfg)
-    except (InstantiationException, *USER_ERRORS) as error:
-        cause = _user_error(error)
-        if cause is None:
-            raise
-        _fail("evaluate", cause)
+    _run("evaluate", run_evaluate, cfg)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain_base")
 def pretrain_base_main(cfg: DictConfig) -> None:
     from lightning_modules.pretrain_base import pretrain_base
 
-    pretrain_base(cfg)
+    _run("pretrain-base", pretrain_base, cfg)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
 def generate_main(cfg: DictConfig) -> None:
     from lightning_modules.generate import run_generate
 
-    try:
-        run_generate(cfg)
-    except (InstantiationException, *USER_ERRORS) as error:
-        cause = _user_error(error)
-        if cause is None:
-            raise
-        _fail("generate", cause)
+    _run("generate", run_generate, cfg)
 
 
 COMMANDS = {
