@@ -11,10 +11,13 @@ evaluates an adapter asks the condition which metric applies and never branches 
 | seg | the same segmentation model | ``seg_miou`` (labels of the input map from its palette colours) |
 | pose | OpenPose on the generated image and on the reference image | ``pose_pck`` (PCK@0.2 of the person box) |
 | shapes_truth | the colours the caption names | ``mask_iou`` (mask) or ``depth_rmse`` (depth) |
+| detected_boxes | the same detector, for the record's phrases | ``detected_box_iou``, ``detected_box_recall50`` |
 
 On ``shapes`` scenes (exact ground truth) every condition also gets :func:`scene_scores`: ``mask_iou`` of the
 caption's colours against the true foreground, ``box_iou`` of each named object's region against its true box,
-and ``caption_accuracy``. Adding a condition: write its scorer here with the decorator and a known-answer test.
+and ``caption_accuracy``. Any grounding condition can also be scored by a local detector
+(:func:`detector_box_scores`, ``ctrlkit evaluate box_detector=<folder>``). Adding a condition: write its scorer
+here with the decorator and a known-answer test.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from conditions.base import ConditionExtractor
+from conditions.boxes import GroundingRecord
 from conditions.map_metrics import aligned_rmse, edge_f1, map_ssim, palette_labels, segmentation_miou
 from conditions.metrics import colour_mask, largest_component, mask_iou, named_box_ious, score_shapes_image
 from conditions.shapes import ShapeScene
@@ -34,14 +38,16 @@ from conditions.shapes import ShapeScene
 class EvalSample:
     """One generated image with what it was conditioned on.
 
-    generated: HxWx3 uint8 image; condition: HxWxC uint8 map the adapter was given (0..255);
-    reference: HxWx3 uint8 image the condition was extracted from, where known; scene: the ``shapes`` scene.
+    generated: HxWx3 uint8 image; condition: HxWxC uint8 map the adapter was given (0..255), None for grounding;
+    reference: HxWx3 uint8 image the condition was extracted from, where known; scene: the ``shapes`` scene;
+    grounding: the boxes and phrases a grounding adapter was given.
     """
 
     generated: np.ndarray
-    condition: np.ndarray
+    condition: np.ndarray | None
     reference: np.ndarray | None = None
     scene: ShapeScene | None = None
+    grounding: GroundingRecord | None = None
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,16 @@ METRICS: dict[str, ControlMetric] = {
     "mask_iou": ControlMetric(),
     "box_iou": ControlMetric(),
     "caption_accuracy": ControlMetric(),
+    "detected_box_iou": ControlMetric(),
+    "detected_box_recall50": ControlMetric(),
 }
+
+
+def metric_of(key: str) -> ControlMetric | None:
+    """The metric a score key reports: ``canny_f1``, or ``unit1/canny_f1`` (a composition's unit 1); None for
+    keys that are not scores."""
+    return METRICS.get(key.rsplit("/", 1)[-1])
+
 
 Scorer = Callable[[ConditionExtractor, list[EvalSample]], list[dict[str, float]]]
 _SCORERS: dict[str, tuple[Scorer, Callable[[ConditionExtractor], str]]] = {}
@@ -93,10 +108,15 @@ def primary_metric(extractor: ConditionExtractor) -> str | None:
     return None if entry is None else entry[1](extractor)
 
 
+def reextraction_scores(extractor: ConditionExtractor, samples: list[EvalSample]) -> list[dict[str, float]]:
+    """Per sample: the condition's re-extraction scores (empty dicts when it has no scorer)."""
+    entry = _SCORERS.get(extractor.name)
+    return entry[0](extractor, samples) if entry else [{} for _ in samples]
+
+
 def score_samples(extractor: ConditionExtractor, samples: list[EvalSample]) -> list[dict[str, float]]:
     """Per sample: the condition's re-extraction scores, plus :func:`scene_scores` where the scene is known."""
-    entry = _SCORERS.get(extractor.name)
-    scores = entry[0](extractor, samples) if entry else [{} for _ in samples]
+    scores = reextraction_scores(extractor, samples)
     return [{**scene_scores(s.generated, s.scene), **row} if s.scene else row for s, row in zip(samples, scores)]
 
 
@@ -143,7 +163,53 @@ def shapes_boxes(image: np.ndarray, scene: ShapeScene) -> list[tuple[np.ndarray,
     return found
 
 
+def named_object_ious(found: GroundingRecord, given: GroundingRecord) -> list[float]:
+    """Per given (box, phrase): the best IoU of a found box with the same phrase, 0.0 when none was found."""
+    from conditions.map_metrics import box_iou
+
+    return [
+        max((box_iou(box, target) for box, label in zip(found.boxes, found.phrases) if label == phrase), default=0.0)
+        for target, phrase in zip(given.boxes, given.phrases)
+    ]
+
+
+def detect_named_objects(detector, samples: list[EvalSample]) -> list[GroundingRecord | None]:
+    """Run ``detector`` (``DetectedBoxesExtractor``) on each generated image, asking for the phrases that sample
+    was grounded on; None for samples without grounding."""
+    found = []
+    for s in samples:
+        if s.grounding is None or not s.grounding.phrases:
+            found.append(None)
+            continue
+        found.append(detector.detect([s.generated], phrases=list(dict.fromkeys(s.grounding.phrases)))[0])
+    return found
+
+
+def found_box_scores(found: list[GroundingRecord | None], samples: list[EvalSample]) -> list[dict[str, float]]:
+    """Scores of the boxes a detector found again (``detect_named_objects``): the mean best IoU per given object
+    and the share found at IoU >= 0.5; NaN (skipped in means) for a sample without grounding."""
+    rows = []
+    for s, record in zip(samples, found):
+        if record is None:
+            rows.append({"detected_box_iou": float("nan"), "detected_box_recall50": float("nan")})
+            continue
+        ious = np.array(named_object_ious(record, s.grounding))
+        rows.append({"detected_box_iou": float(ious.mean()), "detected_box_recall50": float((ious >= 0.5).mean())})
+    return rows
+
+
+def detector_box_scores(detector, samples: list[EvalSample]) -> list[dict[str, float]]:
+    """Boxes of the named objects re-found by ``detector``: :func:`found_box_scores` of its detections."""
+    return found_box_scores(detect_named_objects(detector, samples), samples)
+
+
 # ------------------------------------------------------------------ one scorer per condition
+
+
+@reextraction_scorer("detected_boxes", primary="detected_box_iou")
+def detected_boxes_scores(extractor, samples: list[EvalSample]) -> list[dict[str, float]]:
+    """The condition's own detector, asked for each sample's phrases, finds its objects again."""
+    return detector_box_scores(extractor, samples)
 
 
 def _grey(map_: np.ndarray) -> np.ndarray:

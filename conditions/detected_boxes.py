@@ -123,25 +123,33 @@ class DetectedBoxesExtractor(ConditionExtractor):
         return self.process(image)
 
     @torch.no_grad()
-    def detect(self, images: Sequence[np.ndarray]) -> list[DetectedBoxes]:
-        """HxWx3 uint8 RGB images (sizes may differ: the processor brings each to the model's size) -> records."""
+    def detect(self, images: Sequence[np.ndarray], phrases: Sequence[str] | None = None) -> list[DetectedBoxes]:
+        """HxWx3 uint8 RGB images (sizes may differ: the processor brings each to the model's size) -> records.
+        ``phrases``: what to look for this time instead of the configured phrases (re-extraction asks for the
+        phrases a sample was grounded on)."""
         if not images:
             return []
+        phrases = self.phrases if phrases is None else [str(phrase) for phrase in phrases]
         # the processor hands the arrays to torch, which warns on read-only ones (decoded files can be)
         images = [image if image.flags.writeable else image.copy() for image in images]
-        inputs = self.processor(text=[self.phrases] * len(images), images=images, return_tensors="pt")
+        inputs = self.processor(text=[phrases] * len(images), images=images, return_tensors="pt")
         outputs = self.network(**inputs.to(self.device))
         # (B, boxes): each box's best phrase by logit, then its sigmoid score (transformers' order: a sigmoid first
         # would tie saturated logits and pick another phrase)
         logits, labels = outputs.logits.float().max(dim=-1)
         scores = logits.sigmoid()
         return [
-            self._record(image.shape[:2], box_scores, box_labels, boxes)
+            self._record(image.shape[:2], box_scores, box_labels, boxes, phrases)
             for image, box_scores, box_labels, boxes in zip(images, scores, labels, outputs.pred_boxes.float())
         ]
 
     def _record(
-        self, size: tuple[int, int], scores: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor
+        self,
+        size: tuple[int, int],
+        scores: torch.Tensor,
+        labels: torch.Tensor,
+        boxes: torch.Tensor,
+        phrases: Sequence[str],
     ) -> DetectedBoxes:
         """One image's (boxes,) scores and phrase indices and (boxes, 4) normalised cxcywh -> its record."""
         from torchvision.ops import batched_nms
@@ -160,6 +168,6 @@ class DetectedBoxesExtractor(ConditionExtractor):
         kept = batched_nms(corners, scores, labels, self.nms_iou)[: self.max_boxes]  # best first
         return DetectedBoxes(
             boxes=corners[kept].cpu().numpy(),
-            phrases=[self.phrases[i] for i in labels[kept].tolist()],
+            phrases=[phrases[i] for i in labels[kept].tolist()],
             scores=scores[kept].cpu().numpy(),
         )

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from adapters.ldm_layout import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+from adapters.sampling import make_scheduler, sample_latents
 from conditions.shapes import VOCABULARY
 from lightning_modules.errors import CtrlkitError
 
@@ -112,6 +113,40 @@ class Backbone(nn.Module):
         """Phrases -> pooled embeddings (N, D): the final-layer EOS token of the frozen text encoder, "before
         projection", which GLIGEN uses as a box's phrase feature."""
         return self._encode_text(phrases)[1]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        image_size: tuple[int, int],
+        *,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 5.0,
+        scheduler: str = "unipc",
+        seed: int = 0,
+        negative_prompt: str = "",
+        encode_prompts=None,
+        **conditioning,
+    ) -> torch.Tensor:
+        """Sample images (B, 3, H, W) in [0, 1] of ``image_size`` (H, W) for ``prompts``, with classifier-free
+        guidance against ``negative_prompt``. ``conditioning``: ``adapter`` + ``condition`` or ``composition``
+        (``adapters.sampling.sample_latents``), nothing for the base model alone; ``encode_prompts``: a cached
+        prompt encoder to use instead of the text encoder's."""
+        encode = encode_prompts or self.encode_prompts
+        height, width = image_size
+        factor = self.vae_scale_factor
+        latents = sample_latents(
+            self.unet,
+            make_scheduler(scheduler, self.noise_scheduler.config),
+            encode(list(prompts)),
+            (len(prompts), self.unet.config.in_channels, height // factor, width // factor),
+            uncond_hidden_states=encode([negative_prompt] * len(prompts)),
+            guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps,
+            generator=torch.Generator().manual_seed(seed),
+            **conditioning,
+        )
+        return self.decode_latents(latents)
 
     def save_single_file(self, path: str | Path) -> None:
         """Write one .safetensors in the original SD layout (``model.diffusion_model.*``, ``first_stage_model.*``,

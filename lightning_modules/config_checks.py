@@ -22,6 +22,14 @@ def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
     return sorted(path.stem for path in (conf_dir / group).glob("*.yaml"))
 
 
+def load_condition_config(name: str) -> DictConfig:
+    """``conf/condition/<name>.yaml`` as a config; a name that is no option is a one-line error listing them."""
+    if name not in group_options("condition"):
+        raise CtrlkitError(f"unknown extractor '{name}'; choose one of: {', '.join(group_options('condition'))}")
+    # under a root `condition` key, as in a composed config, so its own ${condition.*} interpolations resolve
+    return OmegaConf.create({"condition": OmegaConf.load(CONF_DIR / "condition" / f"{name}.yaml")}).condition
+
+
 def check_group_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
     """Reject ``group=name`` overrides that name no yaml in ``conf/<group>/``, before Hydra composes anything."""
     for override in overrides:

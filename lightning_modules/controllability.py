@@ -19,6 +19,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from conditions.boxes import GroundingRecord
 from conditions.controllability import (
     METRICS,
     EvalSample,
@@ -39,11 +40,14 @@ def to_uint8_images(batch: torch.Tensor, low: float = 0.0) -> np.ndarray:
     return (scaled.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
-def evaluation_samples(dataset, batch: dict, generated: torch.Tensor) -> list[EvalSample]:
-    """Pair generated images (B, 3, H, W) in [0, 1] with the batch's conditions, images and (shapes) scenes."""
-    # grounding conditions (boxes + phrases) have no map to re-extract: only the scene scores apply to them
-    condition = batch["condition"]
-    conditions = to_uint8_images(condition) if isinstance(condition, torch.Tensor) else [None] * len(generated)
+def evaluation_samples(dataset, batch: dict, generated: torch.Tensor, condition=None) -> list[EvalSample]:
+    """Pair generated images (B, 3, H, W) in [0, 1] with the batch's conditions, images and (shapes) scenes.
+    ``condition``: this batch's condition from another unit's dataset (a composition), instead of the batch's."""
+    condition = batch["condition"] if condition is None else condition
+    if isinstance(condition, torch.Tensor):
+        conditions, groundings = to_uint8_images(condition), [None] * len(generated)
+    else:  # grounding (boxes + phrases) has no map: scene scores and detectors score it
+        conditions, groundings = [None] * len(generated), grounding_records(condition)
     references = to_uint8_images(batch["pixel_values"], low=-1.0)
     has_scenes = hasattr(dataset, "scene")
     return [
@@ -52,11 +56,21 @@ def evaluation_samples(dataset, batch: dict, generated: torch.Tensor) -> list[Ev
             condition=condition,
             reference=reference,
             scene=dataset.scene(int(index)) if has_scenes else None,
+            grounding=grounding,
         )
-        for image, condition, reference, index in zip(
-            to_uint8_images(generated), conditions, references, batch["index"]
+        for image, condition, reference, index, grounding in zip(
+            to_uint8_images(generated), conditions, references, batch["index"], groundings
         )
     ]
+
+
+def grounding_records(condition: dict) -> list[GroundingRecord]:
+    """A batch's padded grounding dict (boxes (B, N, 4), masks (B, N), phrases: B lists) -> the filled slots."""
+    records = []
+    for boxes, masks, phrases in zip(condition["boxes"], condition["masks"], condition["phrases"]):
+        filled = [slot for slot in range(len(phrases)) if masks[slot] > 0]
+        records.append(GroundingRecord(boxes[filled].cpu().numpy(), [phrases[slot] for slot in filled]))
+    return records
 
 
 class ControllabilityCallback(pl.Callback):

@@ -1,37 +1,52 @@
-"""``ctrlkit evaluate``: the adapter beside the base model without it, on a fixed evaluation set.
+"""``ctrlkit evaluate``: an adapter, or a composition of units, beside the base model without it, on a fixed
+evaluation set.
 
 For the first ``num_samples`` items of the data's validation split and ``num_seeds`` seeds each, both models
-sample with the same noise; every image is scored by re-extraction (the condition picks the score,
-``conditions.controllability``) and the sets by FID / KID / CLIP score (``lightning_modules.image_quality``).
+sample with the same noise; every image is scored by re-extraction (each unit's condition picks its score,
+``conditions.controllability``; in a composition of several units the scores are named ``unit<k>/<score>``),
+optionally by a local open-vocabulary detector for grounding units (``box_detector``), and the sets by FID / KID /
+CLIP score (``lightning_modules.image_quality``). Each unit's condition comes from the evaluation item: the data
+is read once per unit, with that unit's extractor, so every unit sees the same images and prompts.
 Writes ``metrics.json`` (means), ``per_sample.csv``, ``grid.png`` (best and worst adapter samples:
 condition | base | adapter | reference) and, with ``logger=wandb``, a W&B table (condition | prompt | sample | scores).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
-from torch.utils.data import default_collate
-from torchvision.utils import make_grid, save_image
 
-from adapters.sampling import make_scheduler, sample_latents
-from conditions.controllability import METRICS, mean_scores, primary_metric, score_samples
-from lightning_modules.config_checks import check_train_config
+from adapters.composition import Composition, ControlUnit
+from conditions.controllability import (
+    detect_named_objects,
+    found_box_scores,
+    mean_scores,
+    metric_of,
+    primary_metric,
+    reextraction_scores,
+    scene_scores,
+)
+from conditions.map_metrics import average_precision
+from lightning_modules.config_checks import check_train_config, load_condition_config
 from lightning_modules.controllability import evaluation_samples
+from lightning_modules.data import collate
 from lightning_modules.errors import CtrlkitError
+from lightning_modules.evaluation_report import MODELS, log_wandb, report, write_csv, write_grid
 from lightning_modules.image_quality import image_quality
 
 log = logging.getLogger(__name__)
 
-MODELS = ("base", "adapter")
+# fields of a composition unit that evaluate reads; a condition given by image or boxes (as `ctrlkit generate`
+# takes it) is replaced by the evaluation item's, extracted by the unit's extractor
+UNIT_FIELDS = ("adapter", "extractor", "scale", "start", "end", "mode", "mask")
+REPLACED_FIELDS = ("condition_image", "source_image", "boxes", "phrases")
 
 
 def locate_adapter(path: str) -> tuple[Path, Path | None]:
@@ -49,70 +64,156 @@ def locate_adapter(path: str) -> tuple[Path, Path | None]:
     return folder, config if config.is_file() else None
 
 
+@dataclass
+class EvalUnit:
+    """One unit of the evaluated composition: adapter weights, its condition config and how it is applied."""
+
+    folder: Path
+    condition: DictConfig
+    spec: dict
+    extractor: object = None
+    dataset: object = None
+    adapter: object = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.condition.name}: {self.folder}"
+
+
+def evaluation_units(cfg: DictConfig) -> tuple[list[EvalUnit], DictConfig | None]:
+    """The units to evaluate (``adapter_path``, or ``composition`` + ``units``) and the first unit's run config.
+
+    A unit's condition is its ``extractor`` (a conf/condition name), else the condition its run was trained with
+    (``from_run``), else, for a single ``adapter_path``, the ``condition`` group of this config.
+    """
+    from lightning_modules.generate import unit_specs
+
+    specs = unit_specs(cfg)
+    if cfg.get("adapter_path"):
+        if specs:
+            raise CtrlkitError("give adapter_path=<run> or composition=<file> / units=[...], not both")
+        specs = [{"adapter": cfg.adapter_path}]
+    if not specs:
+        raise CtrlkitError("nothing to evaluate: give adapter_path=<run dir>, or composition=<file> / units=[...]")
+    units, first_run = [], None
+    for index, spec in enumerate(specs):
+        unknown = set(spec) - set(UNIT_FIELDS) - set(REPLACED_FIELDS)
+        if unknown:
+            raise CtrlkitError(f"unit {index}: unknown field(s) {sorted(unknown)}; allowed: {', '.join(UNIT_FIELDS)}")
+        if not spec.get("adapter"):
+            raise CtrlkitError(f"unit {index}: adapter=<run dir or adapter folder> is required")
+        replaced = sorted(set(spec) & set(REPLACED_FIELDS))
+        if replaced:
+            log.info("unit %d: %s replaced by each evaluation item's condition", index, ", ".join(replaced))
+        folder, run_config = locate_adapter(spec["adapter"])
+        trained = OmegaConf.load(run_config) if run_config is not None and cfg.from_run else None
+        first_run = first_run if first_run is not None or trained is None else trained
+        if spec.get("extractor"):
+            condition = load_condition_config(spec["extractor"])
+        elif trained is not None:
+            condition = trained.condition
+        elif cfg.get("adapter_path"):
+            condition = cfg.condition
+        else:
+            raise CtrlkitError(
+                f"unit {index}: {folder} has no run config.yaml beside it; say its condition with extractor=<name>"
+            )
+        units.append(EvalUnit(folder=folder, condition=condition, spec=spec))
+    return units, first_run
+
+
 @torch.no_grad()
-def generate(backbone, adapter, condition: torch.Tensor, prompts: list[str], sampling: dict, seed: int):
-    """Images (B, 3, H, W) in [0, 1]; ``adapter=None`` samples the base model. Same steps as
-    ``AdapterTrainingSystem.generate``, without a training system around the modules."""
+def generate(backbone, units: list[EvalUnit] | None, conditions: list, prompts: list[str], sampling, seed: int):
+    """Images (B, 3, H, W) in [0, 1] under the units, given each unit's batch condition; ``units=None`` samples
+    the base model. The base and the composition start from the same noise for the same seed."""
+    size = sampling["image_size"]
+    composition = None
+    if units:
+        control_units = []
+        for unit, condition in zip(units, conditions):
+            start, end = unit.adapter.sampling_window  # GLIGEN's scheduled sampling unless the unit says otherwise
+            control_units.append(
+                ControlUnit(
+                    unit.adapter,
+                    _prepare(backbone, condition),
+                    scale=float(unit.spec.get("scale", 1.0)),
+                    start=float(unit.spec.get("start", start)),
+                    end=float(unit.spec.get("end", end)),
+                    mode=unit.spec.get("mode", "balanced"),
+                    mask=_region(unit.spec.get("mask"), size),
+                    name=unit.name,
+                )
+            )
+        composition = Composition(control_units)
+    options = {key: value for key, value in sampling.items() if key != "image_size"}
+    return backbone.generate(prompts, size, seed=seed, composition=composition, **options).cpu()
+
+
+def _prepare(backbone, condition):
+    """A batch condition -> adapter input on the backbone's device (grounding phrases encoded)."""
     device = backbone.unet.device
-    height, width = condition.shape[-2:]
-    factor = backbone.vae_scale_factor
-    shape = (len(prompts), backbone.unet.config.in_channels, height // factor, width // factor)
-    latents = sample_latents(
-        backbone.unet,
-        make_scheduler(sampling["scheduler"], backbone.noise_scheduler.config),
-        backbone.encode_prompts(prompts),
-        shape,
-        adapter=adapter,
-        condition=condition.to(device),
-        uncond_hidden_states=backbone.encode_prompts([""] * len(prompts)),
-        guidance_scale=sampling["guidance_scale"],
-        num_inference_steps=sampling["num_inference_steps"],
-        generator=torch.Generator().manual_seed(seed),
-    )
-    return backbone.decode_latents(latents).cpu()
+    if isinstance(condition, torch.Tensor):
+        return condition.to(device)
+    prepared = {key: value.to(device) for key, value in condition.items() if isinstance(value, torch.Tensor)}
+    phrases = condition["phrases"]
+    flat = backbone.encode_phrases([phrase for row in phrases for phrase in row])
+    prepared["phrase_embeddings"] = flat.reshape(len(phrases), len(phrases[0]), -1).to(device)
+    return prepared
+
+
+def _region(mask: str | None, size: tuple[int, int]):
+    if not mask:
+        return None
+    from lightning_modules.generate import read_mask
+
+    return read_mask(mask, size)
 
 
 def run_evaluate(cfg: DictConfig) -> dict:
-    """Evaluate the adapter at ``cfg.adapter_path`` and the base model; returns the metrics.json content."""
+    """Evaluate the adapter (or composition) and the base model; returns the metrics.json content."""
+    from lightning_modules.generate import load_adapter
+
     started = time.perf_counter()
-    folder, run_config = locate_adapter(cfg.adapter_path)
-    if run_config is not None and cfg.from_run:
-        trained = OmegaConf.load(run_config)
-        with open_dict(cfg):
-            for key in ("model", "adapter", "condition"):
-                cfg[key] = trained[key]
-        log.info("model, adapter and condition from %s", run_config)
+    units, trained = evaluation_units(cfg)
+    with open_dict(cfg):
+        if trained is not None:
+            cfg.model = trained.model
+            log.info("model from the run config of %s", units[0].folder)
+        if len(units) == 1 and cfg.get("adapter_path") and trained is not None:
+            cfg.adapter, cfg.condition = trained.adapter, trained.condition
+        scene_objects = [unit.condition.scene_objects for unit in units if "scene_objects" in unit.condition]
+        if len(units) > 1 and scene_objects and "num_objects" in cfg.data:
+            cfg.data.num_objects = scene_objects[0]  # the scenes a grounding unit was trained on (GLIGEN: 1-3)
     check_train_config(cfg)
     torch.manual_seed(cfg.seed)
     backbone = instantiate(cfg.model, _convert_="all").to(cfg.device)
-    extractor = instantiate(cfg.condition.extractor, _convert_="all")
-    dataset = instantiate(cfg.data, extractor=extractor, _convert_="all").val_dataset
+    for unit in units:
+        unit.extractor = instantiate(unit.condition.extractor, _convert_="all")
+        unit.dataset = instantiate(cfg.data, extractor=unit.extractor, _convert_="all").val_dataset
+    dataset = units[0].dataset
     count = min(cfg.num_samples, len(dataset))
-    items = [dataset[index] for index in range(count)]
-    batches = [default_collate(items[start : start + cfg.batch_size]) for start in range(0, count, cfg.batch_size)]
-    sampling = OmegaConf.to_container(cfg.sampling)
+    starts = range(0, count, cfg.batch_size)
+    batches = [
+        [collate([unit.dataset[i] for i in range(first, min(first + cfg.batch_size, count))]) for unit in units]
+        for first in starts
+    ]  # batches[b][k]: batch b read with unit k's extractor
+    sampling = {**OmegaConf.to_container(cfg.sampling), "image_size": tuple(batches[0][0]["pixel_values"].shape[-2:])}
 
     # Base first: loading an adapter may change the base UNet (an unlocked decoder, gated attention layers).
-    images: dict[str, list[torch.Tensor]] = {}
-    images["base"] = _sample_all(backbone, None, batches, sampling, cfg)
-    adapter_class = get_class(cfg.adapter.build._target_.rsplit(".", 1)[0])
-    adapter = adapter_class.from_pretrained(folder, unet=backbone.unet).to(cfg.device).eval()
-    images["adapter"] = _sample_all(backbone, adapter, batches, sampling, cfg)
+    images = {"base": _sample_all(backbone, None, batches, sampling, cfg)}
+    # grounding units last: GLIGEN adds gated layers to the shared UNet that the other adapters are built from
+    for unit in sorted(units, key=lambda unit: unit.condition.get("kind") == "grounding"):
+        unit.adapter, found = load_adapter(unit.folder, backbone)
+        unit.adapter = unit.adapter.to(cfg.device).eval()
+        log.info("%s read as %s", unit.folder, found)
+        if getattr(unit.adapter, "max_objects", None) and hasattr(unit.extractor, "max_boxes"):
+            unit.extractor.max_boxes = unit.adapter.max_objects  # grounding slots as the adapter was built
+    images["adapter"] = _sample_all(backbone, units, batches, sampling, cfg)
 
-    rows = []
-    for model in MODELS:
-        for seed_index in range(cfg.num_seeds):
-            for batch_number, batch in enumerate(batches):
-                generated = images[model][seed_index * len(batches) + batch_number]
-                samples = evaluation_samples(dataset, batch, generated)
-                for offset, scores in enumerate(score_samples(extractor, samples)):
-                    item = batch_number * cfg.batch_size + offset
-                    rows.append(
-                        {"model": model, "item": item, "seed": seed_index, "prompt": batch["prompt"][offset], **scores}
-                    )
-    metric = primary_metric(extractor) or ("mask_iou" if hasattr(dataset, "scene") else None)
-
-    real = torch.cat([(batch["pixel_values"] / 2 + 0.5).clamp(0, 1) for batch in batches])
+    detector = _box_detector(cfg, units)
+    rows, detections = _score(units, batches, images, cfg, detector)
+    metric = _primary(units)
+    real = torch.cat([(batch[0]["pixel_values"] / 2 + 0.5).clamp(0, 1) for batch in batches])
     prompts = [row["prompt"] for row in rows if row["model"] == "adapter"]
     quality = image_quality(
         _to_uint8(real),
@@ -126,129 +227,112 @@ def run_evaluate(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     summary = {
-        "adapter_path": str(folder),
-        "condition": extractor.name,
+        "adapter_path": str(units[0].folder) if len(units) == 1 else [str(unit.folder) for unit in units],
+        "condition": units[0].extractor.name if len(units) == 1 else [unit.extractor.name for unit in units],
+        "units": [
+            {"adapter": str(unit.folder), "condition": unit.extractor.name, **_unit_options(unit)} for unit in units
+        ],
         "primary_metric": metric,
         "num_items": count,
         "num_seeds": cfg.num_seeds,
-        "sampling": sampling,
-        **{model: {**_mean_of(rows, model), **quality[model]} for model in MODELS},
+        "sampling": OmegaConf.to_container(cfg.sampling),
+        **{model: {**_mean_of(rows, model), **quality[model], **detections.get(model, {})} for model in MODELS},
     }
-    _write_csv(rows, output_dir / "per_sample.csv")
+    write_csv(rows, output_dir / "per_sample.csv")
     if metric is not None:
-        summary["grid"] = _write_grid(rows, images, batches, metric, cfg, output_dir / "grid.png")
+        summary["grid"] = write_grid(rows, images, batches, metric, cfg, output_dir / "grid.png")
     (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-    _log_wandb(cfg, rows, images, batches, summary)
-    print(_report(summary, output_dir, time.perf_counter() - started))
+    log_wandb(cfg, rows, images, batches, summary)
+    print(report(summary, output_dir, time.perf_counter() - started))
     return summary
 
 
-def _sample_all(backbone, adapter, batches: list[dict], sampling: dict, cfg: DictConfig) -> list[torch.Tensor]:
+def _unit_options(unit: EvalUnit) -> dict:
+    return {key: unit.spec[key] for key in ("scale", "start", "end", "mode", "mask") if key in unit.spec}
+
+
+def _primary(units: list[EvalUnit]) -> str | None:
+    """The score the grid ranks by: the single unit's condition score; for several units ``mask_iou`` on shapes,
+    else the first unit's condition score."""
+    scenes = hasattr(units[0].dataset, "scene")
+    if len(units) == 1:
+        return primary_metric(units[0].extractor) or ("mask_iou" if scenes else None)
+    if scenes:
+        return "mask_iou"
+    first = primary_metric(units[0].extractor)
+    return f"unit0/{first}" if first else None
+
+
+def _box_detector(cfg: DictConfig, units: list[EvalUnit]):
+    """The local open-vocabulary detector that re-finds grounding units' boxes (``box_detector``), or None."""
+    if not cfg.get("box_detector") or not any(unit.condition.get("kind") == "grounding" for unit in units):
+        return None
+    from conditions.detected_boxes import DetectedBoxesExtractor
+
+    # phrases are asked per sample (each sample's grounding); this one only satisfies the constructor
+    return DetectedBoxesExtractor(cfg.box_detector, phrases=["object"], device=cfg.device)
+
+
+def _score(units, batches, images, cfg: DictConfig, detector) -> tuple[list[dict], dict]:
+    """Per-sample score rows for both models (scene scores once, each unit's re-extraction scores, named
+    ``unit<k>/<score>`` when there are several units), and per model the detector's AP@0.5 over the set."""
+    rows, ap_inputs = [], {model: ([], []) for model in MODELS}
+    for model in MODELS:
+        for seed_index in range(cfg.num_seeds):
+            for batch_number, unit_batches in enumerate(batches):
+                generated = images[model][seed_index * len(batches) + batch_number]
+                first = unit_batches[0]
+                scores = [{} for _ in range(len(generated))]
+                for k, (unit, batch) in enumerate(zip(units, unit_batches)):
+                    samples = evaluation_samples(unit.dataset, first, generated, condition=batch["condition"])
+                    prefix = f"unit{k}/" if len(units) > 1 else ""
+                    for row, unit_row, sample in zip(
+                        scores, _unit_scores(unit, samples, detector, ap_inputs[model]), samples
+                    ):
+                        if k == 0 and sample.scene is not None:
+                            row.update(scene_scores(sample.generated, sample.scene))
+                        row.update({prefix + key: value for key, value in unit_row.items()})
+                for offset, row in enumerate(scores):
+                    item = batch_number * cfg.batch_size + offset
+                    rows.append(
+                        {"model": model, "item": item, "seed": seed_index, "prompt": first["prompt"][offset], **row}
+                    )
+    detections = {
+        model: {"detected_box_ap50": average_precision(*ap_inputs[model])} for model in MODELS if ap_inputs[model][0]
+    }
+    return rows, detections
+
+
+def _unit_scores(unit: EvalUnit, samples, detector, ap_inputs: tuple[list, list]) -> list[dict]:
+    """One unit's re-extraction scores of the samples, plus the detector's for grounding (its detections and the
+    given boxes are appended to ``ap_inputs``)."""
+    rows = reextraction_scores(unit.extractor, samples)
+    if detector is None or samples[0].grounding is None:
+        return rows
+    found = detect_named_objects(detector, samples)
+    for row, detected in zip(rows, found_box_scores(found, samples)):
+        row.update(detected)
+    ap_inputs[0].extend([list(zip(record.boxes, record.scores, record.phrases)) for record in found])
+    ap_inputs[1].extend([list(zip(s.grounding.boxes, s.grounding.phrases)) for s in samples])
+    return rows
+
+
+def _sample_all(backbone, units, batches: list[list[dict]], sampling: dict, cfg: DictConfig) -> list[torch.Tensor]:
     """Samples per (seed, batch), seed-major; the noise seed depends only on (seed index, batch), so the base and
     the adapter start from the same noise."""
     results = []
     for seed_index in range(cfg.num_seeds):
-        for batch_number, batch in enumerate(batches):
+        for batch_number, unit_batches in enumerate(batches):
             seed = cfg.seed + 1000 * seed_index + batch_number
-            results.append(generate(backbone, adapter, batch["condition"], list(batch["prompt"]), sampling, seed))
+            conditions = [batch["condition"] for batch in unit_batches]
+            prompts = list(unit_batches[0]["prompt"])
+            results.append(generate(backbone, units, conditions, prompts, sampling, seed))
     return results
 
 
 def _mean_of(rows: list[dict], model: str) -> dict[str, float]:
-    return mean_scores([{k: v for k, v in row.items() if k in METRICS} for row in rows if row["model"] == model])
+    return mean_scores([{k: v for k, v in row.items() if metric_of(k)} for row in rows if row["model"] == model])
 
 
 def _to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def _write_csv(rows: list[dict], path: Path) -> None:
-    keys = list(dict.fromkeys(key for row in rows for key in row))
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _image(images: dict, batches: list[dict], model: str, seed: int, item: int, batch_size: int) -> torch.Tensor:
-    batch_number, offset = divmod(item, batch_size)
-    return images[model][seed * len(batches) + batch_number][offset]
-
-
-def _write_grid(rows, images, batches, metric: str, cfg: DictConfig, path: Path) -> dict:
-    """Best and worst adapter samples by ``metric``: rows of condition | base | adapter | reference."""
-    scored = [row for row in rows if row["model"] == "adapter" and not np.isnan(row.get(metric, np.nan))]
-    sign = 1.0 if METRICS[metric].higher_is_better else -1.0
-    ranked = sorted(scored, key=lambda row: -sign * row[metric])
-    rows_shown = min(cfg.grid_rows, len(ranked) // 2) or len(ranked)
-    chosen = {"best": ranked[:rows_shown], "worst": ranked[::-1][:rows_shown]}
-    tiles = []
-    for row in chosen["best"] + chosen["worst"]:
-        batch_number, offset = divmod(row["item"], cfg.batch_size)
-        batch = batches[batch_number]
-        condition = batch["condition"][offset][:3]
-        if condition.shape[0] == 1:
-            condition = condition.expand(3, -1, -1)
-        reference = (batch["pixel_values"][offset] / 2 + 0.5).clamp(0, 1)
-        base = _image(images, batches, "base", row["seed"], row["item"], cfg.batch_size)
-        adapter = _image(images, batches, "adapter", row["seed"], row["item"], cfg.batch_size)
-        tiles += [condition, base, adapter, reference]
-    save_image(make_grid(torch.stack(tiles), nrow=4, padding=2, pad_value=1.0), path)
-    return {
-        "file": str(path),
-        "columns": "condition | base | adapter | reference",
-        "rows": [
-            {"rank": rank, "item": row["item"], "seed": row["seed"], metric: row[metric]}
-            for rank in ("best", "worst")
-            for row in chosen[rank]
-        ],
-    }
-
-
-def _log_wandb(cfg: DictConfig, rows: list[dict], images: dict, batches: list[dict], summary: dict) -> None:
-    """A W&B table, one line per sample (model | condition | prompt | sample | scores), and the means."""
-    loggers = [instantiate(entry) for entry in (cfg.get("logger") or {}).values() if "_target_" in entry]
-    for logger in loggers:
-        if type(logger).__name__ != "WandbLogger":
-            continue
-        import wandb
-
-        score_keys = [key for key in dict.fromkeys(k for row in rows for k in row) if key in METRICS]
-        table = wandb.Table(columns=["model", "condition", "prompt", "sample", *score_keys])
-        for row in rows:
-            batch_number, offset = divmod(row["item"], cfg.batch_size)
-            condition = batches[batch_number]["condition"][offset][:3]
-            sample = _image(images, batches, row["model"], row["seed"], row["item"], cfg.batch_size)
-            table.add_data(
-                row["model"],
-                wandb.Image(condition.permute(1, 2, 0).numpy()),
-                row["prompt"],
-                wandb.Image(sample.permute(1, 2, 0).numpy()),
-                *[row.get(key) for key in score_keys],
-            )
-        means = {
-            f"evaluate/{model}/{key}": value
-            for model in MODELS
-            for key, value in summary[model].items()
-            if isinstance(value, float)
-        }
-        logger.experiment.log({"evaluate/samples": table, **means})
-        logger.experiment.finish()
-
-
-def _report(summary: dict, output_dir: Path, seconds: float) -> str:
-    lines = [
-        f"ctrlkit evaluate: {summary['adapter_path']} on {summary['num_items']} items x {summary['num_seeds']} "
-        f"seeds, condition {summary['condition']} ({seconds:.0f} s)",
-        f"  {'score':<18}{'base':>12}{'adapter':>12}",
-    ]
-    keys = [k for k in dict.fromkeys([*summary["base"], *summary["adapter"]])]
-    for key in keys:
-        base, adapter = summary["base"].get(key), summary["adapter"].get(key)
-        if isinstance(base, float) and isinstance(adapter, float):
-            marker = "  <- condition's score" if key == summary["primary_metric"] else ""
-            lines.append(f"  {key:<18}{base:>12.4f}{adapter:>12.4f}{marker}")
-        else:
-            lines.append(f"  {key:<18}{base}")
-    lines.append(f"  outputs:          {output_dir} (metrics.json, per_sample.csv, grid.png)")
-    return "\n".join(lines)

@@ -30,7 +30,7 @@ from conditions import read_image
 from conditions.boxes import GroundingRecord, pad_grounding
 from conditions.resize import fit_map
 from lightning_modules.backbone import Backbone
-from lightning_modules.config_checks import CONF_DIR, group_options
+from lightning_modules.config_checks import load_condition_config
 from lightning_modules.errors import CtrlkitError
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,7 @@ def load_adapter(path: str | Path, backbone: Backbone):
 def build_extractor(name: str, size: tuple[int, int]):
     """The extractor of ``conf/condition/<name>.yaml``, fitting its map to ``size`` (crop and resize, pixel
     perfect: the detector runs at the resolution that maps the source onto the generation size)."""
-    if name not in group_options("condition"):
-        raise CtrlkitError(f"unknown extractor '{name}'; choose one of: {', '.join(group_options('condition'))}")
-    condition = OmegaConf.load(CONF_DIR / "condition" / f"{name}.yaml")
+    condition = load_condition_config(name)
     extractor_cfg = OmegaConf.to_container(condition.extractor, resolve=False)
     if "channels" in extractor_cfg:
         extractor_cfg["channels"] = condition.channels

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from adapters.base import ConditioningAdapter
-from adapters.sampling import make_scheduler, sample_latents
 from lightning_modules.backbone import Backbone
 from lightning_modules.checkpoints import capture_rng_states, restore_rng_states
 from lightning_modules.errors import CtrlkitError, NonFiniteLossError
@@ -370,20 +369,15 @@ class AdapterTrainingSystem(pl.LightningModule):
             if not isinstance(condition, torch.Tensor):
                 raise CtrlkitError("generate() needs image_size for a condition that is not a map")
             image_size = tuple(condition.shape[-2:])
-        height, width = image_size
-        factor = self.backbone.vae_scale_factor
-        latent_channels = self.backbone.unet.config.in_channels
-        shape = (len(prompts), latent_channels, height // factor, width // factor)
-        latents = sample_latents(
-            self.backbone.unet,
-            make_scheduler(scheduler, self.backbone.noise_scheduler.config),
-            self.text_embeddings(prompts),
-            shape,
-            adapter=self.adapter if use_adapter else None,
-            condition=condition,
-            uncond_hidden_states=self.text_embeddings([negative_prompt] * len(prompts)),
-            guidance_scale=guidance_scale,
+        conditioning = {"adapter": self.adapter, "condition": condition} if use_adapter else {}
+        return self.backbone.generate(
+            prompts,
+            image_size,
             num_inference_steps=num_inference_steps,
-            generator=torch.Generator().manual_seed(seed),
+            guidance_scale=guidance_scale,
+            scheduler=scheduler,
+            seed=seed,
+            negative_prompt=negative_prompt,
+            encode_prompts=self.text_embeddings,
+            **conditioning,
         )
-        return self.backbone.decode_latents(latents)

@@ -1,20 +1,25 @@
 """Re-extraction controllability metrics on crafted inputs with known answers."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from conditions import CannyExtractor, DepthExtractor, HEDExtractor, PoseExtractor, SegExtractor
+from conditions.boxes import GroundingRecord
 from conditions.controllability import (
     METRICS,
     EvalSample,
+    detector_box_scores,
     mean_scores,
+    named_object_ious,
     primary_metric,
     scene_scores,
     score_samples,
     shapes_boxes,
 )
+from conditions.detected_boxes import DetectedBoxes
 from conditions.map_metrics import (
     aligned_rmse,
     average_precision,
@@ -179,3 +184,42 @@ def test_gain_is_the_fraction_of_the_possible_improvement():
     assert METRICS["canny_f1"].gain(0.6, base=0.2) == pytest.approx(0.5)
     assert METRICS["depth_rmse"].gain(10.0, base=40.0) == pytest.approx(0.75)
     assert METRICS["mask_iou"].gain(0.5, base=1.0) == 0.0
+
+
+class _FakeDetector:
+    """Finds fixed boxes and records the phrases it was asked for."""
+
+    def __init__(self, found: DetectedBoxes) -> None:
+        self.found, self.asked = found, []
+
+    def detect(self, images, phrases):
+        self.asked.append(list(phrases))
+        return [self.found for _ in images]
+
+
+def test_detector_box_scores_known_values():
+    found = DetectedBoxes(
+        boxes=np.array([[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1], [0, 0, 0.5, 0.5]]),
+        phrases=["red circle", "blue square", "green square"],
+        scores=np.array([0.9, 0.8, 0.7]),
+    )
+    detector = _FakeDetector(found)
+    image = np.zeros((8, 8, 3), np.uint8)
+    given = GroundingRecord(
+        # red circle: found exactly; blue square: half of its box found (IoU 0.5); yellow: not found at all
+        np.array([[0, 0, 0.5, 0.5], [0.5, 0, 1, 1], [0, 0, 1, 1]]),
+        ["red circle", "blue square", "yellow circle"],
+    )
+    samples = [
+        EvalSample(generated=image, condition=None, grounding=given),
+        EvalSample(generated=image, condition=None, grounding=None),
+    ]
+    scores = detector_box_scores(detector, samples)
+    assert scores[0]["detected_box_iou"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)
+    assert scores[0]["detected_box_recall50"] == pytest.approx(2 / 3)
+    assert math.isnan(scores[1]["detected_box_iou"])  # no grounding: skipped in means
+    assert detector.asked == [["red circle", "blue square", "yellow circle"]]  # each sample's own phrases
+    # a found box with another phrase does not count: green square sits on the red circle's box
+    assert named_object_ious(found, GroundingRecord(np.array([[0, 0, 0.5, 0.5]]), ["green square"])) == [1.0]
+    assert named_object_ious(found, GroundingRecord(np.array([[0, 0, 0.5, 0.5]]), ["blue circle"])) == [0.0]
+    assert primary_metric(SimpleNamespace(name="detected_boxes")) == "detected_box_iou"

@@ -146,3 +146,11 @@ def test_extract_config_composes_and_requires_phrases(tmp_path, owlvit_dir):
         run_extract(no_phrases)
     report = run_extract(full)
     assert report.written == 2 and len(read_grounding(tmp_path / "out" / GROUNDING_INDEX)) == 2
+
+
+def test_detect_asks_for_given_phrases_instead_of_the_configured_ones(owlvit_dir):
+    photo = photographs()["coffee"]
+    asked = DetectedBoxesExtractor(owlvit_dir, ["a cup"], threshold=0.0).detect([photo], phrases=PHRASES)[0]
+    configured = DetectedBoxesExtractor(owlvit_dir, PHRASES, threshold=0.0).detect([photo])[0]
+    np.testing.assert_array_equal(asked.boxes, configured.boxes)
+    assert asked.phrases == configured.phrases and set(asked.phrases) <= set(PHRASES)

@@ -5,12 +5,13 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra.core.global_hydra import GlobalHydra
 
 from lightning_modules.errors import CtrlkitError
-from lightning_modules.evaluate import locate_adapter, run_evaluate
+from lightning_modules.evaluate import evaluation_units, locate_adapter, run_evaluate
 from lightning_modules.train import train
-from tests.conftest import compose_config
+from tests.conftest import compose_config, compose_train_config
 from tests.helpers.wandb_records import read_history
 from tests.test_cli import run_ctrlkit
 
@@ -81,3 +82,84 @@ def test_adapter_path_errors(tmp_path):
     result = run_ctrlkit("evaluate", f"adapter_path={tmp_path / 'absent'}", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"ctrlkit evaluate: error: adapter_path {tmp_path / 'absent'} is not a folder" in result.stderr
+
+
+def test_evaluate_a_composition_of_controlnet_and_gligen(tmp_path, owlvit_dir, capsys):
+    """A composition file as `ctrlkit generate` writes it: each unit's condition comes from the evaluation items,
+    scores are named per unit, grounding boxes are re-found by a local detector."""
+    runs = {}
+    for name, overrides in {"controlnet": [], "gligen": ["adapter=gligen", "condition=boxes"]}.items():
+        cfg = compose_train_config(tmp_path / name, ["trainer.max_steps=2", *overrides])
+        train(cfg)
+        runs[name] = tmp_path / name
+    GlobalHydra.instance().clear()
+    composition = tmp_path / "composition.yaml"
+    composition.write_text(
+        yaml.safe_dump(
+            {
+                "prompts": ["a red circle"],
+                "units": [
+                    {
+                        "adapter": str(runs["controlnet"]),
+                        "source_image": "photo.png",
+                        "extractor": "canny",
+                        "scale": 0.8,
+                    },
+                    {
+                        "adapter": str(runs["gligen"] / "adapter"),
+                        "boxes": [[0, 0, 1, 1]],
+                        "phrases": ["x"],
+                        "end": 0.5,
+                    },
+                ],
+            }
+        )
+    )
+    out = tmp_path / "evaluation"
+    cfg = compose_evaluate_config(
+        out,
+        [
+            f"composition={composition}",
+            "num_samples=2",
+            "num_seeds=1",
+            "batch_size=2",
+            "sampling.num_inference_steps=2",
+            f"box_detector={owlvit_dir}",
+            f"quality.inception_weights={tmp_path / 'absent.pth'}",
+            f"quality.clip_model={tmp_path / 'absent'}",
+        ],
+    )
+    summary = run_evaluate(cfg)
+    GlobalHydra.instance().clear()
+    printed = capsys.readouterr().out
+    assert [unit["condition"] for unit in summary["units"]] == ["canny", "boxes"]
+    assert summary["units"][0]["scale"] == 0.8 and summary["units"][1]["end"] == 0.5
+    assert summary["primary_metric"] == "mask_iou"  # several units on shapes: the scene's score ranks the grid
+    for model in ("base", "adapter"):
+        scores = summary[model]
+        for key in ("unit0/canny_f1", "mask_iou", "box_iou", "unit1/detected_box_iou", "detected_box_ap50"):
+            assert 0.0 <= scores[key] <= 1.0, (model, key)
+        assert "canny_f1" not in scores  # a composition's scores are named by unit
+    rows = list(csv.DictReader((out / "per_sample.csv").open()))
+    assert len(rows) == 2 * 2 and {"unit0/canny_ssim", "unit1/detected_box_recall50"} <= set(rows[0])
+    # the composition changes the images: the same noise gives different samples with and without it
+    base = {row["item"]: row["unit0/canny_ssim"] for row in rows if row["model"] == "base"}
+    adapted = {row["item"]: row["unit0/canny_ssim"] for row in rows if row["model"] == "adapter"}
+    assert base != adapted
+    assert summary["grid"]["columns"] == "condition | condition | base | adapter | reference"
+    assert "unit1:" in printed and "unit0/canny_f1" in printed
+
+
+def test_composition_units_need_a_known_condition(tmp_path):
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "config.json").write_text("{}")
+    for units, message in [
+        ("[]", "nothing to evaluate"),
+        (f"[{{adapter: {tmp_path / 'weights'}}}]", "has no run config.yaml beside it; say its condition"),
+        (f"[{{adapter: {tmp_path / 'weights'}, extractor: nope}}]", "unknown extractor 'nope'"),
+        (f"[{{adapter: {tmp_path / 'weights'}, colour: red}}]", r"unknown field\(s\) \['colour'\]"),
+    ]:
+        cfg = compose_evaluate_config(tmp_path / "out", [f"units={units}"])
+        with pytest.raises(CtrlkitError, match=message):
+            evaluation_units(cfg)
+    GlobalHydra.instance().clear()
