@@ -64,6 +64,19 @@ class ControlUnit:
             raise ValueError(f"unit '{self.name}': mode '{self.mode}'; choose one of: {', '.join(MODES)}")
         if not 0.0 <= self.start < self.end <= 1.0:
             raise ValueError(f"unit '{self.name}': need 0 <= start < end <= 1, got start={self.start} end={self.end}")
+        if getattr(self.adapter, "accepts", None) == "grounding":
+            # grounding enters the UNet as cross-attention kwargs, not residuals: nothing to weigh, mask or route
+            # to one guidance half, so say so instead of ignoring the setting
+            unsupported = [
+                f"{name}={value}"
+                for name, value, default in (("scale", self.scale, 1.0), ("mode", self.mode, "balanced"))
+                if value != default and not (name == "scale" and value == 0)
+            ] + (["mask"] if self.mask is not None else [])
+            if unsupported:
+                raise ValueError(
+                    f"unit '{self.name}': a grounding unit (GLIGEN) takes no {', '.join(unsupported)}; it is on "
+                    "(scale 1) or off (scale 0) in its start/end window (scheduled sampling)"
+                )
 
     def active(self, step_index: int, num_steps: int) -> bool:
         return not (step_index / num_steps < self.start or (step_index + 1) / num_steps > self.end)

@@ -150,7 +150,8 @@ def main() -> None:
             raise SystemExit("outputs differ: the comparison is void")
     print(
         f"{args.images} images {SIZE}x{SIZE}, outputs identical; {cores} cores, OpenCV {cv2.__version__} "
-        f"(default {default_threads} threads), torch 1 thread; {args.repeats} rounds"
+        f"(default {default_threads} threads), torch 1 thread; {args.repeats} rounds; "
+        f"ctrlkit gradient kernel: {_OURS.kernel}"
     )
     ratios = {}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,23 @@ from conditions.base import ConditionExtractor
 from conditions.resize import Resize
 
 
+def _load_kernel():
+    """``canny_gradients`` of the compiled kernel (conditions/_canny_kernel.c, built by ``pip install``), or None
+    when it was not compiled (no C compiler at install time): the OpenCV/numpy path gives the same maps."""
+    try:
+        from conditions import _canny_kernel
+    except ImportError:
+        return None
+    function = ctypes.CDLL(_canny_kernel.__file__).canny_gradients
+    pointer = ctypes.c_void_p
+    function.argtypes = [pointer] * 5 + [ctypes.c_int, ctypes.c_int]
+    function.restype = None
+    return function
+
+
+CANNY_GRADIENTS = _load_kernel()
+
+
 class CannyExtractor(ConditionExtractor):
     """Canny edge map, pixel-identical to controlnet_aux's ``CannyDetector`` at the input's own resolution.
 
@@ -22,8 +40,10 @@ class CannyExtractor(ConditionExtractor):
     never resizes unless ``resize`` asks (no rounding to multiples of 64).
 
     ``cv2.Canny`` on a 3-channel image runs a slow generic path (6.5x a grayscale Canny, performance.md §7); this
-    class computes the same per-pixel channel choice with vectorised OpenCV/numpy calls into reused buffers and gives
-    ``cv2.Canny`` the chosen gradients, with bit-identical output (tests/test_conditions.py checks it).
+    class computes the same per-pixel channel choice in one pass of a small compiled kernel (``_canny_kernel.c``,
+    vectorised; ``kernel == "compiled"``) or, where it was not built, with OpenCV/numpy calls into reused buffers
+    (``kernel == "numpy"``), and gives ``cv2.Canny`` the chosen gradients, with bit-identical output
+    (tests/test_conditions.py checks both).
     ``process_batch`` spreads a batch over ``threads`` threads (OpenCV and numpy release the GIL).
 
     Args:
@@ -60,8 +80,14 @@ class CannyExtractor(ConditionExtractor):
         self.channels = channels
         self.resize = Resize.coerce(resize)
         self._threads = threads
+        self._kernel = "compiled" if CANNY_GRADIENTS is not None else "numpy"  # same maps: not in settings()
         self._buffers = threading.local()  # per-thread scratch arrays: fresh allocations cost more than the maths
         self._executor: ThreadPoolExecutor | None = None  # started on the first batch that needs it
+
+    @property
+    def kernel(self) -> str:
+        """ "compiled" (the C kernel was built at install) or "numpy" (OpenCV/numpy calls); the maps are the same."""
+        return self._kernel
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -123,6 +149,12 @@ class CannyExtractor(ConditionExtractor):
         """HxWx3 uint8 -> HxW uint8 edges, equal to ``cv2.Canny(image, low, high)`` on the 3-channel image."""
         height, width = image.shape[:2]
         s = self._scratch(height, width)
+        if self._kernel == "compiled":
+            planes = s["plane_rows"]  # contiguous HxW planes inside the padded stack
+            cv2.split(image, planes)
+            dx, dy = s["dx_rows"][0], s["dy_rows"][0]
+            CANNY_GRADIENTS(*(plane.ctypes.data for plane in planes), dx.ctypes.data, dy.ctypes.data, height, width)
+            return cv2.Canny(dx, dy, self.low_threshold, self.high_threshold)
         planes = s["planes"]
         cv2.split(image, s["plane_rows"])
         # OpenCV's multi-channel Canny: 3x3 Sobel with replicated borders per channel, L1 magnitude, and per pixel

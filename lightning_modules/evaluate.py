@@ -132,18 +132,21 @@ def generate(backbone, units: list[EvalUnit] | None, conditions: list, prompts: 
         control_units = []
         for unit, condition in zip(units, conditions):
             start, end = unit.adapter.sampling_window  # GLIGEN's scheduled sampling unless the unit says otherwise
-            control_units.append(
-                ControlUnit(
-                    unit.adapter,
-                    _prepare(backbone, condition),
-                    scale=float(unit.spec.get("scale", 1.0)),
-                    start=float(unit.spec.get("start", start)),
-                    end=float(unit.spec.get("end", end)),
-                    mode=unit.spec.get("mode", "balanced"),
-                    mask=_region(unit.spec.get("mask"), size),
-                    name=unit.name,
+            try:
+                control_units.append(
+                    ControlUnit(
+                        unit.adapter,
+                        _prepare(backbone, condition),
+                        scale=float(unit.spec.get("scale", 1.0)),
+                        start=float(unit.spec.get("start", start)),
+                        end=float(unit.spec.get("end", end)),
+                        mode=unit.spec.get("mode", "balanced"),
+                        mask=_region(unit.spec.get("mask"), size),
+                        name=unit.name,
+                    )
                 )
-            )
+            except ValueError as error:  # a setting the unit cannot take: one line, naming the unit
+                raise CtrlkitError(str(error)) from error
         composition = Composition(control_units)
     options = {key: value for key, value in sampling.items() if key != "image_size"}
     return backbone.generate(prompts, size, seed=seed, composition=composition, **options).cpu()

@@ -121,7 +121,7 @@ def report(summary: dict, output_dir: Path, seconds: float) -> str:
     for key in keys:
         base, adapter = summary["base"].get(key), summary["adapter"].get(key)
         if isinstance(base, float) and isinstance(adapter, float):
-            marker = "  <- condition's score" if key == summary["primary_metric"] else ""
+            marker = "  <- primary score" if key == summary["primary_metric"] else ""
             lines.append(f"  {key:<24}{base:>12.4f}{adapter:>12.4f}{marker}")
         else:
             lines.append(f"  {key:<24}{base}")

@@ -122,16 +122,19 @@ def build_units(specs: list[dict], backbone: Backbone, size: tuple[int, int], ba
             drawn = condition_map(spec, size)
             condition = to_condition_tensor(drawn, adapter.condition_channels, batch)
         start, end = adapter.sampling_window  # GLIGEN's scheduled sampling unless the unit says otherwise
-        unit = ControlUnit(
-            adapter.eval(),
-            condition,
-            scale=float(spec.get("scale", 1.0)),
-            start=float(spec.get("start", start)),
-            end=float(spec.get("end", end)),
-            mode=spec.get("mode", "balanced"),
-            mask=read_mask(spec["mask"], size) if spec.get("mask") else None,
-            name=f"{index}: {Path(spec['adapter']).name}",
-        )
+        try:
+            unit = ControlUnit(
+                adapter.eval(),
+                condition,
+                scale=float(spec.get("scale", 1.0)),
+                start=float(spec.get("start", start)),
+                end=float(spec.get("end", end)),
+                mode=spec.get("mode", "balanced"),
+                mask=read_mask(spec["mask"], size) if spec.get("mask") else None,
+                name=f"{index}: {Path(spec['adapter']).name}",
+            )
+        except ValueError as error:  # a setting the unit cannot take: one line, naming the unit
+            raise CtrlkitError(str(error)) from error
         built[index] = (unit, drawn if drawn.ndim == 3 else drawn[..., None])
     return [built[index][0] for index in range(len(specs))], [built[index][1] for index in range(len(specs))]
 

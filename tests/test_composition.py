@@ -159,3 +159,25 @@ def test_bad_unit_settings_are_named():
 def test_weigh_leaves_grounding_kwargs_untouched():
     grounding = {"cross_attention_kwargs": {"gligen": {"boxes": torch.ones(1, 2, 4)}}}
     assert _weigh(grounding, ControlUnit(None, None, scale=0.5))["cross_attention_kwargs"] is not None
+
+
+def test_a_grounding_unit_refuses_settings_it_cannot_apply():
+    from adapters.gligen import GligenAdapter
+    from lightning_modules.backbone import build_tiny_backbone
+
+    gligen = GligenAdapter.from_unet(build_tiny_backbone().unet)
+    grounding = {
+        "boxes": torch.zeros(1, 30, 4),
+        "phrase_embeddings": torch.zeros(1, 30, 32),
+        "masks": torch.zeros(1, 30),
+    }
+    for options, named in [
+        ({"scale": 0.5}, "scale=0.5"),
+        ({"mode": "control"}, "mode=control"),
+        ({"mask": torch.ones(1, 1, 8, 8)}, "mask"),
+    ]:
+        with pytest.raises(ValueError, match=f"grounding unit \\(GLIGEN\\) takes no {named}"):
+            ControlUnit(gligen, grounding, name="boxes", **options)
+    # on, off, and a window are what it has
+    for scale in (1.0, 0.0):
+        ControlUnit(gligen, grounding, scale=scale, start=0.0, end=0.3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -66,17 +68,30 @@ def test_canny_batch_equals_single_images():
     assert torch.equal(extractor(batch.float() / 255), maps)
 
 
-@pytest.mark.parametrize("size", [(1, 1), (1, 9), (9, 1), (3, 5), (100, 130), (257, 123)])
-def test_canny_equals_opencv_multichannel_canny_at_any_size(size):
-    """Our stacked-plane gradients equal OpenCV's 3-channel Canny (what CannyDetector calls) at odd sizes and
-    borders too, on a photo crop and on pure noise (the worst case for ties between channels)."""
+def canny_kernels() -> list[str]:
+    """The gradient paths to test: the numpy one always, the compiled one where it was built (CI requires it)."""
+    from conditions.canny import CANNY_GRADIENTS
+
+    if CANNY_GRADIENTS is None and os.environ.get("CI"):
+        raise AssertionError("conditions._canny_kernel was not compiled by pip install (setup.py)")
+    return ["numpy"] + (["compiled"] if CANNY_GRADIENTS is not None else [])
+
+
+@pytest.mark.parametrize("kernel", canny_kernels())
+@pytest.mark.parametrize("size", [(1, 1), (1, 9), (9, 1), (2, 2), (3, 5), (100, 130), (257, 123)])
+def test_canny_equals_opencv_multichannel_canny_at_any_size(size, kernel):
+    """Our gradients (compiled kernel, or stacked-plane numpy) equal OpenCV's 3-channel Canny (what
+    CannyDetector calls) at odd sizes and borders too, on a photo crop and on pure noise (the worst case for ties
+    between channels)."""
     import cv2
 
     height, width = size
     noise = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
     for image in (np.ascontiguousarray(photographs()["coffee"][:height, :width]), noise):
         for low, high in [(100, 200), (0, 0), (20, 40)]:
-            ours = CannyExtractor(low, high, channels=1).process(image)[:, :, 0]
+            extractor = CannyExtractor(low, high, channels=1)
+            extractor._kernel = kernel
+            ours = extractor.process(image)[:, :, 0]
             np.testing.assert_array_equal(ours, cv2.Canny(image, low, high))
 
 

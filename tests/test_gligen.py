@@ -71,6 +71,19 @@ def test_only_the_gated_layers_and_the_position_net_train(tiny_backbone):
     assert all(name.startswith(("fusers.", "position_net.")) for name in adapter.state_dict())
 
 
+def test_gates_train_at_their_own_learning_rate(tiny_backbone):
+    adapter = GligenAdapter.from_unet(tiny_backbone.unet, gate_learning_rate_scale=10.0)
+    rest, gates = adapter.param_groups(1e-3)
+    assert rest["lr"] == 1e-3 and gates["lr"] == pytest.approx(1e-2) and gates["weight_decay"] == 0.0
+    names = {id(parameter): name for name, parameter in adapter.named_parameters()}
+    assert len(gates["params"]) == 2 * len(adapter.fusers)
+    assert all(names[id(p)].endswith(("alpha_attn", "alpha_dense")) for p in gates["params"])
+    assert {id(p) for p in rest["params"] + gates["params"]} == {id(p) for p in adapter.trainable_parameters()}
+    assert not {id(p) for p in rest["params"]} & {id(p) for p in gates["params"]}
+    with pytest.raises(ValueError, match="gate_learning_rate_scale must be > 0"):
+        GligenAdapter(tiny_backbone.unet, gate_learning_rate_scale=0.0)
+
+
 def test_adapter_only_weights_round_trip(tiny_backbone, tmp_path):
     adapter = GligenAdapter.from_unet(tiny_backbone.unet, scheduled_sampling_beta=0.5)
     open_gates(adapter)

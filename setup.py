@@ -1,0 +1,16 @@
+"""The one compiled part of ctrlkit: Canny's gradient kernel (conditions/_canny_kernel.c). Everything else is in
+pyproject.toml. ``optional=True``: without a C compiler the install still succeeds and conditions/canny.py uses the
+same computation in OpenCV/numpy calls (about 1.5x slower)."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "conditions._canny_kernel",
+            sources=["conditions/_canny_kernel.c"],
+            extra_compile_args=["-O3"],
+            optional=True,
+        )
+    ]
+)
