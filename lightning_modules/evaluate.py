@@ -192,6 +192,9 @@ def run_evaluate(cfg: DictConfig) -> dict:
     backbone = instantiate(cfg.model, _convert_="all").to(cfg.device)
     for unit in units:
         unit.extractor = instantiate(unit.condition.extractor, _convert_="all")
+        slots = _grounding_slots(unit.folder)
+        if slots and hasattr(unit.extractor, "max_boxes"):
+            unit.extractor.max_boxes = slots  # pad grounding to the slots the GLIGEN adapter was built with
         unit.dataset = instantiate(cfg.data, extractor=unit.extractor, _convert_="all").val_dataset
     dataset = units[0].dataset
     count = min(cfg.num_samples, len(dataset))
@@ -209,8 +212,6 @@ def run_evaluate(cfg: DictConfig) -> dict:
         unit.adapter, found = load_adapter(unit.folder, backbone)
         unit.adapter = unit.adapter.to(cfg.device).eval()
         log.info("%s read as %s", unit.folder, found)
-        if getattr(unit.adapter, "max_objects", None) and hasattr(unit.extractor, "max_boxes"):
-            unit.extractor.max_boxes = unit.adapter.max_objects  # grounding slots as the adapter was built
     images["adapter"] = _sample_all(backbone, units, batches, sampling, cfg)
 
     detector = _box_detector(cfg, units)
@@ -248,6 +249,14 @@ def run_evaluate(cfg: DictConfig) -> dict:
     log_wandb(cfg, rows, images, batches, summary)
     print(report(summary, output_dir, time.perf_counter() - started))
     return summary
+
+
+def _grounding_slots(folder: Path) -> int | None:
+    """``max_objects`` of a GLIGEN adapter folder (its gligen_config.json), None for other adapters."""
+    from adapters.gligen import CONFIG_NAME
+
+    config = folder / CONFIG_NAME
+    return json.loads(config.read_text()).get("max_objects") if config.is_file() else None
 
 
 def _unit_options(unit: EvalUnit) -> dict:

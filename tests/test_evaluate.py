@@ -88,7 +88,8 @@ def test_evaluate_a_composition_of_controlnet_and_gligen(tmp_path, owlvit_dir, c
     """A composition file as `ctrlkit generate` writes it: each unit's condition comes from the evaluation items,
     scores are named per unit, grounding boxes are re-found by a local detector."""
     runs = {}
-    for name, overrides in {"controlnet": [], "gligen": ["adapter=gligen", "condition=boxes"]}.items():
+    gligen = ["adapter=gligen", "condition=boxes", "adapter.build.max_objects=4"]
+    for name, overrides in {"controlnet": [], "gligen": gligen}.items():
         cfg = compose_train_config(tmp_path / name, ["trainer.max_steps=2", *overrides])
         train(cfg)
         runs[name] = tmp_path / name
@@ -110,6 +111,8 @@ def test_evaluate_a_composition_of_controlnet_and_gligen(tmp_path, owlvit_dir, c
                         "boxes": [[0, 0, 1, 1]],
                         "phrases": ["x"],
                         "end": 0.5,
+                        # the condition's own config pads to 30 slots; evaluate pads to the adapter's 4
+                        "extractor": "boxes",
                     },
                 ],
             }
