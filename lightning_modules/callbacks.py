@@ -156,13 +156,16 @@ class AdapterCheckpoint(ModelCheckpoint):
     (always the state at the end of training) and ``best.ckpt`` (the best ``best_metric`` so far).
 
     Files are written atomically by the trainer's ``AtomicCheckpointIO`` and overwritten in place when a resumed run
-    reaches a step again (no ``-v1`` copies). ``best_metric`` (``val/mask_iou`` of the controllability callback)
-    arrives through ``consider_best`` when it is measured, so ``best.ckpt`` holds the weights that scored it.
+    reaches a step again (no ``-v1`` copies). ``best_metric`` (by default the condition's score, from the
+    controllability callback) arrives through ``consider_best`` when it is measured, so ``best.ckpt`` holds the
+    weights that scored it.
 
     Args (besides ``ModelCheckpoint``'s):
         keep_last: periodic checkpoints kept (newest first); -1 keeps all.
-        best_metric: the score that picks ``best.ckpt`` (None: no best checkpoint).
-        best_mode: ``max`` or ``min``.
+        best_metric: the score that picks ``best.ckpt``: ``auto`` (the controllability callback's jump metric, the
+            condition's own score: canny_f1 for canny, box_iou for boxes, ...; its direction decides), a logged key
+            such as ``val/mask_iou``, or None (no best checkpoint).
+        best_mode: ``max`` or ``min`` for a named ``best_metric``.
     """
 
     BEST_NAME = "best"
@@ -171,7 +174,7 @@ class AdapterCheckpoint(ModelCheckpoint):
         self,
         *args,
         keep_last: int = 3,
-        best_metric: str | None = "val/mask_iou",
+        best_metric: str | None = "auto",
         best_mode: str = "max",
         **kwargs,
     ) -> None:
@@ -184,6 +187,7 @@ class AdapterCheckpoint(ModelCheckpoint):
         self.best_mode = best_mode
         self.best_score: float | None = None
         self.best_step: int | None = None
+        self.best_key: str | None = None  # the score best.ckpt was picked by (``auto`` resolved)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning writes ``last`` at the end only when no ``last`` was saved before, so a run stopped by
@@ -203,23 +207,32 @@ class AdapterCheckpoint(ModelCheckpoint):
         for path in periodic[self.keep_last :]:
             trainer.strategy.remove_checkpoint(path)
 
-    def consider_best(self, trainer: pl.Trainer, metric: str, score: float) -> None:
-        """A fresh ``metric`` value for the current weights: write ``best.ckpt`` if it beats the best so far."""
-        if metric != self.best_metric or self.dirpath is None or trainer.sanity_checking:
+    def consider_best(
+        self, trainer: pl.Trainer, metric: str, score: float, *, primary: bool = False, higher_is_better: bool = True
+    ) -> None:
+        """A fresh ``metric`` value for the current weights: write ``best.ckpt`` if it beats the best so far.
+        ``primary``: it is the controllability callback's jump metric (what ``best_metric: auto`` follows)."""
+        wanted = primary if self.best_metric == "auto" else metric == self.best_metric
+        if not wanted or self.dirpath is None or trainer.sanity_checking:
             return
-        better = self.best_score is None or (
-            score > self.best_score if self.best_mode == "max" else score < self.best_score
-        )
+        mode = ("max" if higher_is_better else "min") if self.best_metric == "auto" else self.best_mode
+        better = self.best_score is None or (score > self.best_score if mode == "max" else score < self.best_score)
         if not better:
             return
-        self.best_score, self.best_step = float(score), trainer.global_step
+        self.best_score, self.best_step, self.best_key = float(score), trainer.global_step, metric
         trainer.save_checkpoint(str(Path(self.dirpath) / f"{self.BEST_NAME}{self.FILE_EXTENSION}"), weights_only=False)
         log.info("best %s=%.4f at step %d -> %s", metric, score, trainer.global_step, self.dirpath)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "best_score": self.best_score, "best_step": self.best_step}
+        return {
+            **super().state_dict(),
+            "best_score": self.best_score,
+            "best_step": self.best_step,
+            "best_key": self.best_key,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self.best_score = state_dict.get("best_score")
         self.best_step = state_dict.get("best_step")
+        self.best_key = state_dict.get("best_key")

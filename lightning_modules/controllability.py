@@ -217,7 +217,13 @@ class ControllabilityCallback(pl.Callback):
                 trainer.callback_metrics[f"val/{key}"] = torch.tensor(value)
             for callback in getattr(trainer, "checkpoint_callbacks", []):
                 if hasattr(callback, "consider_best"):  # it keeps best.ckpt by its own best_metric, if present
-                    callback.consider_best(trainer, f"val/{key}", value)
+                    callback.consider_best(
+                        trainer,
+                        f"val/{key}",
+                        value,
+                        primary=key == self.jump_metric,
+                        higher_is_better=METRICS[key].higher_is_better if key in METRICS else True,
+                    )
 
     def state_dict(self) -> dict:
         """Base scores, curve and control step, so a resumed run continues the same curve."""

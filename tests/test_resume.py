@@ -121,7 +121,9 @@ def test_checkpoints_keep_the_last_k_and_the_best(uninterrupted):
     best = torch.load(uninterrupted / "checkpoints" / "best.ckpt", weights_only=True)
     state = next(value for key, value in best["callbacks"].items() if key.startswith("AdapterCheckpoint"))
     curve = next(value for key, value in best["callbacks"].items() if "Controllability" in key)["curve"]
-    assert state["best_score"] == max(point["mask_iou"] for point in curve[: len(curve)])
+    # best_metric auto: the condition's own score (canny_f1 for the default canny condition), not mask_iou
+    assert state["best_key"] == "val/canny_f1"
+    assert state["best_score"] == max(point["canny_f1"] for point in curve[: len(curve)])
     assert best["global_step"] == state["best_step"]
 
 
@@ -162,3 +164,31 @@ def test_resume_errors_are_one_line(make_train_config, tmp_path):
     (tmp_path / "broken" / "checkpoints" / "last.ckpt").write_bytes(b"\x00")
     with pytest.raises(CtrlkitError, match="no checkpoint in .*broken/checkpoints can be read"):
         train(make_train_config(f"resume={tmp_path / 'broken'}"))
+
+
+def test_best_checkpoint_follows_the_condition_score_and_its_direction(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning_modules.callbacks import AdapterCheckpoint
+
+    def scores(checkpoint, reports) -> list[int]:
+        saved = []
+        trainer = SimpleNamespace(sanity_checking=False, global_step=0)
+        trainer.save_checkpoint = lambda path, weights_only: saved.append(trainer.global_step)
+        for step, (key, score, primary, higher_is_better) in enumerate(reports):
+            trainer.global_step = step
+            checkpoint.consider_best(trainer, key, score, primary=primary, higher_is_better=higher_is_better)
+        return saved
+
+    reports = [
+        ("val/mask_iou", 0.9, False, True),
+        ("val/depth_rmse", 10.0, True, False),  # the condition's score, lower is better
+        ("val/depth_rmse", 12.0, True, False),
+        ("val/mask_iou", 0.95, False, True),
+        ("val/depth_rmse", 8.0, True, False),
+    ]
+    auto = AdapterCheckpoint(dirpath=str(tmp_path / "a"), best_metric="auto")
+    assert scores(auto, reports) == [1, 4] and auto.best_key == "val/depth_rmse" and auto.best_score == 8.0
+    named = AdapterCheckpoint(dirpath=str(tmp_path / "b"), best_metric="val/mask_iou", best_mode="max")
+    assert scores(named, reports) == [0, 3] and named.best_key == "val/mask_iou"
+    assert scores(AdapterCheckpoint(dirpath=str(tmp_path / "c"), best_metric=None), reports) == []
