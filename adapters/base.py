@@ -29,6 +29,21 @@ class AdapterFormatError(ValueError):
     """Saved adapter weights are missing or not in a format this adapter reads; the message names the path."""
 
 
+def load_diffusers_folder(model_class, directory: str | Path):
+    """``model_class.from_pretrained(directory)`` offline, with a one-line ``AdapterFormatError`` naming the folder
+    (and the missing config.json, or the loader's first line) instead of diffusers' traceback."""
+    directory = Path(directory)
+    name = model_class.__name__
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise AdapterFormatError(f"{directory} is not a diffusers {name} folder: {config_file} not found")
+    try:
+        return model_class.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise AdapterFormatError(f"cannot load a {name} from {directory}: {first_line}") from error
+
+
 class ConditioningAdapter(nn.Module, ABC):
     """An ``nn.Module`` built from a frozen UNet that turns a condition into UNet keyword arguments.
 

@@ -13,7 +13,7 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from adapters.base import AdapterFormatError, ConditioningAdapter, UNetKwargs
+from adapters.base import AdapterFormatError, ConditioningAdapter, UNetKwargs, load_diffusers_folder
 
 # diffusers' default hint encoder for SD (8x down to the latent grid). Its first log2(f) + 1 entries give f x down.
 _SD_HINT_CHANNELS = (16, 32, 96, 256)
@@ -157,14 +157,7 @@ class ControlNetAdapter(ConditioningAdapter):
     ) -> ControlNetAdapter:
         """Load a diffusers ``ControlNetModel`` folder; a saved unlocked decoder is loaded into ``unet``."""
         directory = Path(directory)
-        config_file = directory / "config.json"
-        if not config_file.is_file():
-            raise AdapterFormatError(f"{directory} is not a diffusers ControlNetModel folder: {config_file} not found")
-        try:
-            controlnet = ControlNetModel.from_pretrained(directory, local_files_only=True)
-        except (OSError, ValueError, KeyError, RuntimeError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise AdapterFormatError(f"cannot load a ControlNetModel from {directory}: {first_line}") from error
+        controlnet = load_diffusers_folder(ControlNetModel, directory)
         decoder = None
         decoder_file = directory / DECODER_WEIGHTS_NAME
         if decoder_file.is_file():

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from diffusers import T2IAdapter, UNet2DConditionModel
 
-from adapters.base import AdapterFormatError, ConditioningAdapter, UNetKwargs
+from adapters.base import ConditioningAdapter, UNetKwargs, load_diffusers_folder
 
 ADAPTER_TYPES = ("full_adapter", "light_adapter", "full_adapter_xl")
 # diffusers' (and TencentARC's released adapters') residual blocks per level
@@ -192,13 +192,4 @@ class T2IAdapterAdapter(ConditioningAdapter):
     @classmethod
     def from_pretrained(cls, directory: str | Path, unet: UNet2DConditionModel | None = None) -> T2IAdapterAdapter:
         """Load a diffusers ``T2IAdapter`` folder (ours, or TencentARC's releases)."""
-        directory = Path(directory)
-        config_file = directory / "config.json"
-        if not config_file.is_file():
-            raise AdapterFormatError(f"{directory} is not a diffusers T2IAdapter folder: {config_file} not found")
-        try:
-            t2i_adapter = T2IAdapter.from_pretrained(directory, local_files_only=True)
-        except (OSError, ValueError, KeyError, RuntimeError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise AdapterFormatError(f"cannot load a T2IAdapter from {directory}: {first_line}") from error
-        return cls(t2i_adapter)
+        return cls(load_diffusers_folder(T2IAdapter, directory))
