@@ -177,6 +177,20 @@ class Backbone(nn.Module):
 # ------------------------------------------------------------------ the tiny SD-architecture model
 
 
+def prepare_condition(condition, device, phrase_embeddings):
+    """A batch's condition -> what adapters take, on ``device``. One rule per condition form, never per adapter:
+    a map (B, C, H, W) is moved; a grounding dict has its ``phrases`` (B lists of N strings) turned into
+    ``phrase_embeddings`` (B, N, D) by ``phrase_embeddings(phrases)``, its tensors moved."""
+    if isinstance(condition, torch.Tensor):
+        return condition.to(device)
+    if isinstance(condition, dict):
+        prepared = {k: v.to(device) for k, v in condition.items() if isinstance(v, torch.Tensor)}
+        if "phrases" in condition:
+            prepared["phrase_embeddings"] = phrase_embeddings(condition["phrases"]).to(device)
+        return prepared
+    raise CtrlkitError(f"a batch condition must be a tensor or a grounding dict, got {type(condition).__name__}")
+
+
 def build_shapes_tokenizer(max_length: int = 32) -> CLIPTokenizer:
     """A CLIP BPE tokenizer trained offline on the ``shapes`` vocabulary: each shapes word is one token, and any
     other text still tokenizes byte by byte (nothing maps to the unknown token)."""

@@ -13,6 +13,7 @@ condition | base | adapter | reference) and, with ``logger=wandb``, a W&B table 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -23,7 +24,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from adapters.composition import Composition, ControlUnit
+from adapters.composition import Composition
 from conditions.controllability import (
     detect_named_objects,
     found_box_scores,
@@ -34,11 +35,13 @@ from conditions.controllability import (
     scene_scores,
 )
 from conditions.map_metrics import average_precision
+from lightning_modules.backbone import prepare_condition
 from lightning_modules.config_checks import check_train_config, load_condition_config
 from lightning_modules.controllability import evaluation_samples
 from lightning_modules.data import collate
 from lightning_modules.errors import CtrlkitError
 from lightning_modules.evaluation_report import MODELS, log_wandb, report, write_csv, write_grid
+from lightning_modules.generate import load_adapter, unit_from_spec, unit_specs
 from lightning_modules.image_quality import image_quality
 
 log = logging.getLogger(__name__)
@@ -86,8 +89,6 @@ def evaluation_units(cfg: DictConfig) -> tuple[list[EvalUnit], DictConfig | None
     A unit's condition is its ``extractor`` (a conf/condition name), else the condition its run was trained with
     (``from_run``), else, for a single ``adapter_path``, the ``condition`` group of this config.
     """
-    from lightning_modules.generate import unit_specs
-
     specs = unit_specs(cfg)
     if cfg.get("adapter_path"):
         if specs:
@@ -129,53 +130,26 @@ def generate(backbone, units: list[EvalUnit] | None, conditions: list, prompts: 
     size = sampling["image_size"]
     composition = None
     if units:
-        control_units = []
-        for unit, condition in zip(units, conditions):
-            start, end = unit.adapter.sampling_window  # GLIGEN's scheduled sampling unless the unit says otherwise
-            try:
-                control_units.append(
-                    ControlUnit(
-                        unit.adapter,
-                        _prepare(backbone, condition),
-                        scale=float(unit.spec.get("scale", 1.0)),
-                        start=float(unit.spec.get("start", start)),
-                        end=float(unit.spec.get("end", end)),
-                        mode=unit.spec.get("mode", "balanced"),
-                        mask=_region(unit.spec.get("mask"), size),
-                        name=unit.name,
-                    )
-                )
-            except ValueError as error:  # a setting the unit cannot take: one line, naming the unit
-                raise CtrlkitError(str(error)) from error
-        composition = Composition(control_units)
+        encode = functools.partial(_phrase_rows, backbone)
+        device = backbone.unet.device
+        composition = Composition(
+            [
+                unit_from_spec(unit.spec, unit.adapter, prepare_condition(condition, device, encode), size, unit.name)
+                for unit, condition in zip(units, conditions)
+            ]
+        )
     options = {key: value for key, value in sampling.items() if key != "image_size"}
     return backbone.generate(prompts, size, seed=seed, composition=composition, **options).cpu()
 
 
-def _prepare(backbone, condition):
-    """A batch condition -> adapter input on the backbone's device (grounding phrases encoded)."""
-    device = backbone.unet.device
-    if isinstance(condition, torch.Tensor):
-        return condition.to(device)
-    prepared = {key: value.to(device) for key, value in condition.items() if isinstance(value, torch.Tensor)}
-    phrases = condition["phrases"]
+def _phrase_rows(backbone, phrases: list[list[str]]) -> torch.Tensor:
+    """B lists of N phrases -> (B, N, D) pooled phrase embeddings."""
     flat = backbone.encode_phrases([phrase for row in phrases for phrase in row])
-    prepared["phrase_embeddings"] = flat.reshape(len(phrases), len(phrases[0]), -1).to(device)
-    return prepared
-
-
-def _region(mask: str | None, size: tuple[int, int]):
-    if not mask:
-        return None
-    from lightning_modules.generate import read_mask
-
-    return read_mask(mask, size)
+    return flat.reshape(len(phrases), len(phrases[0]), -1)
 
 
 def run_evaluate(cfg: DictConfig) -> dict:
     """Evaluate the adapter (or composition) and the base model; returns the metrics.json content."""
-    from lightning_modules.generate import load_adapter
-
     started = time.perf_counter()
     units, trained = evaluation_units(cfg)
     with open_dict(cfg):

@@ -121,22 +121,29 @@ def build_units(specs: list[dict], backbone: Backbone, size: tuple[int, int], ba
         else:
             drawn = condition_map(spec, size)
             condition = to_condition_tensor(drawn, adapter.condition_channels, batch)
-        start, end = adapter.sampling_window  # GLIGEN's scheduled sampling unless the unit says otherwise
-        try:
-            unit = ControlUnit(
-                adapter.eval(),
-                condition,
-                scale=float(spec.get("scale", 1.0)),
-                start=float(spec.get("start", start)),
-                end=float(spec.get("end", end)),
-                mode=spec.get("mode", "balanced"),
-                mask=read_mask(spec["mask"], size) if spec.get("mask") else None,
-                name=f"{index}: {Path(spec['adapter']).name}",
-            )
-        except ValueError as error:  # a setting the unit cannot take: one line, naming the unit
-            raise CtrlkitError(str(error)) from error
+        unit = unit_from_spec(spec, adapter.eval(), condition, size, name=f"{index}: {Path(spec['adapter']).name}")
         built[index] = (unit, drawn if drawn.ndim == 3 else drawn[..., None])
     return [built[index][0] for index in range(len(specs))], [built[index][1] for index in range(len(specs))]
+
+
+def unit_from_spec(spec: dict, adapter, condition, size: tuple[int, int], name: str) -> ControlUnit:
+    """A ``ControlUnit`` with the spec's scale (1), start/end (the adapter's window: all steps, or GLIGEN's
+    scheduled sampling), mode (balanced) and mask (an image path); a setting the unit cannot take is a one-line
+    error naming the unit."""
+    start, end = adapter.sampling_window
+    try:
+        return ControlUnit(
+            adapter,
+            condition,
+            scale=float(spec.get("scale", 1.0)),
+            start=float(spec.get("start", start)),
+            end=float(spec.get("end", end)),
+            mode=spec.get("mode", "balanced"),
+            mask=read_mask(spec["mask"], size) if spec.get("mask") else None,
+            name=name,
+        )
+    except ValueError as error:
+        raise CtrlkitError(str(error)) from error
 
 
 def grounding_condition(spec: dict, adapter, backbone: Backbone, size: tuple[int, int], batch: int):

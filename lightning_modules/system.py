@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from adapters.base import ConditioningAdapter
-from lightning_modules.backbone import Backbone
+from lightning_modules.backbone import Backbone, prepare_condition
 from lightning_modules.checkpoints import capture_rng_states, restore_rng_states
 from lightning_modules.errors import CtrlkitError, NonFiniteLossError
 
@@ -194,14 +194,7 @@ class AdapterTrainingSystem(pl.LightningModule):
         """A batch's condition -> what adapters take, on this device. One rule per condition form, never per
         adapter: a map (B, C, H, W) is moved; a grounding dict has its ``phrases`` (B lists of N strings) encoded
         by the frozen text encoder into ``phrase_embeddings`` (B, N, D), its tensors moved."""
-        if isinstance(condition, torch.Tensor):
-            return condition.to(self.device)
-        if isinstance(condition, dict):
-            prepared = {k: v.to(self.device) for k, v in condition.items() if isinstance(v, torch.Tensor)}
-            if "phrases" in condition:
-                prepared["phrase_embeddings"] = self.phrase_embeddings(condition["phrases"])
-            return prepared
-        raise CtrlkitError(f"a batch condition must be a tensor or a grounding dict, got {type(condition).__name__}")
+        return prepare_condition(condition, self.device, self.phrase_embeddings)
 
     def compute_loss(
         self,

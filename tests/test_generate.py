@@ -180,3 +180,18 @@ def test_controlnet_t2i_and_gligen_compose_and_each_unit_matters(tmp_path, saved
     for left_out in units:
         rest = [name for name in units if name != left_out]
         assert np.abs(generate(rest, f"without_{left_out}") - everything).max() > 0, left_out
+
+
+def test_unit_from_spec_defaults_and_one_line_errors(tiny_backbone):
+    from adapters.gligen import GligenAdapter
+    from lightning_modules.generate import unit_from_spec
+
+    gligen = GligenAdapter.from_unet(tiny_backbone.unet)
+    unit = unit_from_spec({}, gligen, {}, (64, 64), "boxes")
+    # GLIGEN's scheduled sampling is its default window
+    assert (unit.scale, unit.start, unit.end, unit.mode) == (1.0, 0.0, gligen.scheduled_sampling_beta, "balanced")
+    assert unit_from_spec({"end": 0.5}, gligen, {}, (64, 64), "boxes").end == 0.5
+    with pytest.raises(CtrlkitError, match=r"unit 'boxes': a grounding unit \(GLIGEN\) takes no scale=0.5"):
+        unit_from_spec({"scale": 0.5}, gligen, {}, (64, 64), "boxes")
+    with pytest.raises(CtrlkitError, match=r"unit 'boxes': need 0 <= start < end <= 1"):
+        unit_from_spec({"start": 0.6, "end": 0.5}, gligen, {}, (64, 64), "boxes")
