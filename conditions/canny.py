@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -15,20 +16,23 @@ from conditions.resize import Resize
 
 
 def _load_kernel():
-    """``canny_gradients`` of the compiled kernel (conditions/_canny_kernel.c, built by ``pip install``), or None
-    when it was not compiled (no C compiler at install time): the OpenCV/numpy path gives the same maps."""
+    """``canny_edges`` of the compiled kernel (conditions/_canny_kernel.c, built by ``pip install``) and its scratch
+    size function, or None when it was not compiled (no C compiler at install time): the OpenCV/numpy path gives the
+    same maps."""
     try:
         from conditions import _canny_kernel
     except ImportError:
         return None
-    function = ctypes.CDLL(_canny_kernel.__file__).canny_gradients
-    pointer = ctypes.c_void_p
-    function.argtypes = [pointer] * 5 + [ctypes.c_int, ctypes.c_int]
-    function.restype = None
-    return function
+    library = ctypes.CDLL(_canny_kernel.__file__)
+    edges, scratch_bytes = library.canny_edges, library.canny_scratch_bytes
+    edges.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    edges.restype = None
+    scratch_bytes.argtypes = [ctypes.c_int, ctypes.c_int]
+    scratch_bytes.restype = ctypes.c_size_t
+    return edges, scratch_bytes
 
 
-CANNY_GRADIENTS = _load_kernel()
+CANNY_KERNEL = _load_kernel()
 
 
 class CannyExtractor(ConditionExtractor):
@@ -80,7 +84,7 @@ class CannyExtractor(ConditionExtractor):
         self.channels = channels
         self.resize = Resize.coerce(resize)
         self._threads = threads
-        self._kernel = "compiled" if CANNY_GRADIENTS is not None else "numpy"  # same maps: not in settings()
+        self._kernel = "compiled" if CANNY_KERNEL is not None else "numpy"  # same maps: not in settings()
         self._buffers = threading.local()  # per-thread scratch arrays: fresh allocations cost more than the maths
         self._executor: ThreadPoolExecutor | None = None  # started on the first batch that needs it
 
@@ -102,10 +106,30 @@ class CannyExtractor(ConditionExtractor):
 
     def extract(self, image: np.ndarray) -> np.ndarray:
         """HxWx3 uint8 RGB -> HxWx``channels`` uint8 edge map with values 0 or 255."""
+        if self._kernel == "compiled":
+            return self._compiled(image)
         edges = self._edges(image)
         if self.channels == 3:
             return cv2.cvtColor(edges, cv2.COLOR_GRAY2RGB)
         return edges[:, :, None].copy()
+
+    def _compiled(self, image: np.ndarray) -> np.ndarray:
+        """The whole Canny in one call of the C kernel, written straight into the HxWx``channels`` map."""
+        height, width = image.shape[:2]
+        out = np.empty((height, width, self.channels), np.uint8)
+        if out.size == 0:
+            return out
+        image = np.ascontiguousarray(image)
+        scratch = getattr(self._buffers, "kernel_scratch", None)
+        if scratch is None or scratch[0] != (height, width):  # reused while the size stays the same
+            scratch = ((height, width), np.empty(CANNY_KERNEL[1](height, width), np.uint8))
+            self._buffers.kernel_scratch = scratch
+        # OpenCV floors the thresholds (L1 gradient); magnitudes are at most 2040, so clamping changes nothing.
+        low, high = (min(math.floor(t), 1 << 20) for t in (self.low_threshold, self.high_threshold))
+        CANNY_KERNEL[0](
+            image.ctypes.data, height, width, low, high, out.ctypes.data, self.channels, scratch[1].ctypes.data
+        )
+        return out
 
     def extract_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """HxWx3 uint8 images -> their maps, over ``threads`` threads when there is more than one image."""
@@ -149,12 +173,6 @@ class CannyExtractor(ConditionExtractor):
         """HxWx3 uint8 -> HxW uint8 edges, equal to ``cv2.Canny(image, low, high)`` on the 3-channel image."""
         height, width = image.shape[:2]
         s = self._scratch(height, width)
-        if self._kernel == "compiled":
-            planes = s["plane_rows"]  # contiguous HxW planes inside the padded stack
-            cv2.split(image, planes)
-            dx, dy = s["dx_rows"][0], s["dy_rows"][0]
-            CANNY_GRADIENTS(*(plane.ctypes.data for plane in planes), dx.ctypes.data, dy.ctypes.data, height, width)
-            return cv2.Canny(dx, dy, self.low_threshold, self.high_threshold)
         planes = s["planes"]
         cv2.split(image, s["plane_rows"])
         # OpenCV's multi-channel Canny: 3x3 Sobel with replicated borders per channel, L1 magnitude, and per pixel

@@ -70,11 +70,11 @@ def test_canny_batch_equals_single_images():
 
 def canny_kernels() -> list[str]:
     """The gradient paths to test: the numpy one always, the compiled one where it was built (CI requires it)."""
-    from conditions.canny import CANNY_GRADIENTS
+    from conditions.canny import CANNY_KERNEL
 
-    if CANNY_GRADIENTS is None and os.environ.get("CI"):
+    if CANNY_KERNEL is None and os.environ.get("CI"):
         raise AssertionError("conditions._canny_kernel was not compiled by pip install (setup.py)")
-    return ["numpy"] + (["compiled"] if CANNY_GRADIENTS is not None else [])
+    return ["numpy"] + (["compiled"] if CANNY_KERNEL is not None else [])
 
 
 @pytest.mark.parametrize("kernel", canny_kernels())
