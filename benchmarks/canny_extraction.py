@@ -89,13 +89,10 @@ def profile(images: list[np.ndarray], repeats: int) -> None:
     """Where one image's time goes, one thread, medians: both sides' cv2.Canny and what surrounds it."""
     from controlnet_aux.util import HWC3, resize_image
 
-    selected = []
-    for image in images:  # our per-pixel channel choice, precomputed, to time cv2.Canny on it alone
-        _OURS._edges(image)
-        scratch = _OURS._scratch(*image.shape[:2])
-        selected.append((scratch["dx_rows"][0].copy(), scratch["dy_rows"][0].copy()))
-    stacked = _OURS._scratch(SIZE, SIZE)
-    edges = [cv2.Canny(x, y, 100, 200) for x, y in selected]
+    from conditions.canny import CANNY_KERNEL
+
+    numpy_path = CannyExtractor()
+    numpy_path._kernel = "numpy"  # the fallback without a C compiler: same maps
     parts = {
         "theirs: whole CannyDetector call": lambda: [reference(i) for i in images],
         "theirs: cv2.Canny on the RGB image": lambda: [cv2.Canny(i, 100, 200) for i in images],
@@ -103,12 +100,16 @@ def profile(images: list[np.ndarray], repeats: int) -> None:
             cv2.resize(HWC3(resize_image(resize_image(HWC3(i), SIZE), SIZE)[:, :, 0]), (SIZE, SIZE)) for i in images
         ],
         "ours: whole process()": lambda: [ours(i) for i in images],
-        "ours: cv2.Canny(dx, dy) on the chosen gradients": lambda: [cv2.Canny(x, y, 100, 200) for x, y in selected],
-        "ours: spatialGradient of the 3 stacked planes": lambda: [
-            cv2.spatialGradient(*(stacked[k].reshape(-1, SIZE) for k in ("planes", "dx", "dy"))) for _ in images
-        ],
-        "ours: GRAY2RGB of the edge map": lambda: [cv2.cvtColor(e, cv2.COLOR_GRAY2RGB) for e in edges],
+        "ours, numpy fallback: whole process()": lambda: [numpy_path.process(i) for i in images],
     }
+    if CANNY_KERNEL is not None:
+        _OURS.process(images[0])
+        scratch = _OURS._buffers.kernel_scratch[1]
+        out = np.empty((SIZE, SIZE, 3), np.uint8)
+        kernel = CANNY_KERNEL[0]
+        parts["ours: the C kernel alone, into a reused map"] = lambda: [
+            kernel(i.ctypes.data, SIZE, SIZE, 100, 200, out.ctypes.data, 3, scratch.ctypes.data) for i in images
+        ]
     seconds = interleaved(list(parts.values()), repeats)
     print("profile, 1 thread, ms per image (median):")
     for name, times in zip(parts, seconds):
@@ -151,7 +152,7 @@ def main() -> None:
     print(
         f"{args.images} images {SIZE}x{SIZE}, outputs identical; {cores} cores, OpenCV {cv2.__version__} "
         f"(default {default_threads} threads), torch 1 thread; {args.repeats} rounds; "
-        f"ctrlkit gradient kernel: {_OURS.kernel}"
+        f"ctrlkit Canny kernel: {_OURS.kernel}"
     )
     ratios = {}
 

@@ -43,12 +43,13 @@ class CannyExtractor(ConditionExtractor):
     grayscale copy, so released canny ControlNets see the edges they were trained on. Unlike ``CannyDetector`` it
     never resizes unless ``resize`` asks (no rounding to multiples of 64).
 
-    ``cv2.Canny`` on a 3-channel image runs a slow generic path (6.5x a grayscale Canny, performance.md §7); this
-    class computes the same per-pixel channel choice in one pass of a small compiled kernel (``_canny_kernel.c``,
-    vectorised; ``kernel == "compiled"``) or, where it was not built, with OpenCV/numpy calls into reused buffers
-    (``kernel == "numpy"``), and gives ``cv2.Canny`` the chosen gradients, with bit-identical output
-    (tests/test_conditions.py checks both).
-    ``process_batch`` spreads a batch over ``threads`` threads (OpenCV and numpy release the GIL).
+    ``cv2.Canny`` on a 3-channel image runs a slow generic path (6.5x a grayscale Canny, performance.md §7). This
+    class runs the whole of it (gradients, channel choice, non-maximum suppression, hysteresis, the HxWx``channels``
+    map) in one row-by-row pass of a small compiled kernel (``_canny_kernel.c``, vectorised; ``kernel ==
+    "compiled"``) or, where it was not built, computes the same per-pixel channel choice with OpenCV/numpy calls
+    into reused buffers and gives ``cv2.Canny`` the chosen gradients (``kernel == "numpy"``); both are bit-identical
+    to ``cv2.Canny`` on the RGB image (tests/test_conditions.py checks both).
+    ``process_batch`` spreads a batch over ``threads`` threads (the kernel, OpenCV and numpy release the GIL).
 
     Args:
         low_threshold: hysteresis low threshold, 0..255 gradient units (controlnet_aux default 100).

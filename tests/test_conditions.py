@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 
 import numpy as np
@@ -69,30 +71,84 @@ def test_canny_batch_equals_single_images():
 
 
 def canny_kernels() -> list[str]:
-    """The gradient paths to test: the numpy one always, the compiled one where it was built (CI requires it)."""
+    """The paths to test: numpy always; where the C kernel was built (CI requires it) "compiled" (AVX2 where the
+    CPU has it) and "compiled-scalar" (its portable steps, what a CPU without AVX2 runs)."""
     from conditions.canny import CANNY_KERNEL
 
     if CANNY_KERNEL is None and os.environ.get("CI"):
         raise AssertionError("conditions._canny_kernel was not compiled by pip install (setup.py)")
-    return ["numpy"] + (["compiled"] if CANNY_KERNEL is not None else [])
+    return ["numpy"] + (["compiled", "compiled-scalar"] if CANNY_KERNEL is not None else [])
+
+
+@contextlib.contextmanager
+def canny_kernel(kernel: str):
+    """Run the body with ``kernel`` (one of ``canny_kernels()``); yields a function making extractors that use it."""
+    scalar_only = None
+    if kernel.startswith("compiled"):
+        from conditions import _canny_kernel
+
+        scalar_only = ctypes.c_int.in_dll(ctypes.CDLL(_canny_kernel.__file__), "canny_scalar_only")
+        scalar_only.value = kernel == "compiled-scalar"
+
+    def make(*args, **kwargs) -> CannyExtractor:
+        extractor = CannyExtractor(*args, **kwargs)
+        extractor._kernel = kernel.removesuffix("-scalar")
+        return extractor
+
+    try:
+        yield make
+    finally:
+        if scalar_only is not None:
+            scalar_only.value = 0
 
 
 @pytest.mark.parametrize("kernel", canny_kernels())
 @pytest.mark.parametrize("size", [(1, 1), (1, 9), (9, 1), (2, 2), (3, 5), (100, 130), (257, 123)])
 def test_canny_equals_opencv_multichannel_canny_at_any_size(size, kernel):
-    """Our gradients (compiled kernel, or stacked-plane numpy) equal OpenCV's 3-channel Canny (what
+    """Our Canny (compiled kernel, or stacked-plane numpy gradients) equals OpenCV's 3-channel Canny (what
     CannyDetector calls) at odd sizes and borders too, on a photo crop and on pure noise (the worst case for ties
     between channels)."""
     import cv2
 
     height, width = size
     noise = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    for image in (np.ascontiguousarray(photographs()["coffee"][:height, :width]), noise):
-        for low, high in [(100, 200), (0, 0), (20, 40)]:
-            extractor = CannyExtractor(low, high, channels=1)
-            extractor._kernel = kernel
-            ours = extractor.process(image)[:, :, 0]
-            np.testing.assert_array_equal(ours, cv2.Canny(image, low, high))
+    with canny_kernel(kernel) as make:
+        for image in (np.ascontiguousarray(photographs()["coffee"][:height, :width]), noise):
+            for low, high in [(100, 200), (0, 0), (20, 40)]:
+                ours = make(low, high, channels=1).process(image)[:, :, 0]
+                np.testing.assert_array_equal(ours, cv2.Canny(image, low, high))
+
+
+@pytest.mark.parametrize("kernel", canny_kernels())
+def test_canny_edge_cases_equal_opencv(kernel):
+    """Widths around the kernel's 16-pixel blocks, images with no gradient or the largest one, equal, zero,
+    fractional and unreachable thresholds (magnitudes are at most 2040), 1 and 3 channels: all equal cv2.Canny."""
+    import cv2
+
+    rng = np.random.default_rng(1)
+    photo = photographs()["astronaut"]
+    with canny_kernel(kernel) as make:
+        for height, width in [(4, 15), (5, 16), (6, 17), (3, 18), (7, 31), (9, 32), (8, 33), (2, 47), (40, 50)]:
+            stripes = np.zeros((height, width, 3), np.uint8)
+            stripes[:, ::2] = 255  # the largest horizontal gradient, 1020 per channel
+            step = np.zeros((height, width, 3), np.uint8)
+            step[height // 2 :, width // 3 :] = (255, 0, 90)
+            images = [
+                rng.integers(0, 256, (height, width, 3), dtype=np.uint8),
+                np.ascontiguousarray(photo[100 : 100 + height, 200 : 200 + width]),
+                np.zeros((height, width, 3), np.uint8),
+                np.full((height, width, 3), 200, np.uint8),
+                stripes,
+                step,
+            ]
+            for image in images:
+                for low, high in [(0, 0), (50, 50), (0, 1), (10.5, 30.9), (2039, 2039), (2040, 2040), (5000, 9000)]:
+                    expected = cv2.Canny(image, low, high)
+                    for channels in (1, 3):
+                        ours = make(low, high, channels=channels).process(image)
+                        assert ours.shape == (height, width, channels)
+                        for channel in range(channels):
+                            np.testing.assert_array_equal(ours[:, :, channel], expected)
 
 
 def test_canny_threaded_batch_equals_one_thread():
