@@ -275,9 +275,8 @@ void canny_edges(const uint8_t *image, int height, int width, int low, int high,
     if (height <= 0 || width <= 0) return;
     Layout l = layout(height, width);
     uint8_t *base = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
-    int avx2 = 0;
 #ifdef HAVE_AVX2_PATH
-    avx2 = !canny_scalar_only && __builtin_cpu_supports("avx2");
+    const int avx2 = !canny_scalar_only && __builtin_cpu_supports("avx2");
 #endif
     const ptrdiff_t row = (ptrdiff_t)l.row;
     uint8_t *map = base + l.map + PAD; /* map row y (-1 .. height) starts at map + (y + 1) * row */
