@@ -105,3 +105,8 @@ class ConditioningAdapter(nn.Module, ABC):
     def param_groups(self, learning_rate: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups; adapters with parts that train at another rate override this."""
         return [{"params": self.trainable_parameters(), "lr": learning_rate}]
+
+    def training_scalars(self) -> dict[str, float]:
+        """Numbers about the adapter's own state worth watching while it trains (logged as ``train/<name>``), e.g.
+        how far GLIGEN's gates have opened; none by default."""
+        return {}

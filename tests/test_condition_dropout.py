@@ -64,3 +64,33 @@ def test_dropped_conditions_reach_the_adapter_as_null_conditions(tiny_backbone):
     image_adapter = T2IAdapterAdapter.from_unet(tiny_backbone.unet, vae_scale_factor=4)
     dropped = image_adapter.drop_condition(torch.ones(3, 3, 8, 8), torch.tensor([False, True, False]))
     assert dropped[1].sum() == 0 and dropped[0].sum() == dropped[2].sum() == 3 * 64
+
+
+def test_validation_logs_how_much_the_condition_lowers_the_loss(tiny_backbone):
+    """val/condition_gain = the loss with every condition nulled - the loss with them, same noise and timesteps:
+    0 for GLIGEN at init (its gates are closed), non-zero once they are open; and the gates are logged."""
+    adapter = GligenAdapter.from_unet(tiny_backbone.unet)
+    system = AdapterTrainingSystem(tiny_backbone, adapter)
+    logged = {}
+    system.log = lambda name, value, **kwargs: logged.__setitem__(name, float(torch.as_tensor(value).detach()))
+    masks = torch.zeros(2, 30)
+    masks[:, :2] = 1
+    batch = {
+        "pixel_values": torch.rand(2, 3, 64, 64) * 2 - 1,
+        "prompt": ["a red circle and a blue square on a white background"] * 2,
+        "condition": {
+            "boxes": torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.4, 0.4, 0.9, 0.9]] + [[0.0] * 4] * 28).expand(2, 30, 4),
+            "masks": masks,
+            "phrases": [["red circle", "blue square"] + [""] * 28] * 2,
+        },
+    }
+    system.validation_step(dict(batch), 0)
+    assert logged["val/condition_gain"] == 0.0 and logged["val/loss_without_condition"] == logged["val/loss"]
+    for fuser in adapter.fusers:
+        fuser.alpha_attn.data.fill_(0.7)
+        fuser.alpha_dense.data.fill_(-0.4)
+    adapter.position_net.null_position_feature.data.normal_()
+    system.validation_step(dict(batch), 0)
+    assert logged["val/condition_gain"] != 0.0
+    assert logged["val/condition_gain"] == pytest.approx(logged["val/loss_without_condition"] - logged["val/loss"])
+    assert adapter.training_scalars() == pytest.approx({"gate_attn": 0.6043678, "gate_dense": 0.3799490})
