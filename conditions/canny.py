@@ -107,6 +107,9 @@ class CannyExtractor(ConditionExtractor):
 
     def extract(self, image: np.ndarray) -> np.ndarray:
         """HxWx3 uint8 RGB -> HxWx``channels`` uint8 edge map with values 0 or 255."""
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            # the C kernel reads H*W*3 bytes: anything else would be read out of bounds (process() converts)
+            raise ValueError(f"extract takes an HxWx3 uint8 image, got {image.dtype} {image.shape}; use process()")
         if self._kernel == "compiled":
             return self._compiled(image)
         edges = self._edges(image)

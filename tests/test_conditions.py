@@ -119,6 +119,16 @@ def test_canny_equals_opencv_multichannel_canny_at_any_size(size, kernel):
                 np.testing.assert_array_equal(ours, cv2.Canny(image, low, high))
 
 
+def test_canny_extract_refuses_what_the_kernel_cannot_read():
+    extractor = CannyExtractor()
+    for image in (np.zeros((8, 8), np.uint8), np.zeros((8, 8, 4), np.uint8), np.zeros((8, 8, 3), np.float32)):
+        with pytest.raises(ValueError, match="extract takes an HxWx3 uint8 image"):
+            extractor.extract(image)
+    # process() converts grayscale and RGBA first
+    assert extractor.process(np.zeros((8, 8), np.uint8)).shape == (8, 8, 3)
+    assert extractor.process(np.zeros((8, 8, 4), np.uint8)).shape == (8, 8, 3)
+
+
 @pytest.mark.parametrize("kernel", canny_kernels())
 def test_canny_edge_cases_equal_opencv(kernel):
     """Widths around the kernel's 16-pixel blocks, images with no gradient or the largest one, equal, zero,
