@@ -106,7 +106,8 @@ class ConditioningAdapter(nn.Module, ABC):
         """Optimizer parameter groups; adapters with parts that train at another rate override this."""
         return [{"params": self.trainable_parameters(), "lr": learning_rate}]
 
-    def training_scalars(self) -> dict[str, float]:
-        """Numbers about the adapter's own state worth watching while it trains (logged as ``train/<name>``), e.g.
-        how far GLIGEN's gates have opened; none by default."""
+    def training_scalars(self) -> dict[str, torch.Tensor]:
+        """0-d tensors about the adapter's own state worth watching while it trains (logged as ``train/<name>``),
+        e.g. how far GLIGEN's gates have opened; none by default. Tensors, not floats: they are computed every step,
+        and a float would wait for the GPU each time, while Lightning reads them only when it writes its logs."""
         return {}

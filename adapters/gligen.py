@@ -138,15 +138,15 @@ class GligenAdapter(ConditioningAdapter):
     def gate_values(self) -> dict[str, float]:
         """How far the gates are open: mean |tanh(alpha)| of the attention and dense gates over all layers, in
         [0, 1] (0 at init; the absolute value, as layers open with either sign)."""
+        return {name.removeprefix("gate_"): float(value) for name, value in self.training_scalars().items()}
+
+    def training_scalars(self) -> dict[str, torch.Tensor]:
+        """``gate_attn`` and ``gate_dense`` (``gate_values`` as tensors), the first thing to watch in a GLIGEN run."""
         with torch.no_grad():
             return {
-                "attn": float(torch.stack([fuser.alpha_attn.tanh().abs() for fuser in self.fusers]).mean()),
-                "dense": float(torch.stack([fuser.alpha_dense.tanh().abs() for fuser in self.fusers]).mean()),
+                "gate_attn": torch.stack([fuser.alpha_attn.tanh().abs() for fuser in self.fusers]).mean(),
+                "gate_dense": torch.stack([fuser.alpha_dense.tanh().abs() for fuser in self.fusers]).mean(),
             }
-
-    def training_scalars(self) -> dict[str, float]:
-        """``gate_attn`` and ``gate_dense``: ``gate_values``, the first thing to watch in a GLIGEN run."""
-        return {f"gate_{name}": value for name, value in self.gate_values().items()}
 
     def param_groups(self, learning_rate: float) -> list[dict]:
         """The gates at ``gate_learning_rate_scale`` x ``learning_rate``, the other GLIGEN layers at it."""
