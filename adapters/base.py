@@ -50,10 +50,14 @@ class ConditioningAdapter(nn.Module, ABC):
     Class attributes:
         accepts: the condition kind it consumes, ``"image"`` (a map) or ``"grounding"`` (boxes + phrases).
         zero_initialized: whether a freshly built adapter leaves the UNet output unchanged.
+        guidance_mode: how a sampler routes it under classifier-free guidance unless told otherwise
+            (``adapters.composition`` modes): "balanced" (both halves, diffusers' ControlNet and T2I-Adapter
+            pipelines) by default.
     """
 
     accepts: ClassVar[Literal["image", "grounding"]]
     zero_initialized: ClassVar[bool]
+    guidance_mode: ClassVar[Literal["balanced", "prompt", "control"]] = "balanced"
 
     @property
     def sampling_window(self) -> tuple[float, float]:

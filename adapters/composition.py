@@ -11,6 +11,9 @@ Modes, as in sd-webui-controlnet:
     prompt:   "my prompt is more important": residual k of K+1 (the mid block last) weighted 0.825^(K-k).
     control:  "the condition is more important": the unit runs on the conditional half only; the unconditional
               half gets no residual, so guidance pushes towards the condition (diffusers' guess mode routing).
+A grounding unit (GLIGEN) has no residuals to weigh: "balanced" gives both halves its grounding, "control" gives the
+unconditional half null grounding (every slot empty), as diffusers' ``StableDiffusionGLIGENPipeline`` does. A unit
+given no mode takes its adapter's ``guidance_mode``: "balanced" for ControlNet and T2I-Adapter, "control" for GLIGEN.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class ControlUnit:
             or the adapter's grounding input.
         scale: multiplies the unit's residuals; 0 leaves the UNet as without the unit.
         start, end: the fraction of the denoising steps in which the unit runs, 0 <= start < end <= 1.
-        mode: "balanced", "prompt" or "control" (module docstring).
+        mode: "balanced", "prompt" or "control" (module docstring); None: the adapter's ``guidance_mode``.
         mask: optional region (B or 1, 1, H, W) in [0, 1]; residuals are multiplied by it, resized to each
             residual's resolution, so the unit acts only there.
         name: shown in errors and logs.
@@ -55,46 +58,57 @@ class ControlUnit:
     scale: float = 1.0
     start: float = 0.0
     end: float = 1.0
-    mode: Literal["balanced", "prompt", "control"] = "balanced"
+    mode: Literal["balanced", "prompt", "control"] | None = None
     mask: torch.Tensor | None = None
     name: str = "unit"
 
     def __post_init__(self) -> None:
+        if self.mode is None:
+            self.mode = getattr(self.adapter, "guidance_mode", "balanced")
         if self.mode not in MODES:
             raise ValueError(f"unit '{self.name}': mode '{self.mode}'; choose one of: {', '.join(MODES)}")
         if not 0.0 <= self.start < self.end <= 1.0:
             raise ValueError(f"unit '{self.name}': need 0 <= start < end <= 1, got start={self.start} end={self.end}")
         if getattr(self.adapter, "accepts", None) == "grounding":
-            # grounding enters the UNet as cross-attention kwargs, not residuals: nothing to weigh, mask or route
-            # to one guidance half, so say so instead of ignoring the setting
-            unsupported = [
-                f"{name}={value}"
-                for name, value, default in (("scale", self.scale, 1.0), ("mode", self.mode, "balanced"))
-                if value != default and not (name == "scale" and value == 0)
-            ] + (["mask"] if self.mask is not None else [])
+            # grounding enters the UNet as cross-attention kwargs, not residuals: nothing to weigh by depth or
+            # mask, so say so instead of ignoring the setting
+            unsupported = (
+                ([f"scale={self.scale}"] if self.scale not in (0.0, 1.0) else [])
+                + (["mode=prompt"] if self.mode == "prompt" else [])
+                + (["mask"] if self.mask is not None else [])
+            )
             if unsupported:
                 raise ValueError(
                     f"unit '{self.name}': a grounding unit (GLIGEN) takes no {', '.join(unsupported)}; it is on "
-                    "(scale 1) or off (scale 0) in its start/end window (scheduled sampling)"
+                    "(scale 1) or off (scale 0) in its start/end window (scheduled sampling), with mode balanced or "
+                    "control"
                 )
 
     def active(self, step_index: int, num_steps: int) -> bool:
         return not (step_index / num_steps < self.start or (step_index + 1) / num_steps > self.end)
 
 
+def _concatenate(first, second):
+    """Stack two conditions of the same structure along the batch (tensors, and dicts, lists, tuples and
+    dataclasses of them, as ``ConditioningAdapter.prepare`` may return); anything else is taken from ``first``."""
+    if isinstance(first, torch.Tensor):
+        return torch.cat([first, second])
+    if isinstance(first, dict):
+        return {key: _concatenate(item, second[key]) for key, item in first.items()}
+    if isinstance(first, list | tuple):
+        return type(first)(_concatenate(a, b) for a, b in zip(first, second, strict=True))
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        fields = {
+            field.name: _concatenate(getattr(first, field.name), getattr(second, field.name))
+            for field in dataclasses.fields(first)
+        }
+        return dataclasses.replace(first, **fields)
+    return first
+
+
 def _batch_twice(value):
-    """Duplicate a condition for the two halves of classifier-free guidance (tensors, and dicts, lists, tuples and
-    dataclasses of them, as ``ConditioningAdapter.prepare`` may return)."""
-    if isinstance(value, torch.Tensor):
-        return torch.cat([value, value])
-    if isinstance(value, dict):
-        return {key: _batch_twice(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_batch_twice(item) for item in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = {field.name: _batch_twice(getattr(value, field.name)) for field in dataclasses.fields(value)}
-        return dataclasses.replace(value, **fields)
-    return value
+    """Duplicate a condition for the two halves of classifier-free guidance."""
+    return _concatenate(value, value)
 
 
 def _weigh(kwargs: UNetKwargs, unit: ControlUnit) -> UNetKwargs:
@@ -185,6 +199,18 @@ class Composition:
         for unit in self.units:
             if unit.scale == 0 or not unit.active(step_index, num_steps):
                 continue  # skipped, not run at scale 0: scale 0 equals leaving the unit out
+            if guided and unit.mode == "control" and getattr(unit.adapter, "accepts", None) == "grounding":
+                # the unconditional half gets null grounding: the UNet takes one grounding batch for both halves
+                nulled = unit.adapter.drop_condition(unit.condition, torch.ones(len(noisy_latents) // 2, dtype=bool))
+                condition = _concatenate(nulled, unit.condition)
+                kwargs = unit.adapter(
+                    condition,
+                    noisy_latents=noisy_latents,
+                    timesteps=timestep,
+                    encoder_hidden_states=encoder_hidden_states,
+                )
+                parts.append(kwargs)
+                continue
             if guided and unit.mode == "control":
                 half = noisy_latents.shape[0] // 2
                 kwargs = unit.adapter(

@@ -86,6 +86,9 @@ class GligenAdapter(ConditioningAdapter):
 
     accepts = "grounding"
     zero_initialized = True
+    # diffusers' StableDiffusionGLIGENPipeline gives the unconditional half of guidance null grounding (masks 0),
+    # so guidance pushes towards the boxes as well as the prompt; grounding on both halves cancels out of it
+    guidance_mode = "control"
 
     def __init__(
         self,

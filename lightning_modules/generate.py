@@ -128,8 +128,8 @@ def build_units(specs: list[dict], backbone: Backbone, size: tuple[int, int], ba
 
 def unit_from_spec(spec: dict, adapter, condition, size: tuple[int, int], name: str) -> ControlUnit:
     """A ``ControlUnit`` with the spec's scale (1), start/end (the adapter's window: all steps, or GLIGEN's
-    scheduled sampling), mode (balanced) and mask (an image path); a setting the unit cannot take is a one-line
-    error naming the unit."""
+    scheduled sampling), mode (the adapter's guidance_mode) and mask (an image path); a setting the unit cannot
+    take is a one-line error naming the unit."""
     start, end = adapter.sampling_window
     try:
         return ControlUnit(
@@ -138,7 +138,7 @@ def unit_from_spec(spec: dict, adapter, condition, size: tuple[int, int], name: 
             scale=float(spec.get("scale", 1.0)),
             start=float(spec.get("start", start)),
             end=float(spec.get("end", end)),
-            mode=spec.get("mode", "balanced"),
+            mode=spec.get("mode"),
             mask=read_mask(spec["mask"], size) if spec.get("mask") else None,
             name=name,
         )

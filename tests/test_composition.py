@@ -173,11 +173,94 @@ def test_a_grounding_unit_refuses_settings_it_cannot_apply():
     }
     for options, named in [
         ({"scale": 0.5}, "scale=0.5"),
-        ({"mode": "control"}, "mode=control"),
+        ({"mode": "prompt"}, "mode=prompt"),
         ({"mask": torch.ones(1, 1, 8, 8)}, "mask"),
     ]:
         with pytest.raises(ValueError, match=f"grounding unit \\(GLIGEN\\) takes no {named}"):
             ControlUnit(gligen, grounding, name="boxes", **options)
-    # on, off, and a window are what it has
+    # on, off, a window and where guidance's unconditional half stands are what it has
     for scale in (1.0, 0.0):
         ControlUnit(gligen, grounding, scale=scale, start=0.0, end=0.3)
+    assert ControlUnit(gligen, grounding, mode="balanced").mode == "balanced"
+
+
+def test_a_unit_given_no_mode_takes_its_adapters_guidance_mode(shipped):
+    from adapters.gligen import GligenAdapter
+
+    assert ControlUnit(trained_controlnet(shipped, seed=1), edge_condition(0)).mode == "balanced"
+    gligen = GligenAdapter.from_unet(load_tiny_backbone().unet)
+    assert ControlUnit(gligen, gligen_grounding(load_tiny_backbone())).mode == "control"
+    assert ControlUnit(None, None).mode == "balanced"
+
+
+GLIGEN_PHRASES = ["red circle", "blue square"]
+GLIGEN_BOXES = [[0.05, 0.1, 0.45, 0.5], [0.5, 0.45, 0.95, 0.9]]
+
+
+def gligen_grounding(backbone, batch: int = len(PROMPTS), slots: int = 30) -> dict:
+    """GLIGEN_PHRASES in GLIGEN_BOXES for each of ``batch`` prompts, padded to ``slots`` as diffusers' pipeline."""
+    boxes, masks = torch.zeros(batch, slots, 4), torch.zeros(batch, slots)
+    boxes[:, : len(GLIGEN_BOXES)] = torch.tensor(GLIGEN_BOXES)
+    masks[:, : len(GLIGEN_BOXES)] = 1.0
+    embeddings = torch.zeros(batch, slots, backbone.unet.config.cross_attention_dim)
+    embeddings[:, : len(GLIGEN_PHRASES)] = backbone.encode_phrases(GLIGEN_PHRASES)
+    return {"boxes": boxes, "phrase_embeddings": embeddings, "masks": masks}
+
+
+def trained_gligen(seed: int):
+    """A fresh shipped backbone (GLIGEN changes its UNet in place) with GLIGEN's gates and null tokens moved."""
+    from adapters.gligen import GligenAdapter
+
+    backbone = load_tiny_backbone()
+    torch.manual_seed(seed)  # GLIGEN's layers draw their initial weights from the global generator
+    adapter = GligenAdapter.from_unet(backbone.unet).eval()
+    generator = torch.Generator().manual_seed(seed)
+    for fuser in adapter.fusers:
+        fuser.alpha_attn.data.fill_(2.0)  # open, so grounding changes the image well beyond numerical noise
+        fuser.alpha_dense.data.fill_(0.5)
+        fuser.attn.to_out[0].weight.data.mul_(4.0)
+    for null in (adapter.position_net.null_positive_feature, adapter.position_net.null_position_feature):
+        null.data.copy_(torch.randn(null.shape, generator=generator))
+    return backbone, adapter
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.0])
+def test_one_gligen_equals_diffusers_gligen_pipeline(beta):
+    from diffusers import StableDiffusionGLIGENPipeline
+
+    backbone, adapter = trained_gligen(seed=0)
+    condition = gligen_grounding(backbone)
+    ours = sample(backbone, composition=Composition([ControlUnit(adapter, condition, end=beta)]))
+
+    components = {k: v for k, v in backbone.to_pipeline().components.items() if k != "image_encoder"}
+    pipeline = StableDiffusionGLIGENPipeline(**components)
+    pipeline.scheduler = make_scheduler("unipc", backbone.noise_scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    theirs = pipeline(
+        PROMPTS,
+        gligen_phrases=GLIGEN_PHRASES,
+        gligen_boxes=GLIGEN_BOXES,
+        gligen_scheduled_sampling_beta=beta,
+        height=64,
+        width=64,
+        num_inference_steps=6,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
+    assert ours.shape == theirs.shape == (2, 3, 64, 64)
+    assert (ours - theirs).abs().max() <= 1e-3
+    # the routing is what makes them equal: grounding on both halves of guidance gives another image
+    balanced = sample(backbone, composition=Composition([ControlUnit(adapter, condition, end=beta, mode="balanced")]))
+    assert (balanced - theirs).abs().max() > 2e-2
+
+
+def test_gligen_control_mode_gives_the_unconditional_half_null_grounding():
+    backbone, adapter = trained_gligen(seed=0)
+    condition = gligen_grounding(backbone)
+    for mode, unconditional_masks in [("control", torch.zeros(2, 30)), ("balanced", condition["masks"])]:
+        gligen = unit_kwargs(backbone, ControlUnit(adapter, condition, mode=mode))["cross_attention_kwargs"]["gligen"]
+        assert gligen["masks"].shape == (4, 30)
+        torch.testing.assert_close(gligen["masks"][:2], unconditional_masks)
+        torch.testing.assert_close(gligen["masks"][2:], condition["masks"])
+        torch.testing.assert_close(gligen["boxes"][2:], condition["boxes"])

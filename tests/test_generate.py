@@ -188,8 +188,8 @@ def test_unit_from_spec_defaults_and_one_line_errors(tiny_backbone):
 
     gligen = GligenAdapter.from_unet(tiny_backbone.unet)
     unit = unit_from_spec({}, gligen, {}, (64, 64), "boxes")
-    # GLIGEN's scheduled sampling is its default window
-    assert (unit.scale, unit.start, unit.end, unit.mode) == (1.0, 0.0, gligen.scheduled_sampling_beta, "balanced")
+    # GLIGEN's scheduled sampling is its default window, null grounding on guidance's unconditional half its mode
+    assert (unit.scale, unit.start, unit.end, unit.mode) == (1.0, 0.0, gligen.scheduled_sampling_beta, "control")
     assert unit_from_spec({"end": 0.5}, gligen, {}, (64, 64), "boxes").end == 0.5
     with pytest.raises(CtrlkitError, match=r"unit 'boxes': a grounding unit \(GLIGEN\) takes no scale=0.5"):
         unit_from_spec({"scale": 0.5}, gligen, {}, (64, 64), "boxes")
