@@ -238,11 +238,13 @@ def _unit_options(unit: EvalUnit) -> dict:
 
 
 def _primary(units: list[EvalUnit]) -> str | None:
-    """The score the grid ranks by: the single unit's condition score; for several units ``mask_iou`` on shapes,
-    else the first unit's condition score."""
+    """The score the grid ranks by: the single unit's condition score (its config's ``metric``, as training's
+    controllability callback: box_iou for boxes; else its re-extraction score); for several units ``mask_iou`` on
+    shapes, else the first unit's condition score."""
     scenes = hasattr(units[0].dataset, "scene")
     if len(units) == 1:
-        return primary_metric(units[0].extractor) or ("mask_iou" if scenes else None)
+        own = units[0].condition.get("metric") if scenes else None  # shapes scores need the scenes
+        return own or primary_metric(units[0].extractor) or ("mask_iou" if scenes else None)
     if scenes:
         return "mask_iou"
     first = primary_metric(units[0].extractor)

@@ -166,3 +166,21 @@ def test_composition_units_need_a_known_condition(tmp_path):
         with pytest.raises(CtrlkitError, match=message):
             evaluation_units(cfg)
     GlobalHydra.instance().clear()
+
+
+def test_a_single_unit_is_ranked_by_its_conditions_own_score():
+    from omegaconf import OmegaConf
+
+    from conditions.boxes import ShapesBoxesExtractor
+    from conditions.canny import CannyExtractor
+    from lightning_modules.data import ShapesDataset
+    from lightning_modules.evaluate import EvalUnit, _primary
+
+    shapes = ShapesDataset(ShapesBoxesExtractor(4), 2, 64, seed=0)
+    boxes = OmegaConf.create({"name": "boxes", "metric": "box_iou"})
+    # boxes on shapes: box IoU, as training's controllability callback, not the scene's mask IoU
+    assert _primary([EvalUnit(Path("g"), boxes, {}, ShapesBoxesExtractor(4), shapes)]) == "box_iou"
+    canny = OmegaConf.create({"name": "canny"})
+    assert _primary([EvalUnit(Path("c"), canny, {}, CannyExtractor(), shapes)]) == "canny_f1"
+    unnamed = OmegaConf.create({"name": "boxes"})  # no metric and no re-extraction score: the scene's
+    assert _primary([EvalUnit(Path("g"), unnamed, {}, ShapesBoxesExtractor(4), shapes)]) == "mask_iou"
