@@ -199,19 +199,8 @@ class Composition:
         for unit in self.units:
             if unit.scale == 0 or not unit.active(step_index, num_steps):
                 continue  # skipped, not run at scale 0: scale 0 equals leaving the unit out
-            if guided and unit.mode == "control" and getattr(unit.adapter, "accepts", None) == "grounding":
-                # the unconditional half gets null grounding: the UNet takes one grounding batch for both halves
-                nulled = unit.adapter.drop_condition(unit.condition, torch.ones(len(noisy_latents) // 2, dtype=bool))
-                condition = _concatenate(nulled, unit.condition)
-                kwargs = unit.adapter(
-                    condition,
-                    noisy_latents=noisy_latents,
-                    timesteps=timestep,
-                    encoder_hidden_states=encoder_hidden_states,
-                )
-                parts.append(kwargs)
-                continue
-            if guided and unit.mode == "control":
+            grounding = getattr(unit.adapter, "accepts", None) == "grounding"
+            if guided and unit.mode == "control" and not grounding:
                 half = noisy_latents.shape[0] // 2
                 kwargs = unit.adapter(
                     unit.condition,
@@ -221,7 +210,15 @@ class Composition:
                 )
                 parts.append(_pad_unconditional(_weigh(kwargs, unit)))
                 continue
-            condition = _batch_twice(unit.condition) if guided else unit.condition
+            if not guided:
+                condition = unit.condition
+            elif unit.mode == "control":
+                # grounding: the UNet takes one grounding batch for both halves, null grounding for the
+                # unconditional one
+                nulled = unit.adapter.drop_condition(unit.condition, torch.ones(len(noisy_latents) // 2, dtype=bool))
+                condition = _concatenate(nulled, unit.condition)
+            else:
+                condition = _batch_twice(unit.condition)
             kwargs = unit.adapter(
                 condition, noisy_latents=noisy_latents, timesteps=timestep, encoder_hidden_states=encoder_hidden_states
             )
