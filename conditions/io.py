@@ -2,38 +2,66 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from conditions.base import to_uint8_hwc
 
+# The largest image read_image decodes, in pixels (width x height): 8192x8192, the largest a ControlNet user feeds.
+# It is checked from the file's header before any pixel is decoded, so a decompression bomb (a small file whose
+# header claims 100000x100000) costs nothing. ``read_image(..., max_pixels=...)`` and the data/extract configs'
+# ``max_image_pixels`` change it.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
 
 class ImageDecodeError(ValueError):
-    """An image file is missing or cannot be decoded; the message names the file."""
+    """An image file is missing, too large or cannot be decoded; the message names the file."""
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     """Read an image file as an HxWx3 uint8 RGB array (grayscale repeated, alpha composited on white).
 
+    Args:
+        max_pixels: the largest width x height decoded (default ``MAX_IMAGE_PIXELS``); larger images are refused
+            from their header, before decoding.
     Raises:
-        ImageDecodeError: the file does not exist or is not a decodable image.
+        ImageDecodeError: the file does not exist, is larger than ``max_pixels``, or does not decode (truncated,
+            corrupt, not an image, anything the decoder raises).
     """
     path = Path(path)
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
     if not path.is_file():
         raise ImageDecodeError(f"image file not found: {path}")
     try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode in ("I;16", "I;16B", "I", "F"):
-                # 16-bit and float images: scale to 8 bit instead of letting PIL clip them.
-                array = np.asarray(image, dtype=np.float64)
-                peak = array.max() if array.size else 0.0
-                array = (array / peak * 255.0) if peak > 0 else array
-                return to_uint8_hwc(array.clip(0, 255).astype(np.uint8))
-            if image.mode not in ("RGB", "RGBA", "L"):
-                image = image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB")
-            return to_uint8_hwc(np.asarray(image))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ImageDecodeError(f"cannot decode image {path}: {error}") from error
+        with warnings.catch_warnings():
+            # our own limit decides; PIL's bomb warning/error between its limits is not a second opinion we need
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > limit:
+                    raise ImageDecodeError(
+                        f"image {path} is {width}x{height} = {width * height} pixels, over the limit of {limit} "
+                        f"(max_image_pixels); a decompression bomb or an image to shrink first"
+                    )
+                image.load()
+                return _to_rgb_array(image)
+    except ImageDecodeError:
+        raise
+    except Exception as error:  # PIL raises many types for bad files (OSError, SyntaxError, DecompressionBombError...)
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ImageDecodeError(f"cannot decode image {path}: {type(error).__name__}: {reason}") from error
+
+
+def _to_rgb_array(image: Image.Image) -> np.ndarray:
+    if image.mode in ("I;16", "I;16B", "I", "F"):
+        # 16-bit and float images: scale to 8 bit instead of letting PIL clip them.
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() if array.size else 0.0
+        array = (array / peak * 255.0) if peak > 0 else array
+        return to_uint8_hwc(array.clip(0, 255).astype(np.uint8))
+    if image.mode not in ("RGB", "RGBA", "L"):
+        image = image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB")
+    return to_uint8_hwc(np.asarray(image))

@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from conditions import ConditionExtractor, ImageDecodeError, read_image
+from conditions.io import MAX_IMAGE_PIXELS
 from lightning_modules.config_checks import _is_missing
 from lightning_modules.errors import CtrlkitError
 
@@ -157,19 +158,25 @@ def setup_worker_process() -> None:
         libc.mallopt(m_trim_threshold, 1024 * 1024 * 1024)
 
 
-def _run_chunk(task: tuple[list[tuple[str, str]], str, str]) -> list[tuple[str, str, str | None]]:
+def _run_chunk(task: tuple[list[tuple[str, str]], str, str, int]) -> list[tuple[str, str, str | None]]:
     """Read, extract and write one chunk; returns (source, condition, error or None) per image."""
-    jobs, input_dir, output_dir = task
-    return process_chunk(_WORKER_EXTRACTOR, jobs, Path(input_dir), Path(output_dir))
+    jobs, input_dir, output_dir, max_pixels = task
+    return process_chunk(_WORKER_EXTRACTOR, jobs, Path(input_dir), Path(output_dir), max_pixels)
 
 
 def process_chunk(
-    extractor: ConditionExtractor, jobs: list[tuple[str, str]], input_dir: Path, output_dir: Path
+    extractor: ConditionExtractor,
+    jobs: list[tuple[str, str]],
+    input_dir: Path,
+    output_dir: Path,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> list[tuple[str, str, str | None]]:
+    """Read, extract and write one chunk; an image that does not read (missing, corrupt, over ``max_pixels``) is
+    reported in its result and the others are still written."""
     results, images, readable = [], [], []
     for source, condition in jobs:
         try:
-            images.append(read_image(input_dir / source))
+            images.append(read_image(input_dir / source, max_pixels))
             readable.append((source, condition))
         except ImageDecodeError as error:
             results.append((source, condition, str(error)))
@@ -195,6 +202,7 @@ def extract_folder(
     num_workers: int = 2,
     chunk_size: int = 8,
     progress: bool = True,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> ExtractReport:
     """Extract a map (or grounding record) for every image under ``input_dir`` into ``output_dir``; skip the ones
     already done.
@@ -203,11 +211,15 @@ def extract_folder(
         extractor: an image-kind extractor, or a grounding one that reads pixels (``detected_boxes``).
         num_workers: worker processes (0 = in this process).
         chunk_size: images per task sent to a worker (a neural extractor batches same-sized images of a chunk).
+        max_image_pixels: larger images (width x height, from the header) are reported unreadable, not decoded.
     """
     if getattr(extractor, "reads_scene", False):
         raise CtrlkitError(f"condition '{extractor.name}' reads shapes scenes, not image files; pick e.g. canny")
-    if num_workers < 0 or chunk_size < 1:
-        raise CtrlkitError(f"num_workers must be >= 0 and chunk_size >= 1, got {num_workers}, {chunk_size}")
+    if num_workers < 0 or chunk_size < 1 or max_image_pixels < 1:
+        raise CtrlkitError(
+            f"num_workers must be >= 0, chunk_size >= 1 and max_image_pixels >= 1, got {num_workers}, {chunk_size}, "
+            f"{max_image_pixels}"
+        )
     input_dir, output_dir = Path(input_dir).resolve(), Path(output_dir).resolve()
     check_folders(input_dir, output_dir)
     settings = json.loads(json.dumps(extractor.settings()))  # as the manifest stores it (tuples -> lists)
@@ -217,13 +229,13 @@ def extract_folder(
     targets = condition_paths(sources, ".json" if extractor.kind == "grounding" else ".png")
     jobs = [(str(s), str(targets[s])) for s in sources if str(s) not in done]
     report = ExtractReport(skipped=len(sources) - len(jobs))
-    tasks = [(chunk, str(input_dir), str(output_dir)) for chunk in _chunks(jobs, chunk_size)]
+    tasks = [(chunk, str(input_dir), str(output_dir), max_image_pixels) for chunk in _chunks(jobs, chunk_size)]
     with (
         open(output_dir / MANIFEST, "a") as manifest,
         tqdm(total=len(jobs), desc=f"extract {extractor.name}", unit="img", disable=not progress) as bar,
     ):
         if num_workers == 0:
-            results = (process_chunk(extractor, chunk, input_dir, output_dir) for chunk, _, _ in tasks)
+            results = (process_chunk(extractor, chunk, input_dir, output_dir, max_image_pixels) for chunk, *_ in tasks)
             _collect(results, manifest, bar, report, settings)
         else:
             context = _pool_context()
@@ -284,7 +296,9 @@ def run_extract(cfg) -> ExtractReport:
         if _is_missing(cfg, key):
             raise CtrlkitError(f"{key} is required with condition={cfg.condition.name}: add {key}={example}")
     extractor = instantiate(cfg.condition.extractor, _convert_="all")
-    report = extract_folder(extractor, cfg.input, cfg.output, cfg.num_workers, cfg.chunk_size, cfg.progress)
+    report = extract_folder(
+        extractor, cfg.input, cfg.output, cfg.num_workers, cfg.chunk_size, cfg.progress, cfg.max_image_pixels
+    )
     written = "grounding records" if extractor.kind == "grounding" else "maps"
     print(format_report(report, Path(cfg.output).resolve(), written), file=sys.stderr if report.failed else sys.stdout)
     return report

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from conditions import ConditionExtractor, ImageDecodeError, read_image
+from conditions.io import MAX_IMAGE_PIXELS
 from lightning_modules.data import ConditionedDataModule, check_on_error
 from lightning_modules.errors import BadDataError, CtrlkitError
 
@@ -114,15 +115,22 @@ class PairedImageDataset(Dataset):
         extractor: gives the condition when ``conditions == "extractor"``, and its ``channels`` always.
         image_size: side S; images are resized (short side) and centre-cropped, condition maps the same way.
         conditions: ``files`` (precomputed maps) or ``extractor`` (computed from the image on the fly).
+        max_image_pixels: larger images (width x height, read from the header) are bad data, never decoded.
     """
 
     def __init__(
-        self, records: list[PairRecord], extractor: ConditionExtractor, image_size: int, conditions: str
+        self,
+        records: list[PairRecord],
+        extractor: ConditionExtractor,
+        image_size: int,
+        conditions: str,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
     ) -> None:
         self.records = records
         self.extractor = extractor
         self.image_size = image_size
         self.conditions = conditions
+        self.max_image_pixels = max_image_pixels
 
     def __len__(self) -> int:
         return len(self.records)
@@ -133,13 +141,15 @@ class PairedImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         try:
-            image = resize_and_centre_crop(read_image(record.image), self.image_size, cv2.INTER_AREA)
+            image = resize_and_centre_crop(
+                read_image(record.image, self.max_image_pixels), self.image_size, cv2.INTER_AREA
+            )
             if self.conditions == "extractor":
                 condition = self.extractor(image)
             else:
                 # nearest: a precomputed map (edges, labels) keeps its values instead of blending them
                 condition_map = resize_and_centre_crop(
-                    read_image(record.condition), self.image_size, cv2.INTER_NEAREST
+                    read_image(record.condition, self.max_image_pixels), self.image_size, cv2.INTER_NEAREST
                 )
                 condition_map = condition_map[:, :, : self.extractor.channels]
                 condition = torch.from_numpy(condition_map).permute(2, 0, 1).float().div(255.0)
@@ -162,6 +172,8 @@ class FileDataModule(ConditionedDataModule):
         on_error: ``skip`` (default): a bad line or an undecodable image is reported by file and line, skipped and
             counted; ``raise``: it stops the run with a one-line error.
         seed: the shuffling seed (``${seed}``).
+        max_image_pixels: the largest image (width x height, checked from the file header) decoded; larger ones are
+            bad data (skipped or raised per ``on_error``), so a decompression bomb never reaches the decoder.
         skip_invalid: deprecated spelling of ``on_error`` (true = skip, false = raise).
     """
 
@@ -186,6 +198,7 @@ class FileDataModule(ConditionedDataModule):
         image_column: str = "file_name",
         caption_column: str = "text",
         conditioning_image_column: str = "conditioning_image",
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
     ) -> None:
         super().__init__()
         if layout not in self.LAYOUTS:
@@ -217,5 +230,7 @@ class FileDataModule(ConditionedDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         split = len(records) - val_size
-        self.train_dataset = PairedImageDataset(records[:split], extractor, image_size, conditions)
-        self.val_dataset = PairedImageDataset(records[split:], extractor, image_size, conditions)
+        if max_image_pixels < 1:
+            raise CtrlkitError(f"data.max_image_pixels={max_image_pixels} must be >= 1")
+        self.train_dataset = PairedImageDataset(records[:split], extractor, image_size, conditions, max_image_pixels)
+        self.val_dataset = PairedImageDataset(records[split:], extractor, image_size, conditions, max_image_pixels)
