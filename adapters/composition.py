@@ -19,6 +19,7 @@ given no mode takes its adapter's ``guidance_mode``: "balanced" for ControlNet a
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -69,6 +70,8 @@ class ControlUnit:
             raise ValueError(f"unit '{self.name}': mode '{self.mode}'; choose one of: {', '.join(MODES)}")
         if not 0.0 <= self.start < self.end <= 1.0:
             raise ValueError(f"unit '{self.name}': need 0 <= start < end <= 1, got start={self.start} end={self.end}")
+        if not math.isfinite(self.scale) or self.scale < 0:  # nan would turn every residual, and the image, to nan
+            raise ValueError(f"unit '{self.name}': scale={self.scale}; allowed: a finite number >= 0")
         if getattr(self.adapter, "accepts", None) == "grounding":
             # grounding enters the UNet as cross-attention kwargs, not residuals: nothing to weigh by depth or
             # mask, so say so instead of ignoring the setting

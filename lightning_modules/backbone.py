@@ -7,6 +7,7 @@ diffusers pipeline folder, or a single-file SD checkpoint read offline.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from adapters.ldm_layout import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
 from adapters.sampling import make_scheduler, sample_latents
 from conditions.shapes import VOCABULARY
+from conditions.weights import UnsafeWeightsError, unsafe_pickle_message
 from lightning_modules.errors import CtrlkitError
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -356,9 +358,21 @@ def _load_single_file(checkpoint: Path, config: str | None, dtype: torch.dtype) 
             requires_safety_checker=False,
         )
     except (OSError, ValueError, RuntimeError, KeyError) as error:
+        unsafe = _unsafe_pickle_cause(error)
+        if unsafe is not None:  # diffusers' message hides why the file was refused
+            raise UnsafeWeightsError(unsafe_pickle_message(checkpoint, unsafe)) from error
         raise CtrlkitError(f"cannot load the single-file checkpoint {checkpoint}: {_first_line(error)}") from error
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     return Backbone(pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, pipeline.unet, scheduler)
+
+
+def _unsafe_pickle_cause(error: BaseException) -> BaseException | None:
+    """The weights-only unpickler's refusal of a code-running global behind ``error``, if that is what it was."""
+    while error is not None:
+        if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _first_line(error: Exception) -> str:

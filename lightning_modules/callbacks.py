@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +104,13 @@ class SampleGridCallback(pl.Callback):
         self.last_step: int | None = None
         self.last_path: Path | None = None
 
+    def grid_path(self, step: int) -> Path:
+        return self.output_dir / f"step_{step:06d}.png"
+
+    def end_of_run_done(self, trainer: pl.Trainer) -> bool:
+        """Whether the grid of the final step exists (``ResumableEndOfRun``)."""
+        return self.grid_path(trainer.global_step).is_file()
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sample(trainer, pl_module)
 
@@ -126,8 +135,10 @@ class SampleGridCallback(pl.Callback):
         rows = torch.stack(columns, dim=1).flatten(0, 1)  # row-major: cond, sample, target
         grid = make_grid(rows, nrow=3, padding=2, pad_value=1.0)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        path = self.output_dir / f"step_{step:06d}.png"
-        save_image(grid, path)
+        path = self.grid_path(step)
+        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+        save_image(grid, temporary)
+        os.replace(temporary, path)  # a grid is complete or absent (end_of_run_done trusts the name)
         self.last_step, self.last_path = step, path
         caption = f"step {step}: condition | sample | target"
         if not isinstance(batch["condition"], torch.Tensor):
@@ -140,15 +151,71 @@ class SampleGridCallback(pl.Callback):
 
 
 class ExportAdapterCallback(pl.Callback):
-    """At the end of training, saves the adapter in its exchange format (a diffusers folder for ControlNet)."""
+    """At the end of training, saves the adapter in its exchange format (a diffusers folder for ControlNet).
+
+    The folder is written under a temporary name and renamed into place, so ``output_dir`` is a complete export or
+    absent, never half written by a killed run (``ResumableEndOfRun`` redoes an absent one)."""
 
     def __init__(self, output_dir: str) -> None:
         self.output_dir = Path(output_dir)
 
+    def end_of_run_done(self, trainer: pl.Trainer) -> bool:
+        return self.output_dir.is_dir()
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero:
-            pl_module.adapter.save_pretrained(self.output_dir)
-            log.info("adapter exported to %s", self.output_dir)
+        if not trainer.is_global_zero:
+            return
+        temporary = self.output_dir.with_name(f".{self.output_dir.name}.tmp-{os.getpid()}")
+        shutil.rmtree(temporary, ignore_errors=True)
+        pl_module.adapter.save_pretrained(temporary)
+        previous = self.output_dir.with_name(f".{self.output_dir.name}.old-{os.getpid()}")
+        if self.output_dir.exists():  # a rerun replaces the export whole
+            os.replace(self.output_dir, previous)
+        os.replace(temporary, self.output_dir)
+        shutil.rmtree(previous, ignore_errors=True)
+        log.info("adapter exported to %s", self.output_dir)
+
+
+class ResumableEndOfRun(pl.Callback):
+    """The end of training as resumable work.
+
+    Lightning skips the whole training loop, ``on_train_end`` included, when a resumed run's checkpoint is already
+    at ``max_steps``: a run killed after its last checkpoint but before its adapter export, final sample grid or
+    controllability summary would never get them. When the loop was skipped, this callback asks every callback
+    with an ``end_of_run_done(trainer)`` method whether its output is there, and runs ``on_train_end`` of exactly
+    those whose output is missing, with the restored weights, at the same step: no training step is added.
+    """
+
+    def __init__(self) -> None:
+        self.trained = False
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.trained = True  # the loop ran: on_train_end runs (or ran) as usual
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.trained:
+            return
+        pending = [
+            callback
+            for callback in trainer.callbacks
+            if hasattr(callback, "end_of_run_done") and not callback.end_of_run_done(trainer)
+        ]
+        if not pending:
+            return
+        names = ", ".join(type(callback).__name__ for callback in pending)
+        log.info(
+            "the run is at step %d of %d; redoing its missing end of training: %s",
+            trainer.global_step,
+            trainer.max_steps,
+            names,
+        )
+        device = trainer.strategy.root_device  # Lightning's teardown moved the module to the CPU
+        pl_module.to(device)
+        try:
+            for callback in pending:
+                callback.on_train_end(trainer, pl_module)
+        finally:
+            pl_module.cpu()
 
 
 class AdapterCheckpoint(ModelCheckpoint):
@@ -188,6 +255,9 @@ class AdapterCheckpoint(ModelCheckpoint):
         self.best_score: float | None = None
         self.best_step: int | None = None
         self.best_key: str | None = None  # the score best.ckpt was picked by (``auto`` resolved)
+
+    def end_of_run_done(self, trainer: pl.Trainer) -> bool:
+        return not self.save_last or self.dirpath is None or (Path(self.dirpath) / "last.ckpt").is_file()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning writes ``last`` at the end only when no ``last`` was saved before, so a run stopped by

@@ -35,20 +35,64 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file, then renames it into place; loads with ``weights_only=True``."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        """Write atomically; when the folder cannot be written (permissions, a full disk), the same state goes to
+        ``rescue_path(path)`` and the run stops with one line saying where it is and how to continue."""
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f"{target.name}.tmp-{os.getpid()}")
         try:
-            with open(temporary, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, target)  # readers see the old file or the new one, never a partial one
-        finally:
-            temporary.unlink(missing_ok=True)
+            _save_atomically(checkpoint, target)
+        except OSError as error:
+            rescue = rescue_path(target)
+            try:
+                _save_atomically(checkpoint, rescue)
+            except OSError as rescue_error:
+                raise CtrlkitError(
+                    f"cannot write checkpoint {target} ({error.strerror or error}) nor its rescue copy {rescue} "
+                    f"({rescue_error.strerror or rescue_error}); the steps since the last checkpoint are lost"
+                ) from error
+            raise CtrlkitError(
+                f"cannot write checkpoint {target} ({error.strerror or error}); the training state was saved to "
+                f"{rescue} instead: make the folder writable and continue with ckpt_path={rescue}"
+            ) from error
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         return read_training_checkpoint(path)
+
+
+def _save_atomically(checkpoint: dict[str, Any], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "wb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, target)  # readers see the old file or the new one, never a partial one
+    finally:
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:  # the folder itself is what failed
+            pass
+
+
+def rescue_path(target: Path) -> Path:
+    """Where a checkpoint goes when its own folder cannot be written: the system's temporary folder, under a name
+    unique to the run's checkpoint folder (``ctrlkit-rescue/<run>-<hash>/<file>``)."""
+    import hashlib
+    import tempfile
+
+    folder = target.parent.absolute()
+    digest = hashlib.sha1(str(folder).encode()).hexdigest()[:8]
+    return Path(tempfile.gettempdir()) / "ctrlkit-rescue" / f"{folder.parent.name}-{digest}" / target.name
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or the new text."""
+    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def read_training_checkpoint(path: str | Path) -> dict:

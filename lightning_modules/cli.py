@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import errno
+import shutil
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
-from lightning_modules.config_checks import CONF_DIR, check_group_overrides, check_override_keys
+from lightning_modules.config_checks import (
+    CONF_DIR,
+    check_group_overrides,
+    check_override_keys,
+    check_writable_dir,
+    run_dir_of,
+)
 from lightning_modules.errors import USER_ERRORS
+
+# OSErrors that are the machine's state, not a bug: reported as one line naming the path
+ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
 
 USAGE = """usage: ctrlkit <command> [hydra overrides ...]
 
@@ -46,14 +58,37 @@ def _fail(command: str, error: BaseException) -> None:
 
 
 def _run(command: str, function, cfg: DictConfig):
-    """``function(cfg)``, with a user error (also one Hydra wrapped while instantiating) as one line and exit 2."""
+    """``function(cfg)``, with a user error (also one Hydra wrapped while instantiating) or an unwritable path as
+    one line and exit 2; a run folder the failed job left with nothing but Hydra's files is removed."""
     try:
         return function(cfg)
     except (InstantiationException, *USER_ERRORS) as error:
         cause = _user_error(error)
         if cause is None:
             raise
+        _remove_empty_run_dir()
         _fail(command, cause)
+    except OSError as error:
+        if error.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        _remove_empty_run_dir()
+        _fail(command, f"cannot write {error.filename or 'a file'}: {error.strerror}")
+
+
+def _remove_empty_run_dir() -> None:
+    """Remove this job's Hydra run folder when it holds only Hydra's own files (``.hydra/``, the job log)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        hydra_cfg = HydraConfig.get()
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+    except ValueError:  # no Hydra run (a test calling a command function)
+        return
+    if not run_dir.is_dir() or run_dir.resolve() == Path.cwd().resolve():
+        return
+    own = {hydra_cfg.output_subdir, f"{hydra_cfg.job.name}.log"}
+    if all(entry.name in own for entry in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
@@ -119,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         check_group_overrides(overrides)
-        if command in CONFIG_NAMES:
-            check_override_keys(CONFIG_NAMES[command], overrides)
+        composed = check_override_keys(CONFIG_NAMES[command], overrides)
+        run_dir = run_dir_of(composed)
+        if run_dir is not None:
+            check_writable_dir(run_dir, "the run folder (hydra.run.dir)")
     except USER_ERRORS as error:
         _fail(command, error)
     sys.argv = [f"ctrlkit {command}", *overrides]

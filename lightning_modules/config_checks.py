@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -44,37 +46,100 @@ def check_group_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> No
                 raise CtrlkitError(f"unknown {key} '{name.strip()}'; choose one of: {', '.join(options)}")
 
 
-def check_override_keys(config_name: str, overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
-    """Name an override of a key the config does not have (``system.learnng_rate=1``) in one line, with the keys
-    its parent takes, instead of Hydra's multi-line "Could not override" report. Sweeps and ``+``/``~`` overrides
-    are left to Hydra."""
-    dotted = [
-        o for o in overrides if "=" in o and not o.startswith(("+", "~", "hydra.", "--")) and "." in o.split("=")[0]
-    ]
-    sweeping = any(
-        o in ("-m", "--multirun") or "," in o or o.partition("=")[2].startswith(_SWEEP_FUNCTIONS) for o in overrides
-    )
-    if not dotted or sweeping:
-        return
+def check_override_keys(config_name: str, overrides: list[str], conf_dir: Path = CONF_DIR) -> DictConfig | None:
+    """Before Hydra runs anything, name a bad override in one line instead of Hydra's multi-line report: a key
+    the config does not have (``system.learnng_rate=1``, or ``foo=1`` at the top), with the keys its parent takes;
+    then any other composition error (override syntax, types) as its first lines joined. Sweeps, Hydra flags
+    (``-m``, ``--cfg``) and ``+``/``~`` overrides are left to Hydra. Returns the composed config (with ``hydra``),
+    or None where Hydra composes it per job (sweeps, flags)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if any(o.startswith("-") for o in overrides):
+        return None
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as error:  # a syntax error in an override
+        raise CtrlkitError(f"override not accepted: {one_line(error)}") from error
+    if any(override.is_sweep_override() for override in parsed):
+        return None
+    settings = [o for o in overrides if "=" in o and not o.startswith(("+", "~", "hydra.", "hydra/"))]
+    groups = [o for o in settings if _is_group(o.split("=")[0], conf_dir)]
+    cfg = _compose(config_name, groups, conf_dir)
+    if cfg is None:  # the groups themselves do not compose: Hydra reports it below
+        settings = []
+    for override in settings:
+        key = override.split("=", 1)[0]
+        if _is_group(key, conf_dir):
+            continue
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key, throw_on_missing=False) if parent_key else cfg
+        if isinstance(parent, DictConfig) and leaf not in parent.keys():
+            keys = ", ".join(sorted(str(k) for k in parent.keys() if not str(k).startswith("_")))
+            where = f"{parent_key} takes" if parent_key else f"ctrlkit's {config_name} config has"
+            raise CtrlkitError(f"unknown key '{key}'; {where}: {keys} (add a new key with +{key}=...)")
+    try:
+        return _compose(config_name, overrides, conf_dir, raise_errors=True)
+    except Exception as error:  # Hydra's and OmegaConf's composition errors, as one line
+        raise CtrlkitError(f"override not accepted: {one_line(error)}") from error
+
+
+def _is_group(key: str, conf_dir: Path) -> bool:
+    return "." not in key and (conf_dir / key.lstrip("+~")).is_dir()
+
+
+def _compose(config_name: str, overrides: list[str], conf_dir: Path, raise_errors: bool = False):
+    """The composed config (with ``hydra``), or None when it does not compose and ``raise_errors`` is False."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    groups = [o for o in overrides if "=" in o and "." not in o.split("=")[0].lstrip("+~")]
     try:
         GlobalHydra.instance().clear()
         with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir)):
-            cfg = compose(config_name=config_name, overrides=groups)
-    except Exception:  # anything odd here is Hydra's to report
-        return
+            return compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    except Exception:
+        if raise_errors:
+            raise
+        return None
     finally:
         GlobalHydra.instance().clear()
-    for override in dotted:
-        key = override.split("=", 1)[0]
-        parent_key, _, leaf = key.rpartition(".")
-        parent = OmegaConf.select(cfg, parent_key, throw_on_missing=False)
-        if isinstance(parent, DictConfig) and leaf not in parent.keys():
-            keys = ", ".join(sorted(str(k) for k in parent.keys() if not str(k).startswith("_")))
-            raise CtrlkitError(f"unknown key '{key}'; {parent_key} takes: {keys} (add a new key with +{key}=...)")
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message in one line: its lines joined, OmegaConf's ``full_key``/``object_type`` details dropped."""
+    details = ("full_key:", "object_type", "reference_type", "See https://hydra.cc", "Set the environment variable")
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    kept = [line for line in lines if not line.startswith(details)] or [type(error).__name__]
+    return "; ".join(line.rstrip(".") for line in kept)
+
+
+def run_dir_of(cfg: DictConfig | None) -> Path | None:
+    """The folder Hydra will create for a composed config (``hydra.run.dir``; None when it writes none there:
+    no ``.hydra`` output and the current folder), or None when it cannot be told beforehand."""
+    if cfg is None or OmegaConf.select(cfg, "hydra.output_subdir", default=None) is None:
+        return None
+    try:
+        run_dir = OmegaConf.select(cfg, "hydra.run.dir")
+    except Exception:  # an interpolation that only resolves inside a run
+        return None
+    return Path(str(run_dir)) if run_dir and str(run_dir) != "." else None
+
+
+def check_writable_dir(folder: str | Path, what: str) -> None:
+    """Raise a one-line error when ``folder`` (or, if it does not exist yet, the nearest existing folder above it)
+    cannot be written: tried for real with a temporary folder, since root passes ``os.access`` on read-only file
+    systems and in ``/sys``."""
+    import tempfile
+
+    folder = Path(folder).expanduser().absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CtrlkitError(f"cannot write {what} {folder}: {existing} is a file, not a folder")
+    try:
+        Path(tempfile.mkdtemp(prefix=".ctrlkit-write-check-", dir=existing)).rmdir()
+    except OSError as error:
+        raise CtrlkitError(f"cannot write {what} {folder}: {error.strerror or error} in {existing}") from error
 
 
 def check_train_config(cfg: DictConfig) -> None:
@@ -90,13 +155,28 @@ def check_train_config(cfg: DictConfig) -> None:
         )
     for key in ("model.path", "paths.output_dir"):
         if _is_missing(cfg, key):
-            raise CtrlkitError(f"{key} is required with model={cfg.model.get('name', '?')}: add {key}=<path>")
+            raise CtrlkitError(f"{key} is required with model={group_choice(cfg, 'model')}: add {key}=<path>")
     for key in ("condition.extractor.weights_dir", "condition.extractor.model", "data.root"):
         if _is_missing(cfg, key):
             raise CtrlkitError(f"{key} is required: add {key}=<path>")
     for path, node in _target_nodes(cfg):
         check_node_against_signature(path, node)
     check_values(cfg)
+
+
+def group_choice(cfg: DictConfig, group: str) -> str:
+    """The option the run picked for a config group (``model=sd15`` -> "sd15"): Hydra's record of the choice,
+    else the group's ``name`` key, else its target's name."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        choice = HydraConfig.get().runtime.choices.get(group)
+    except ValueError:  # composed outside a Hydra run
+        choice = None
+    node = cfg.get(group)
+    if choice is None and isinstance(node, DictConfig):
+        choice = node.get("name") or str(node.get("_target_", "?")).rpartition(".")[2]
+    return str(choice or "?")
 
 
 def _is_missing(cfg: DictConfig, dotted_key: str) -> bool:
@@ -151,7 +231,15 @@ def check_node_against_signature(path: str, node: DictConfig) -> None:
             value = node[key]
         except Exception:  # an interpolation that cannot resolve here (hydra runtime values) is not ours to judge
             continue
-        _check_type(f"{path}.{key}", value, hints[key])
+        _check_type(_set_by(node, key, f"{path}.{key}"), value, hints[key])
+
+
+def _set_by(node: DictConfig, key: str, dotted: str) -> str:
+    """How an error names ``node.key``: the key the user sets when the value is a plain interpolation of another
+    (``system.learning_rate: ${adapter.learning_rate}`` -> "adapter.learning_rate (as system.learning_rate)")."""
+    raw = OmegaConf.to_container(node, resolve=False).get(key)
+    match = re.fullmatch(r"\$\{([\w.]+)\}", raw) if isinstance(raw, str) else None
+    return f"{match.group(1)} (as {dotted})" if match else dotted
 
 
 def _check_type(key: str, value, annotation) -> None:
@@ -174,7 +262,11 @@ def _check_type(key: str, value, annotation) -> None:
     if any(_fits(plain, kind) for kind in types_allowed):
         return
     names = [_SIMPLE_TYPES[kind] for kind in types_allowed] + [repr(literal) for literal in literals]
-    raise CtrlkitError(f"{key}={plain!r} has the wrong type; allowed: {' or '.join(dict.fromkeys(names))}")
+    name, _, used_as = key.partition(" ")
+    raise CtrlkitError(
+        f"{name}={plain!r} has the wrong type{' ' + used_as if used_as else ''}; "
+        f"allowed: {' or '.join(dict.fromkeys(names))}"
+    )
 
 
 def _is_union(annotation) -> bool:
@@ -203,6 +295,13 @@ def check_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, int | float) and not 0.0 <= value <= 1.0:
             raise CtrlkitError(f"{key}={value} is a probability; allowed: a number in [0, 1]")
+    for key in ("adapter.learning_rate", "system.weight_decay"):
+        value = OmegaConf.select(cfg, key, default=None)
+        positive = key.endswith("learning_rate")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value) or (value <= 0 if positive else value < 0):
+                allowed = "a finite number > 0" if positive else "a finite number >= 0"
+                raise CtrlkitError(f"{key}={value} is out of range; allowed: {allowed}")
     batch_size = OmegaConf.select(cfg, "data.batch_size", default=None)
     if isinstance(batch_size, int) and batch_size < 1:
         raise CtrlkitError(f"data.batch_size={batch_size} must be >= 1; allowed: an integer >= 1")

@@ -29,6 +29,7 @@ from conditions.controllability import (
     score_samples,
 )
 from lightning_modules.callbacks import generate_in_eval_mode
+from lightning_modules.checkpoints import write_text_atomically
 from lightning_modules.data import collate
 
 log = logging.getLogger(__name__)
@@ -133,13 +134,19 @@ class ControllabilityCallback(pl.Callback):
         return primary or ("mask_iou" if hasattr(dataset, "scene") else None)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._prepare(trainer, pl_module):
+            self._record(trainer, pl_module)
+
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Resolve the jump metric and score the base model and the scenes (unless restored); False when
+        controllability is off for this condition."""
         dataset = trainer.datamodule.val_dataset
         self.jump_metric = self.resolve_jump_metric(dataset)
-        if self.jump_metric is None:
-            self.enabled = False
+        self.enabled = self.jump_metric is not None
+        if not self.enabled:
             name = getattr(getattr(dataset, "extractor", None), "name", type(dataset).__name__)
             log.warning("controllability is off: condition '%s' has no re-extraction metric and no scene", name)
-            return
+            return False
         if self.base is None:
             self.base = self.evaluate(pl_module, dataset, use_adapter=False)
             log.info("base model without adapter: %s", self.base)
@@ -148,7 +155,16 @@ class ControllabilityCallback(pl.Callback):
             scenes = [dataset.scene(index) for index in range(min(self.num_samples, len(dataset)))]
             self.truth = mean_scores([scene_scores(scene.image, scene) for scene in scenes])
             log.info("the scenes' own images score: %s", self.truth)
-        self._record(trainer, pl_module)
+        return True
+
+    def end_of_run_done(self, trainer: pl.Trainer) -> bool:
+        """Whether the summary of this step is written (``ResumableEndOfRun``); True when scoring is off."""
+        if not self.enabled:
+            return True
+        try:
+            return json.loads(self.output_file.read_text())["final"]["step"] == trainer.global_step
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
@@ -157,7 +173,9 @@ class ControllabilityCallback(pl.Callback):
             self._record(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.enabled or not trainer.is_global_zero:
+        if not trainer.is_global_zero or not self.enabled:
+            return
+        if not self._prepare(trainer, pl_module):  # cheap once prepared; a resumed run whose loop was skipped is not
             return
         if not self.curve or self.curve[-1]["step"] != trainer.global_step:
             self._record(trainer, pl_module)
@@ -175,9 +193,10 @@ class ControllabilityCallback(pl.Callback):
             "num_samples": self.num_samples,
             "curve": self.curve,
         }
-        self.output_file.write_text(json.dumps(summary, indent=2))
         curve_png = self.output_file.with_suffix(".png")
         draw_curve(self.curve, self.base, self.control_step, curve_png, self.jump_metric)
+        # last, and whole: the summary marks the end of the run as done (end_of_run_done)
+        write_text_atomically(self.output_file, json.dumps(summary, indent=2))
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):  # W&B: the curve as a picture beside the logged series
                 from PIL import Image
@@ -227,10 +246,11 @@ class ControllabilityCallback(pl.Callback):
 
     def state_dict(self) -> dict:
         """Base scores, curve and control step, so a resumed run continues the same curve."""
-        return {"base": self.base, "curve": self.curve, "control_step": self.control_step}
+        return {"base": self.base, "truth": self.truth, "curve": self.curve, "control_step": self.control_step}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.base = state_dict.get("base")
+        self.truth = state_dict.get("truth")
         self.curve = list(state_dict.get("curve", []))
         self.control_step = state_dict.get("control_step")
 

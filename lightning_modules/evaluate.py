@@ -41,8 +41,9 @@ from lightning_modules.controllability import evaluation_samples
 from lightning_modules.data import collate
 from lightning_modules.errors import CtrlkitError
 from lightning_modules.evaluation_report import MODELS, log_wandb, report, write_csv, write_grid
-from lightning_modules.generate import load_adapter, unit_from_spec, unit_specs
-from lightning_modules.image_quality import image_quality
+from lightning_modules.generate import load_adapter, unit_from_spec
+from lightning_modules.image_quality import image_quality, load_quality_models
+from lightning_modules.unit_checks import unit_specs
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def evaluation_units(cfg: DictConfig) -> tuple[list[EvalUnit], DictConfig | None
     A unit's condition is its ``extractor`` (a conf/condition name), else the condition its run was trained with
     (``from_run``), else, for a single ``adapter_path``, the ``condition`` group of this config.
     """
-    specs = unit_specs(cfg)
+    specs = unit_specs(cfg, UNIT_FIELDS + REPLACED_FIELDS)
     if cfg.get("adapter_path"):
         if specs:
             raise CtrlkitError("give adapter_path=<run> or composition=<file> / units=[...], not both")
@@ -98,11 +99,6 @@ def evaluation_units(cfg: DictConfig) -> tuple[list[EvalUnit], DictConfig | None
         raise CtrlkitError("nothing to evaluate: give adapter_path=<run dir>, or composition=<file> / units=[...]")
     units, first_run = [], None
     for index, spec in enumerate(specs):
-        unknown = set(spec) - set(UNIT_FIELDS) - set(REPLACED_FIELDS)
-        if unknown:
-            raise CtrlkitError(f"unit {index}: unknown field(s) {sorted(unknown)}; allowed: {', '.join(UNIT_FIELDS)}")
-        if not spec.get("adapter"):
-            raise CtrlkitError(f"unit {index}: adapter=<run dir or adapter folder> is required")
         replaced = sorted(set(spec) & set(REPLACED_FIELDS))
         if replaced:
             log.info("unit %d: %s replaced by each evaluation item's condition", index, ", ".join(replaced))
@@ -162,6 +158,8 @@ def run_evaluate(cfg: DictConfig) -> dict:
         if len(units) > 1 and scene_objects and "num_objects" in cfg.data:
             cfg.data.num_objects = scene_objects[0]  # the scenes a grounding unit was trained on (GLIGEN: 1-3)
     check_train_config(cfg)
+    # before any sampling: a missing or refused weights file is said now, and its metrics read "unavailable: ..."
+    quality_models = load_quality_models(cfg.quality.inception_weights, cfg.quality.clip_model, cfg.device)
     torch.manual_seed(cfg.seed)
     backbone = instantiate(cfg.model, _convert_="all").to(cfg.device)
     for unit in units:
@@ -201,6 +199,7 @@ def run_evaluate(cfg: DictConfig) -> dict:
         cfg.quality.clip_model,
         kid_subset_size=cfg.quality.kid_subset_size,
         device=cfg.device,
+        models=quality_models,
     )
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

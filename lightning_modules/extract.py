@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from conditions import ConditionExtractor, ImageDecodeError, read_image
 from conditions.io import MAX_IMAGE_PIXELS
-from lightning_modules.config_checks import _is_missing
+from lightning_modules.config_checks import _is_missing, check_writable_dir
 from lightning_modules.errors import CtrlkitError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -222,6 +222,7 @@ def extract_folder(
         )
     input_dir, output_dir = Path(input_dir).resolve(), Path(output_dir).resolve()
     check_folders(input_dir, output_dir)
+    check_writable_dir(output_dir, "output")
     settings = json.loads(json.dumps(extractor.settings()))  # as the manifest stores it (tuples -> lists)
     output_dir.mkdir(parents=True, exist_ok=True)
     done = read_manifest(output_dir, settings)

@@ -30,24 +30,12 @@ from conditions import read_image
 from conditions.boxes import GroundingRecord, pad_grounding
 from conditions.resize import fit_map
 from lightning_modules.backbone import Backbone
-from lightning_modules.config_checks import load_condition_config
+from lightning_modules.config_checks import check_writable_dir, load_condition_config
 from lightning_modules.errors import CtrlkitError
+from lightning_modules.unit_checks import unit_specs
 
 log = logging.getLogger(__name__)
 
-UNIT_FIELDS = (
-    "adapter",
-    "condition_image",
-    "source_image",
-    "extractor",
-    "boxes",
-    "phrases",
-    "scale",
-    "start",
-    "end",
-    "mode",
-    "mask",
-)
 
 
 def load_adapter(path: str | Path, backbone: Backbone):
@@ -102,13 +90,7 @@ def read_mask(path: str, size: tuple[int, int]) -> torch.Tensor:
 
 
 def build_units(specs: list[dict], backbone: Backbone, size: tuple[int, int], batch: int) -> tuple[list, list]:
-    """Unit specs (dicts of ``UNIT_FIELDS``) -> ControlUnits and the condition maps (for the grid)."""
-    for index, spec in enumerate(specs):
-        unknown = set(spec) - set(UNIT_FIELDS)
-        if unknown:
-            raise CtrlkitError(f"unit {index}: unknown field(s) {sorted(unknown)}; allowed: {', '.join(UNIT_FIELDS)}")
-        if not spec.get("adapter"):
-            raise CtrlkitError(f"unit {index}: adapter=<folder or file of adapter weights> is required")
+    """Unit specs (checked by ``unit_checks.unit_specs``) -> ControlUnits and the condition maps (for the grid)."""
     # Grounding units last: GLIGEN adds its layers to the shared UNet, which the other adapters are built from.
     order = sorted(range(len(specs)), key=lambda index: "boxes" in specs[index])
     built = {}
@@ -169,22 +151,6 @@ def grounding_condition(spec: dict, adapter, backbone: Backbone, size: tuple[int
     return condition, drawn
 
 
-def unit_specs(cfg: DictConfig) -> list[dict]:
-    """Units of the composition file (``composition=<yaml>``, key ``units``) followed by ``units=[...]``."""
-    specs = []
-    if cfg.get("composition"):
-        path = Path(cfg.composition)
-        if not path.is_file():
-            raise CtrlkitError(f"composition file {path} not found")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded.get("units"), list):
-            raise CtrlkitError(f"{path} must hold a list under 'units:'")
-        specs += loaded["units"]
-    if cfg.get("units"):
-        specs += OmegaConf.to_container(cfg.units, resolve=True)
-    return specs
-
-
 def save_grid(maps: list[np.ndarray], images: np.ndarray, path: Path) -> None:
     """One row per prompt: each unit's condition map, then the generated image."""
     rows = []
@@ -200,10 +166,11 @@ def run_generate(cfg: DictConfig) -> list[Path]:
     if not prompts:
         raise CtrlkitError("prompts=[...] is empty; give at least one prompt")
     size = (int(cfg.height), int(cfg.width))
+    specs = unit_specs(cfg)  # every unit checked before the model loads
+    check_writable_dir(cfg.output_dir, "output_dir")
     backbone: Backbone = instantiate(cfg.model)
     backbone.check_image_size(size[0])
     backbone.check_image_size(size[1])
-    specs = unit_specs(cfg)
     units, maps = build_units(specs, backbone, size, len(prompts))
     factor = backbone.vae_scale_factor
     latents = sample_latents(

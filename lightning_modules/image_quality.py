@@ -12,9 +12,12 @@ Weights come only from local files. A metric whose weights are absent is reporte
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 
 import torch
+
+from conditions.weights import unsafe_pickle_message
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,10 @@ def load_inception(path: str | Path | None, device: str = "cpu"):
         network = NoTrainInceptionV3(
             name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path)
         )
+    except pickle.UnpicklingError as error:  # weights_only refused it: a pickle that would run code
+        message = unsafe_pickle_message(path, error)
+        log.warning("image quality: %s", message)
+        return unavailable(message)
     except (RuntimeError, ValueError, KeyError, OSError) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         return unavailable(f"{path} is not torch-fidelity's Inception state dict ({first_line})")
@@ -72,6 +79,11 @@ def load_clip(folder: str | Path | None, device: str = "cpu"):
     return model, processor
 
 
+def load_quality_models(inception_weights: str | Path | None, clip_model: str | Path | None, device: str = "cpu"):
+    """(Inception network or "unavailable: ..." string, (CLIP model, processor) or "unavailable: ..." string)."""
+    return load_inception(inception_weights, device), load_clip(clip_model, device)
+
+
 @torch.no_grad()
 def image_quality(
     real: torch.Tensor,
@@ -81,6 +93,7 @@ def image_quality(
     clip_model: str | Path | None,
     kid_subset_size: int = 50,
     device: str = "cpu",
+    models: tuple | None = None,
 ) -> dict[str, dict[str, float | str]]:
     """FID, KID (mean and std over subsets) and CLIP score of each generated set.
 
@@ -88,12 +101,14 @@ def image_quality(
         real: (N, 3, H, W) uint8 reference images (the evaluation set).
         generated: label -> (M, 3, H, W) uint8 images, e.g. {"base": ..., "adapter": ...}.
         prompts: M captions of each generated set, in order (for the CLIP score).
+        models: ``load_quality_models``' result, loaded earlier (evaluate loads them before sampling, so a refused
+            or missing file is said at the start); None loads them from the two paths here.
     Returns:
         label -> {"fid", "kid", "kid_std", "clip_score"}: numbers, or ``"unavailable: ..."`` strings.
         FID and KID on a few dozen images are biased and noisy: compare sets of the same size only.
     """
     results: dict[str, dict[str, float | str]] = {label: {} for label in generated}
-    inception = load_inception(inception_weights, device)
+    inception, clip = models or load_quality_models(inception_weights, clip_model, device)
     if isinstance(inception, str):
         for label in generated:
             results[label].update(fid=inception, kid=inception, kid_std=inception)
@@ -114,7 +129,6 @@ def image_quality(
                 metric.update(images.to(device), real=False)
             kid_mean, kid_std = kid.compute()
             results[label].update(fid=float(fid.compute()), kid=float(kid_mean), kid_std=float(kid_std))
-    clip = load_clip(clip_model, device)
     for label, images in generated.items():
         results[label]["clip_score"] = clip if isinstance(clip, str) else clip_score(*clip, images, prompts, device)
     return results

@@ -340,6 +340,11 @@ class AdapterTrainingSystem(pl.LightningModule):
             self.skipped_items = int(resume["skipped_items"])
             self.nonfinite_steps = int(resume["nonfinite_steps"])
             self.nonfinite_in_a_row = int(resume["nonfinite_in_a_row"])
+        self.check_checkpoint_fits(checkpoint)
+
+    def check_checkpoint_fits(self, checkpoint: dict) -> None:
+        """Raise a one-line error when a training checkpoint's weights are not this adapter's (another family or
+        build); ``train`` calls it before writing anything to the run it resumes."""
         expected = {name for name in self.state_dict() if name.startswith("adapter.")}
         found = set(checkpoint.get("state_dict", {}))
         if found != expected:

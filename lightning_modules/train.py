@@ -21,8 +21,9 @@ from lightning_modules.checkpoints import (
     find_resume_checkpoint,
     newest_run_with_checkpoints,
     read_training_checkpoint,
+    write_text_atomically,
 )
-from lightning_modules.config_checks import check_train_config
+from lightning_modules.config_checks import check_train_config, check_writable_dir
 from lightning_modules.errors import CtrlkitError
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     started = time.perf_counter()
     check_train_config(cfg)
     ckpt_path = resolve_resume(cfg)
+    check_writable_dir(cfg.paths.output_dir, "the run folder (paths.output_dir)")
     pl.seed_everything(cfg.seed, workers=True)
 
     log.info("building backbone <%s>", cfg.model._target_)
@@ -114,11 +116,14 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     # AtomicCheckpointIO: a checkpoint file is complete or absent, never half-written by a killed job
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
 
+    if ckpt_path is not None:
+        # before anything is written to the run: a failed resume leaves its config.yaml as it was
+        system.check_checkpoint_fits(read_training_checkpoint(ckpt_path))
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("hydra", None)
-    OmegaConf.save(OmegaConf.create(resolved), output_dir / "config.yaml")
+    write_text_atomically(output_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
     for logger in loggers:
         logger.log_hyperparams(resolved)
 
@@ -156,11 +161,11 @@ def _summary(objects: dict, output_dir: Path, seconds: float) -> str:
     lines.append(f"  config:       {output_dir / 'config.yaml'}")
     for callback in objects["callbacks"]:
         name = type(callback).__name__
-        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath and Path(callback.dirpath).is_dir():
             lines.append(f"  checkpoints:  {callback.dirpath}")
-        elif name == "ExportAdapterCallback":
+        elif name == "ExportAdapterCallback" and callback.output_dir.is_dir():
             lines.append(f"  adapter:      {callback.output_dir}  (diffusers format)")
-        elif name == "SampleGridCallback" and callback.last_path is not None:
+        elif name == "SampleGridCallback" and callback.last_path is not None and callback.last_path.is_file():
             lines.append(f"  sample grid:  {callback.last_path}")
     for logger in objects["loggers"]:
         if type(logger).__name__ == "WandbLogger":

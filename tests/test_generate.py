@@ -109,10 +109,13 @@ def test_composition_file_and_extractor_on_a_source_image(tmp_path, saved_contro
 @pytest.mark.parametrize(
     ("unit", "message"),
     [
-        ("{adapter: /nowhere/adapter}", r"/nowhere/adapter not found; expected one of"),
+        ("{adapter: /nowhere/adapter}", r"unit 0: adapter /nowhere/adapter not found"),
         ("{adapter: ADAPTER}", r"give condition_image=<map>, or source_image=<photo> and extractor=<name>"),
         ("{adapter: ADAPTER, strength: 2}", r"unit 0: unknown field\(s\) \['strength'\]"),
-        ("{adapter: ADAPTER, source_image: EDGES, extractor: sobel}", r"unknown extractor 'sobel'; choose one of"),
+        (
+            "{adapter: ADAPTER, source_image: EDGES, extractor: sobel}",
+            r"unit 0: unknown extractor 'sobel'; choose one of",
+        ),
     ],
 )
 def test_bad_units_are_named(tmp_path, saved_controlnet, unit, message):
@@ -137,7 +140,11 @@ def test_cli_prints_the_paths_and_a_one_line_error(tmp_path, saved_controlnet):
         timeout=300,
     )
     assert failed.returncode == 2
-    assert failed.stderr.strip().splitlines()[-1].startswith("ctrlkit generate: error: /nowhere not found")
+    assert (
+        failed.stderr.strip()
+        .splitlines()[-1]
+        .startswith("ctrlkit generate: error: unit 0: adapter /nowhere not found")
+    )
 
 
 @pytest.fixture(scope="module")
