@@ -15,7 +15,9 @@ from lightning_modules.config_checks import (
     CONF_DIR,
     check_group_overrides,
     check_override_keys,
+    check_settings,
     check_writable_dir,
+    one_line,
     run_dir_of,
 )
 from lightning_modules.errors import USER_ERRORS
@@ -52,8 +54,19 @@ def _user_error(error: BaseException) -> BaseException | None:
     return None
 
 
-def _fail(command: str, error: BaseException) -> None:
-    print(f"ctrlkit {command}: error: {error}", file=sys.stderr)
+def _refused_setting(error: InstantiationException) -> str | None:
+    """A class built from config that refused its arguments (its constructor raised ValueError or TypeError):
+    "<config key>: <its message>"; None for anything else."""
+    cause = error.__cause__
+    if not isinstance(cause, ValueError | TypeError):
+        return None
+    key = next((line.split(":", 1)[1].strip() for line in str(error).splitlines() if line.startswith("full_key:")), "")
+    return f"{key + ': ' if key else ''}{one_line(cause)}"
+
+
+def _fail(command: str, error: BaseException | str) -> None:
+    message = one_line(error) if isinstance(error, BaseException) else error
+    print(f"ctrlkit {command}: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
@@ -64,6 +77,8 @@ def _run(command: str, function, cfg: DictConfig):
         return function(cfg)
     except (InstantiationException, *USER_ERRORS) as error:
         cause = _user_error(error)
+        if cause is None and isinstance(error, InstantiationException):
+            cause = _refused_setting(error)
         if cause is None:
             raise
         _remove_empty_run_dir()
@@ -155,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_group_overrides(overrides)
         composed = check_override_keys(CONFIG_NAMES[command], overrides)
+        if composed is not None:
+            check_settings(command, composed)  # before Hydra builds its job from them (task_name -> job name)
         run_dir = run_dir_of(composed)
         if run_dir is not None:
             check_writable_dir(run_dir, "the run folder (hydra.run.dir)")

@@ -54,14 +54,18 @@ def check_override_keys(config_name: str, overrides: list[str], conf_dir: Path =
     or None where Hydra composes it per job (sweeps, flags)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    if any(o.startswith("-") for o in overrides):
+    if any(o.startswith("-") for o in overrides):  # Hydra's flags (-m, --cfg job, -cn ...): Hydra parses them
         return None
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as error:  # a syntax error in an override
         raise CtrlkitError(f"override not accepted: {one_line(error)}") from error
-    if any(override.is_sweep_override() for override in parsed):
-        return None
+    sweeps = [override.input_line for override in parsed if override.is_sweep_override()]
+    if sweeps:  # without -m (flags returned above)
+        raise CtrlkitError(
+            f"{sweeps[0]} is a sweep: add -m to run one job per value, write a list as [a,b] or quote a string "
+            "with a comma"
+        )
     settings = [o for o in overrides if "=" in o and not o.startswith(("+", "~", "hydra.", "hydra/"))]
     groups = [o for o in settings if _is_group(o.split("=")[0], conf_dir)]
     cfg = _compose(config_name, groups, conf_dir)
@@ -109,7 +113,7 @@ def one_line(error: BaseException) -> str:
     details = ("full_key:", "object_type", "reference_type", "See https://hydra.cc", "Set the environment variable")
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     kept = [line for line in lines if not line.startswith(details)] or [type(error).__name__]
-    return "; ".join(line.rstrip(".") for line in kept)
+    return kept[0] if len(kept) == 1 else "; ".join(line.rstrip(".") for line in kept)
 
 
 def run_dir_of(cfg: DictConfig | None) -> Path | None:
@@ -161,6 +165,7 @@ def check_train_config(cfg: DictConfig) -> None:
             raise CtrlkitError(f"{key} is required: add {key}=<path>")
     for path, node in _target_nodes(cfg):
         check_node_against_signature(path, node)
+    check_settings("train", cfg)
     check_values(cfg)
 
 
@@ -361,3 +366,72 @@ def model_size_factors(model: DictConfig) -> tuple[int, int] | None:
     except (OSError, TypeError, ValueError):
         return None
     return 2 ** (len(vae["block_out_channels"]) - 1), 2 ** (len(unet["block_out_channels"]) - 1)
+
+
+# ------------------------------------------------------------------ plain settings of generate, evaluate, extract
+
+_INT, _NUMBER, _TEXT, _FLAG = "an integer", "a number", "a string", "true or false"
+
+
+def _setting_rules() -> dict[str, dict[str, tuple[str, object]]]:
+    """command -> dotted key -> (kind, bound): kind is one of the names above or a tuple of choices; bound is the
+    least value allowed for numbers (None: any), or None. ``null`` is accepted where the config's default is."""
+    from adapters.sampling import SCHEDULERS
+
+    sampling = {
+        "num_inference_steps": (_INT, 1),
+        "guidance_scale": (_NUMBER, 0),
+        "scheduler": (tuple(SCHEDULERS), None),
+    }
+    named = {"task_name": (_TEXT, None)}  # Hydra's job name (run folders, the log file) is made from it
+    return {
+        "train": {"seed": (_INT, None), **named},
+        "generate": {
+            **named,
+            "seed": (_INT, None),
+            "height": (_INT, 1),
+            "width": (_INT, 1),
+            "negative_prompt": (_TEXT, None),
+            **sampling,
+        },
+        "evaluate": {
+            **named,
+            "seed": (_INT, None),
+            "num_samples": (_INT, 1),
+            "num_seeds": (_INT, 1),
+            "batch_size": (_INT, 1),
+            "grid_rows": (_INT, 0),
+            "from_run": (_FLAG, None),
+            "device": (_TEXT, None),
+            "quality.kid_subset_size": (_INT, 2),
+            **{f"sampling.{key}": rule for key, rule in sampling.items()},
+        },
+        "extract": {
+            "num_workers": (_INT, 0),
+            "chunk_size": (_INT, 1),
+            "progress": (_FLAG, None),
+            "max_image_pixels": (_INT, 1),
+        },
+    }
+
+
+def check_settings(command: str, cfg: DictConfig) -> None:
+    """The command's plain settings (sampler, counts, seeds, flags) have the right type and range; one line
+    naming the key otherwise."""
+    for key, (kind, least) in _setting_rules().get(command, {}).items():
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if value is None:
+            continue
+        if isinstance(kind, tuple):
+            if value not in kind:
+                raise CtrlkitError(f"{key}={value!r}; choose one of: {', '.join(kind)}")
+            continue
+        fits = {
+            _INT: isinstance(value, int) and not isinstance(value, bool),
+            _NUMBER: isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value),
+            _TEXT: isinstance(value, str),
+            _FLAG: isinstance(value, bool),
+        }[kind]
+        if not fits or (least is not None and value < least):
+            bound = f" >= {least}" if least is not None else ""
+            raise CtrlkitError(f"{key}={value!r}; allowed: {kind}{bound}")

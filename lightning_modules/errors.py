@@ -1,5 +1,7 @@
 """Errors caused by the user's input; the CLI prints them as one line instead of a traceback."""
 
+from lightning_fabric.utilities.exceptions import MisconfigurationException
+
 from adapters import AdapterFormatError
 from conditions import AnnotationError, ImageDecodeError, UnsafeWeightsError, WeightsNotFoundError
 
@@ -24,4 +26,6 @@ USER_ERRORS = (
     WeightsNotFoundError,
     AnnotationError,
     UnsafeWeightsError,
+    # Lightning's own word on trainer settings (an accelerator or precision this machine lacks, bad devices)
+    MisconfigurationException,
 )

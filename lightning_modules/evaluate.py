@@ -36,7 +36,7 @@ from conditions.controllability import (
 )
 from conditions.map_metrics import average_precision
 from lightning_modules.backbone import prepare_condition
-from lightning_modules.config_checks import check_train_config, load_condition_config
+from lightning_modules.config_checks import check_settings, check_train_config, load_condition_config
 from lightning_modules.controllability import evaluation_samples
 from lightning_modules.data import collate
 from lightning_modules.errors import CtrlkitError
@@ -90,7 +90,7 @@ def evaluation_units(cfg: DictConfig) -> tuple[list[EvalUnit], DictConfig | None
     A unit's condition is its ``extractor`` (a conf/condition name), else the condition its run was trained with
     (``from_run``), else, for a single ``adapter_path``, the ``condition`` group of this config.
     """
-    specs = unit_specs(cfg, UNIT_FIELDS + REPLACED_FIELDS)
+    specs = unit_specs(cfg, UNIT_FIELDS, ignored=REPLACED_FIELDS)
     if cfg.get("adapter_path"):
         if specs:
             raise CtrlkitError("give adapter_path=<run> or composition=<file> / units=[...], not both")
@@ -147,6 +147,7 @@ def _phrase_rows(backbone, phrases: list[list[str]]) -> torch.Tensor:
 def run_evaluate(cfg: DictConfig) -> dict:
     """Evaluate the adapter (or composition) and the base model; returns the metrics.json content."""
     started = time.perf_counter()
+    check_settings("evaluate", cfg)
     units, trained = evaluation_units(cfg)
     with open_dict(cfg):
         if trained is not None:

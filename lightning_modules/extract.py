@@ -26,7 +26,12 @@ from tqdm import tqdm
 
 from conditions import ConditionExtractor, ImageDecodeError, read_image
 from conditions.io import MAX_IMAGE_PIXELS
-from lightning_modules.config_checks import _is_missing, check_writable_dir
+from lightning_modules.config_checks import (
+    _is_missing,
+    check_node_against_signature,
+    check_settings,
+    check_writable_dir,
+)
 from lightning_modules.errors import CtrlkitError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -285,6 +290,7 @@ def run_extract(cfg) -> ExtractReport:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
+    check_settings("extract", cfg)
     for key in ("input", "output"):
         if OmegaConf.is_missing(cfg, key):
             raise CtrlkitError(f"{key} is required: ctrlkit extract condition=<name> input=<dir> output=<dir>")
@@ -296,6 +302,7 @@ def run_extract(cfg) -> ExtractReport:
     for key, example in needed.items():
         if _is_missing(cfg, key):
             raise CtrlkitError(f"{key} is required with condition={cfg.condition.name}: add {key}={example}")
+    check_node_against_signature("condition.extractor", cfg.condition.extractor)
     extractor = instantiate(cfg.condition.extractor, _convert_="all")
     report = extract_folder(
         extractor, cfg.input, cfg.output, cfg.num_workers, cfg.chunk_size, cfg.progress, cfg.max_image_pixels

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import yaml
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 
 from adapters import make_scheduler, sample_latents
@@ -30,12 +30,11 @@ from conditions import read_image
 from conditions.boxes import GroundingRecord, pad_grounding
 from conditions.resize import fit_map
 from lightning_modules.backbone import Backbone
-from lightning_modules.config_checks import check_writable_dir, load_condition_config
+from lightning_modules.config_checks import check_settings, check_writable_dir, load_condition_config
 from lightning_modules.errors import CtrlkitError
 from lightning_modules.unit_checks import unit_specs
 
 log = logging.getLogger(__name__)
-
 
 
 def load_adapter(path: str | Path, backbone: Backbone):
@@ -162,9 +161,10 @@ def save_grid(maps: list[np.ndarray], images: np.ndarray, path: Path) -> None:
 
 def run_generate(cfg: DictConfig) -> list[Path]:
     """Generate, write PNGs + grid + composition.yaml to ``cfg.output_dir``; returns the image paths."""
-    prompts = list(cfg.prompts) if not isinstance(cfg.prompts, str) else [cfg.prompts]
-    if not prompts:
-        raise CtrlkitError("prompts=[...] is empty; give at least one prompt")
+    check_settings("generate", cfg)
+    prompts = list(cfg.prompts) if isinstance(cfg.prompts, ListConfig | list) else [cfg.prompts]
+    if not prompts or not all(isinstance(prompt, str) for prompt in prompts):
+        raise CtrlkitError(f"prompts={cfg.prompts!r}; allowed: a prompt or a non-empty list of prompts (strings)")
     size = (int(cfg.height), int(cfg.width))
     specs = unit_specs(cfg)  # every unit checked before the model loads
     check_writable_dir(cfg.output_dir, "output_dir")

@@ -36,9 +36,10 @@ UNIT_FIELDS = (
 FILE_KEYS = ("units", "prompts", "negative_prompt", "seed")
 
 
-def unit_specs(cfg: DictConfig, fields: tuple[str, ...] = UNIT_FIELDS) -> list[dict]:
+def unit_specs(cfg: DictConfig, fields: tuple[str, ...] = UNIT_FIELDS, ignored: tuple[str, ...] = ()) -> list[dict]:
     """Units of the composition file (``composition=<yaml>``) followed by ``units=[...]``, each checked by
-    ``check_unit``; any problem is a one-line ``CtrlkitError`` naming the file or ``units``, the unit and the key."""
+    ``check_unit``; any problem is a one-line ``CtrlkitError`` naming the file or ``units``, the unit and the key.
+    ``ignored``: fields allowed but not read (evaluate replaces a unit's condition by its items')."""
     specs: list[tuple[str, dict]] = []
     if cfg.get("composition"):
         path = Path(str(cfg.composition))
@@ -51,7 +52,9 @@ def unit_specs(cfg: DictConfig, fields: tuple[str, ...] = UNIT_FIELDS) -> list[d
             raise CtrlkitError(f"units={given!r} must be a list of units, e.g. units=[{{adapter: <folder>}}]")
         specs += [(f"unit {index}", unit) for index, unit in enumerate(given)]
     for where, spec in specs:
-        check_unit(spec, where, fields)
+        check_unit(
+            {k: v for k, v in spec.items() if k not in ignored} if isinstance(spec, dict) else spec, where, fields
+        )
     return [spec for _, spec in specs]
 
 
@@ -105,7 +108,7 @@ def check_unit(spec, where: str, fields: tuple[str, ...] = UNIT_FIELDS) -> None:
     if mode is not None and mode not in MODES:
         raise CtrlkitError(f"{where}: mode={mode!r}; choose one of: {', '.join(MODES)} (or leave it out)")
     for key in ("mask", "condition_image", "source_image"):
-        if spec.get(key) is not None and key in fields:
+        if spec.get(key) is not None:
             value = spec[key]
             if not isinstance(value, str) or not Path(value).expanduser().is_file():
                 raise CtrlkitError(f"{where}: {key}={value!r} is not an image file")
@@ -135,8 +138,10 @@ def _check_grounding(spec: dict, where: str) -> None:
     for number, box in enumerate(boxes):
         numbers = isinstance(box, list) and len(box) == 4
         numbers = numbers and all(not isinstance(v, bool) and isinstance(v, int | float) for v in box)
-        if not numbers or not all(math.isfinite(v) and 0 <= v <= 1 for v in box) or not (
-            box[0] < box[2] and box[1] < box[3]
+        if (
+            not numbers
+            or not all(math.isfinite(v) and 0 <= v <= 1 for v in box)
+            or not (box[0] < box[2] and box[1] < box[3])
         ):
             raise CtrlkitError(
                 f"{where}: boxes[{number}]={box!r}; allowed: [x0, y0, x1, y1] in [0, 1] with x0 < x1 and y0 < y1"
