@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import netrc
 import os
+import secrets
+import string
+from pathlib import Path
 from urllib.parse import urlparse
 
 from pytorch_lightning.loggers import WandbLogger
@@ -31,4 +34,19 @@ def build_wandb_logger(project: str, save_dir: str, mode: str = "auto", **kwargs
     if mode == "auto":
         mode = "online" if wandb_api_key_configured() else "offline"
     os.makedirs(save_dir, exist_ok=True)
+    if kwargs.get("id") is None:
+        kwargs["id"] = run_id(save_dir)
+        kwargs.setdefault("resume", "allow")
     return WandbLogger(project=project, save_dir=save_dir, offline=mode == "offline", mode=mode, **kwargs)
+
+
+def run_id(save_dir: str) -> str:
+    """The W&B run id of the training run in ``save_dir`` (its run folder): made once and kept in
+    ``<save_dir>/wandb_run_id``, so a resumed run (killed mid-training or in its end-of-run work) continues the same
+    W&B run instead of starting a second one."""
+    path = Path(save_dir) / "wandb_run_id"
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    new_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id form
+    path.write_text(new_id + "\n")
+    return new_id

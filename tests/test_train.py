@@ -136,6 +136,10 @@ def test_wandb_runs_offline_without_a_key_and_logs_loss_and_grids(make_train_con
     assert len(history["val/mask_iou"]) == 2 and len(history["val/mask_iou_base"]) == 2
     for filenames in history["val/samples/filenames"]:
         assert (run_dir / "files" / filenames[0]).is_file()
+    # resumed, the run goes on in the same W&B run (same id), not in a second one
+    train(make_train_config("logger=wandb", "trainer.max_steps=5", f"resume={cfg.paths.output_dir}"))
+    runs = sorted((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({run.name.rsplit("-", 1)[1] for run in runs}) == 1
 
 
 def test_wandb_key_detection(monkeypatch, tmp_path):
