@@ -1,20 +1,27 @@
 """Box-masked GLIGEN: GLIGEN's weights at init, a visual token reads only the grounding tokens of boxes over its
-cell, padded slots and null grounding, batch alignment under guidance and composition, save/load."""
+cell, padded slots and null grounding, batch alignment under guidance and composition, save/load and `ctrlkit
+generate`."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from PIL import Image
 
 from adapters import AdapterFormatError, ControlNetAdapter
 from adapters.composition import Composition, ControlUnit
 from adapters.gligen import GligenAdapter
 from adapters.gligen_masked import BoxMaskedGligenAdapter, token_grid
-from lightning_modules.backbone import build_tiny_backbone
+from lightning_modules.backbone import build_tiny_backbone, load_tiny_backbone
+from lightning_modules.generate import load_adapter, run_generate
 from tests.test_adapters import randomize_zero_convs
+from tests.test_generate import compose_generate
 
 TOP_LEFT, BOTTOM_RIGHT = [0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]
 # the bottom right quarter's right half: not symmetric under transposition, so rows and columns cannot swap unseen
@@ -221,3 +228,24 @@ def test_save_and_from_pretrained_round_trip(tiny_backbone, tmp_path):
     with torch.no_grad():
         unmasked = exported(latents, 400, states, cross_attention_kwargs={"gligen": gligen}).sample
     assert (unmasked - expected).abs().max() > 1e-3
+
+
+def test_ctrlkit_generate_runs_a_masked_unit(tmp_path):
+    adapter = BoxMaskedGligenAdapter.from_unet(load_tiny_backbone().unet, export_unet=False)
+    open_gates(adapter)
+    adapter.save_pretrained(tmp_path / "masked")
+    loaded, found = load_adapter(tmp_path / "masked", load_tiny_backbone())
+    assert isinstance(loaded, BoxMaskedGligenAdapter) and found == "box-masked GLIGEN, ctrlkit adapter folder"
+    # the same weights saved as plain GLIGEN: generate must tell the two apart
+    shutil.copytree(tmp_path / "masked", tmp_path / "plain")
+    config = json.loads((tmp_path / "plain" / "gligen_config.json").read_text())
+    (tmp_path / "plain" / "gligen_config.json").write_text(json.dumps({**config, "variant": "gligen"}))
+
+    def generate(folder: Path) -> np.ndarray:
+        unit = f"{{adapter: {folder}, boxes: [[0.1, 0.1, 0.6, 0.6]], phrases: [red circle]}}"
+        cfg = compose_generate(tmp_path / f"out_{folder.name}", f"units=[{unit}]", "num_inference_steps=4")
+        return np.asarray(Image.open(run_generate(cfg)[0])).astype(int)
+
+    masked = generate(tmp_path / "masked")
+    assert masked.shape == (64, 64, 3)
+    assert np.abs(masked - generate(tmp_path / "plain")).max() > 0
