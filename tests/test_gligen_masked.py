@@ -1,6 +1,6 @@
 """Box-masked GLIGEN: GLIGEN's weights at init, a visual token reads only the grounding tokens of boxes over its
-cell, padded slots and null grounding, batch alignment under guidance and composition, save/load and `ctrlkit
-generate`."""
+cell, padded slots and null grounding, batch alignment under guidance and composition, save/load, `ctrlkit
+generate`, and the experiment config training end to end."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ from adapters.composition import Composition, ControlUnit
 from adapters.gligen import GligenAdapter
 from adapters.gligen_masked import BoxMaskedGligenAdapter, token_grid
 from lightning_modules.backbone import build_tiny_backbone, load_tiny_backbone
+from lightning_modules.config_checks import check_train_config
 from lightning_modules.generate import load_adapter, run_generate
+from lightning_modules.train import train
 from tests.test_adapters import randomize_zero_convs
 from tests.test_generate import compose_generate
 
@@ -249,3 +251,17 @@ def test_ctrlkit_generate_runs_a_masked_unit(tmp_path):
     masked = generate(tmp_path / "masked")
     assert masked.shape == (64, 64, 3)
     assert np.abs(masked - generate(tmp_path / "plain")).max() > 0
+
+
+def test_the_experiment_composes_and_trains_three_steps(make_train_config):
+    cfg = make_train_config("experiment=gligen_masked_boxes_shapes")
+    check_train_config(cfg)
+    assert cfg.adapter.name == "gligen_masked" and cfg.condition.name == "boxes"
+    assert 600 <= cfg.trainer.max_steps <= 800 and cfg.adapter.build.gate_learning_rate_scale == 10.0
+    assert cfg.trainer.val_check_interval == cfg.callbacks.controllability.every_n_steps == 100
+    metrics, objects = train(make_train_config("experiment=gligen_masked_boxes_shapes", "trainer.max_steps=3"))
+    assert isinstance(objects["adapter"], BoxMaskedGligenAdapter)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"])) and objects["adapter"].gate_values()["attn"] > 0.0
+    exported = Path(cfg.paths.output_dir) / "adapter"
+    assert json.loads((exported / "gligen_config.json").read_text())["variant"] == "gligen_masked"
+    assert (exported / "README.md").is_file()
