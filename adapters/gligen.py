@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -34,10 +35,14 @@ UNET_FOLDER = "unet"
 MAX_OBJECTS = 30  # GLIGEN's limit (gligen_inference.py prepare_batch; diffusers' pipeline)
 
 
-def add_gated_attention(unet: UNet2DConditionModel) -> None:
+def add_gated_attention(
+    unet: UNet2DConditionModel,
+    fuser_class: type[GatedSelfAttentionDense] = GatedSelfAttentionDense,
+    position_net_class: type[GLIGENTextBoundingboxProjection] = GLIGENTextBoundingboxProjection,
+) -> None:
     """Give every transformer block of ``unet`` a gated self-attention ``fuser`` and the UNet a ``position_net``,
     with diffusers' shapes for ``attention_type="gated"``; mark the config gated. New layers train, the rest stays
-    as it was."""
+    as it was. A variant passes subclasses with the same parameters (gligen_masked.py)."""
     if unet.config.attention_type in ("gated", "gated-text-image"):
         raise ValueError(f"this UNet already has GLIGEN layers (attention_type='{unet.config.attention_type}')")
     cross_attention_dim = unet.config.cross_attention_dim
@@ -48,16 +53,25 @@ def add_gated_attention(unet: UNet2DConditionModel) -> None:
         raise ValueError("this UNet has no transformer blocks for GLIGEN's gated self-attention")
     for block in blocks:
         # the arguments BasicTransformerBlock passes when built with attention_type="gated"
-        block.fuser = GatedSelfAttentionDense(
+        block.fuser = fuser_class(
             block.dim, block.cross_attention_dim, block.num_attention_heads, block.attention_head_dim
         )
         block.fuser.requires_grad_(True)
     # _set_pos_net_if_use_gligen: phrase embeddings as wide as the text encoder's, tokens as wide as its context
-    unet.position_net = GLIGENTextBoundingboxProjection(
+    unet.position_net = position_net_class(
         positive_len=cross_attention_dim, out_dim=cross_attention_dim, feature_type="text-only"
     )
     unet.position_net.requires_grad_(True)
     unet.register_to_config(attention_type="gated")
+
+
+def saved_variant(directory: str | Path) -> str:
+    """The ``variant`` a GLIGEN folder was saved as (its gligen_config.json; "gligen" for folders saved before the
+    field existed)."""
+    config_file = Path(directory) / CONFIG_NAME
+    if not config_file.is_file():
+        raise AdapterFormatError(f"{directory} is not a ctrlkit GLIGEN folder: {CONFIG_NAME} not found")
+    return json.loads(config_file.read_text()).get("variant", "gligen")
 
 
 def is_gligen_parameter(name: str) -> bool:
@@ -89,6 +103,11 @@ class GligenAdapter(ConditioningAdapter):
     # diffusers' StableDiffusionGLIGENPipeline gives the unconditional half of guidance null grounding (masks 0),
     # so guidance pushes towards the boxes as well as the prompt; grounding on both halves cancels out of it
     guidance_mode = "control"
+    # what the saved folder says it is (gligen_config.json "variant"), and the layers from_unet adds; a variant that
+    # runs the same parameters differently names its own (gligen_masked.py)
+    variant: ClassVar[str] = "gligen"
+    fuser_class: ClassVar[type[GatedSelfAttentionDense]] = GatedSelfAttentionDense
+    position_net_class: ClassVar[type[GLIGENTextBoundingboxProjection]] = GLIGENTextBoundingboxProjection
 
     def __init__(
         self,
@@ -109,6 +128,13 @@ class GligenAdapter(ConditioningAdapter):
             raise ValueError("the UNet has no GLIGEN layers: build the adapter with GligenAdapter.from_unet(unet)")
         self.fusers = nn.ModuleList(m.fuser for m in unet.modules() if isinstance(m, BasicTransformerBlock))
         self.position_net = unet.position_net
+        if not isinstance(self.position_net, self.position_net_class) or not all(
+            isinstance(fuser, self.fuser_class) for fuser in self.fusers
+        ):
+            raise ValueError(
+                f"the UNet's GLIGEN layers are not those of {type(self).__name__}: build the adapter with "
+                f"{type(self).__name__}.from_unet(unet)"
+            )
         self._unet = (unet,)  # a tuple keeps the frozen UNet out of this module's parameters and state dict
         self.max_objects = max_objects
         self.scheduled_sampling_beta = scheduled_sampling_beta
@@ -127,7 +153,7 @@ class GligenAdapter(ConditioningAdapter):
         gate_learning_rate_scale: float = 1.0,
     ) -> GligenAdapter:
         """Add GLIGEN's layers to ``unet`` in place (gates at 0: its output is unchanged) and wrap them."""
-        add_gated_attention(unet)
+        add_gated_attention(unet, cls.fuser_class, cls.position_net_class)
         return cls(unet, max_objects, scheduled_sampling_beta, export_unet, gate_learning_rate_scale)
 
     @property
@@ -220,7 +246,11 @@ class GligenAdapter(ConditioningAdapter):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file(self.gligen_state_dict(), str(directory / WEIGHTS_NAME))
-        config = {"max_objects": self.max_objects, "scheduled_sampling_beta": self.scheduled_sampling_beta}
+        config = {
+            "variant": self.variant,
+            "max_objects": self.max_objects,
+            "scheduled_sampling_beta": self.scheduled_sampling_beta,
+        }
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         if self.export_unet:
             self.unet.save_pretrained(directory / UNET_FOLDER, safe_serialization=True)
@@ -233,7 +263,13 @@ class GligenAdapter(ConditioningAdapter):
         for path in (weights_file, config_file):
             if not path.is_file():
                 raise AdapterFormatError(f"{directory} is not a ctrlkit GLIGEN folder: {path.name} not found")
+        variant = saved_variant(directory)
+        if variant != cls.variant:
+            raise AdapterFormatError(
+                f"{directory} holds '{variant}' GLIGEN weights; {cls.__name__} loads '{cls.variant}' folders"
+            )
         config = json.loads(config_file.read_text())
+        config.pop("variant", None)
         adapter = cls.from_unet(unet, **config)
         state = load_file(str(weights_file))
         expected = set(adapter.gligen_state_dict())

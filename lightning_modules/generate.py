@@ -24,7 +24,8 @@ from adapters import make_scheduler, sample_latents
 from adapters.composition import Composition, ControlUnit
 from adapters.controlnet_formats import FORMATS, load_controlnet
 from adapters.gligen import WEIGHTS_NAME as GLIGEN_WEIGHTS
-from adapters.gligen import GligenAdapter
+from adapters.gligen import GligenAdapter, saved_variant
+from adapters.gligen_masked import BoxMaskedGligenAdapter
 from adapters.t2i_adapter import T2IAdapterAdapter
 from conditions import read_image
 from conditions.boxes import GroundingRecord, pad_grounding
@@ -36,13 +37,23 @@ from lightning_modules.unit_checks import unit_specs
 
 log = logging.getLogger(__name__)
 
+# what a GLIGEN folder's gligen_config.json "variant" is loaded as, and how the log names it
+GLIGEN_VARIANTS = {
+    GligenAdapter.variant: (GligenAdapter, "GLIGEN"),
+    BoxMaskedGligenAdapter.variant: (BoxMaskedGligenAdapter, "box-masked GLIGEN"),
+}
+
 
 def load_adapter(path: str | Path, backbone: Backbone):
     """Adapter weights of any supported family and format -> (adapter, description of the format found)."""
     folder = Path(path)
     if (folder / GLIGEN_WEIGHTS).is_file():
+        variant = saved_variant(folder)
+        if variant not in GLIGEN_VARIANTS:
+            raise CtrlkitError(f"{folder}: unknown GLIGEN variant '{variant}'; known: {', '.join(GLIGEN_VARIANTS)}")
+        adapter_class, title = GLIGEN_VARIANTS[variant]
         # adds GLIGEN's gated layers to the backbone's UNet in place: build_units loads grounding units last
-        return GligenAdapter.from_pretrained(folder, backbone.unet), "GLIGEN, ctrlkit adapter folder"
+        return adapter_class.from_pretrained(folder, backbone.unet), f"{title}, ctrlkit adapter folder"
     config_file = folder / "config.json"
     if config_file.is_file() and json.loads(config_file.read_text()).get("_class_name") == "T2IAdapter":
         return T2IAdapterAdapter.from_pretrained(folder), "T2I-Adapter, diffusers folder"

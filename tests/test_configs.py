@@ -35,6 +35,7 @@ REQUIRED = {
     "data=imagefolder": ["data.root={imagefolder_root}"],
     # a grounding adapter and a grounding condition only come in pairs
     "adapter=gligen": ["condition=boxes"],
+    "adapter=gligen_masked": ["condition=boxes"],
     "condition=boxes": ["adapter=gligen"],
     "condition=detected_boxes": ["condition.extractor.model={owlvit_dir}", "condition.extractor.phrases=[a cat]"],
 }
