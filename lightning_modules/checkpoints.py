@@ -85,11 +85,11 @@ def rescue_path(target: Path) -> Path:
     return Path(tempfile.gettempdir()) / "ctrlkit-rescue" / f"{folder.parent.name}-{digest}" / target.name
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or the new text."""
+def write_atomically(path: Path, content: str | bytes) -> None:
+    """Write ``content`` to ``path`` through a temporary file and a rename: readers see the old or the new file."""
     temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        temporary.write_text(text)
+        temporary.write_bytes(content.encode() if isinstance(content, str) else content)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

@@ -29,7 +29,7 @@ from conditions.controllability import (
     score_samples,
 )
 from lightning_modules.callbacks import generate_in_eval_mode
-from lightning_modules.checkpoints import write_text_atomically
+from lightning_modules.checkpoints import write_atomically
 from lightning_modules.data import collate
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ class ControllabilityCallback(pl.Callback):
         curve_png = self.output_file.with_suffix(".png")
         draw_curve(self.curve, self.base, self.control_step, curve_png, self.jump_metric)
         # last, and whole: the summary marks the end of the run as done (end_of_run_done)
-        write_text_atomically(self.output_file, json.dumps(summary, indent=2))
+        write_atomically(self.output_file, json.dumps(summary, indent=2))
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):  # W&B: the curve as a picture beside the logged series
                 from PIL import Image

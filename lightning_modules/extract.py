@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from conditions import ConditionExtractor, ImageDecodeError, read_image
 from conditions.io import MAX_IMAGE_PIXELS
+from lightning_modules.checkpoints import write_atomically
 from lightning_modules.config_checks import (
     _is_missing,
     check_node_against_signature,
@@ -108,25 +108,19 @@ def write_map(path: Path, condition_map: np.ndarray) -> None:
     ok, encoded = cv2.imencode(".png", image)
     if not ok:
         raise OSError(f"cannot encode the map for {path}")
-    _write_atomically(path, encoded.tobytes())
+    write_atomically(path, encoded.tobytes())
 
 
 def write_record(path: Path, source: str, record) -> None:
     """Write a grounding record (``to_json()``) as JSON, with its source image as ``file_name``, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, json.dumps({"file_name": source, **record.to_json()}).encode())
-
-
-def _write_atomically(path: Path, content: bytes) -> None:
-    temporary = path.with_name(path.name + ".partial")
-    temporary.write_bytes(content)
-    os.replace(temporary, path)
+    write_atomically(path, json.dumps({"file_name": source, **record.to_json()}).encode())
 
 
 def write_grounding_index(output_dir: Path, sources: list[str], conditions: dict[str, str]) -> None:
     """``grounding.jsonl``: the finished records of ``sources`` (in that order), one JSON line each."""
     lines = [(output_dir / conditions[source]).read_text() + "\n" for source in sources if source in conditions]
-    _write_atomically(output_dir / GROUNDING_INDEX, "".join(lines).encode())
+    write_atomically(output_dir / GROUNDING_INDEX, "".join(lines).encode())
 
 
 # A worker process keeps its own extractor (set once by the pool initializer).

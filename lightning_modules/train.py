@@ -21,7 +21,7 @@ from lightning_modules.checkpoints import (
     find_resume_checkpoint,
     newest_run_with_checkpoints,
     read_training_checkpoint,
-    write_text_atomically,
+    write_atomically,
 )
 from lightning_modules.config_checks import check_train_config, check_writable_dir
 from lightning_modules.errors import CtrlkitError
@@ -123,7 +123,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     output_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("hydra", None)
-    write_text_atomically(output_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    write_atomically(output_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
     for logger in loggers:
         logger.log_hyperparams(resolved)
 
