@@ -15,7 +15,7 @@ import torch
 from adapters import ControlNetAdapter
 from conditions import CannyExtractor
 from lightning_modules.backbone import build_tiny_backbone
-from lightning_modules.data import ShapesDataModule
+from lightning_modules.data.shapes import ShapesDataModule
 from lightning_modules.system import AdapterTrainingSystem, ConditionDropout
 
 

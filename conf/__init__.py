@@ -1,1 +1,1 @@
-"""Hydra configs of ctrlkit (shipped as package data; ``lightning_modules.config_checks.CONF_DIR`` points here)."""
+"""Hydra configs of ctrlkit (package data; ``lightning_modules.commands.config_checks.CONF_DIR`` points here)."""

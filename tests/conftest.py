@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from lightning_modules.backbone import Backbone, build_tiny_backbone
-from lightning_modules.config_checks import CONF_DIR
+from lightning_modules.commands.config_checks import CONF_DIR
 
 # Tests never reach a hub, and W&B never goes online from a test.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -84,7 +84,7 @@ def hed_weights_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def fill50k_root(tmp_path_factory) -> Path:
     """A small circles set in ControlNet's fill50k layout (prompt.json, source/, target/)."""
-    from lightning_modules.circles import write_circles
+    from conditions.circles import write_circles
 
     return write_circles(tmp_path_factory.mktemp("fill50k"), count=6, size=64, layout="fill50k")
 
@@ -92,7 +92,7 @@ def fill50k_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def imagefolder_root(tmp_path_factory) -> Path:
     """A small circles set in diffusers' imagefolder layout (metadata.jsonl)."""
-    from lightning_modules.circles import write_circles
+    from conditions.circles import write_circles
 
     return write_circles(tmp_path_factory.mktemp("imagefolder"), count=6, size=64, layout="imagefolder")
 

@@ -1,0 +1,1 @@
+"""Training callbacks: sample grids, export, controllability, checkpoints, the resumable end of a run."""

@@ -1,0 +1,302 @@
+"""Controllability during training: does the adapter follow its condition, and at which step did it start to?
+
+ControlNet's "sudden convergence" is invisible in the loss. Every ``every_n_steps`` steps this callback samples the
+first validation items under their conditions and scores the images by re-extraction: the condition decides
+the metric (``conditions.controllability``: Canny F1 for canny, SSIM for HED, ...), and on ``shapes`` the
+exact scene adds ``mask_iou``, ``box_iou`` and ``caption_accuracy``. Each score is logged as ``val/<score>``; the
+base model without the adapter is scored once on the same seeds (``val/<score>_base``). The first step whose
+``jump_metric`` covers ``jump_threshold`` of the gap between the base and a perfect score is the control step,
+logged as ``val/control_step`` (-1 at the end when control never appeared).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from conditions.boxes import GroundingRecord
+from conditions.controllability import (
+    METRICS,
+    EvalSample,
+    mean_scores,
+    primary_metric,
+    scene_scores,
+    score_samples,
+)
+from lightning_modules.callbacks.samples import generate_in_eval_mode
+from lightning_modules.checkpoints import write_atomically
+from lightning_modules.data.common import collate
+
+log = logging.getLogger(__name__)
+
+
+def to_uint8_images(batch: torch.Tensor, low: float = 0.0) -> np.ndarray:
+    """(B, C, H, W) float in [low, 1] -> (B, H, W, C) uint8."""
+    scaled = (batch.float() - low) / (1.0 - low)
+    return (scaled.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def evaluation_samples(dataset, batch: dict, generated: torch.Tensor, condition=None) -> list[EvalSample]:
+    """Pair generated images (B, 3, H, W) in [0, 1] with the batch's conditions, images and (shapes) scenes.
+    ``condition``: this batch's condition from another unit's dataset (a composition), instead of the batch's."""
+    condition = batch["condition"] if condition is None else condition
+    if isinstance(condition, torch.Tensor):
+        conditions, groundings = to_uint8_images(condition), [None] * len(generated)
+    else:  # grounding (boxes + phrases) has no map: scene scores and detectors score it
+        conditions, groundings = [None] * len(generated), grounding_records(condition)
+    references = to_uint8_images(batch["pixel_values"], low=-1.0)
+    has_scenes = hasattr(dataset, "scene")
+    return [
+        EvalSample(
+            generated=image,
+            condition=condition,
+            reference=reference,
+            scene=dataset.scene(int(index)) if has_scenes else None,
+            grounding=grounding,
+        )
+        for image, condition, reference, index, grounding in zip(
+            to_uint8_images(generated), conditions, references, batch["index"], groundings
+        )
+    ]
+
+
+def grounding_records(condition: dict) -> list[GroundingRecord]:
+    """A batch's padded grounding dict (boxes (B, N, 4), masks (B, N), phrases: B lists) -> the filled slots."""
+    records = []
+    for boxes, masks, phrases in zip(condition["boxes"], condition["masks"], condition["phrases"]):
+        filled = [slot for slot in range(len(phrases)) if masks[slot] > 0]
+        records.append(GroundingRecord(boxes[filled].cpu().numpy(), [phrases[slot] for slot in filled]))
+    return records
+
+
+class ControllabilityCallback(pl.Callback):
+    """Scores the adapter on the first ``num_samples`` validation items every ``every_n_steps`` steps.
+
+    Args:
+        output_file: JSON written at the end: base and final scores, the curve, the control step (and a PNG beside).
+        jump_metric: the score whose jump marks control; None: the condition's own (e.g. ``canny_f1``), or
+            ``mask_iou`` for a condition without a re-extraction metric on ``shapes``.
+        jump_threshold: fraction of the gap between the base score and a perfect score that counts as
+            "control appeared" (0.2: an IoU of 0.1 without the adapter must reach 0.28).
+        num_inference_steps, guidance_scale, scheduler, seed: the sampler, fixed across evaluations.
+    """
+
+    def __init__(
+        self,
+        output_file: str,
+        every_n_steps: int = 100,
+        num_samples: int = 32,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 5.0,
+        scheduler: str = "unipc",
+        seed: int = 0,
+        jump_metric: str | None = None,
+        jump_threshold: float = 0.2,
+    ) -> None:
+        if jump_metric is not None and jump_metric not in METRICS:
+            raise ValueError(f"unknown jump_metric '{jump_metric}'; choose one of: {', '.join(METRICS)}")
+        self.output_file = Path(output_file)
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.sampling = {
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+            "scheduler": scheduler,
+            "seed": seed,
+        }
+        self.jump_metric = jump_metric
+        self.jump_threshold = jump_threshold
+        self.enabled = True
+        self.base: dict | None = None
+        self.truth: dict | None = None
+        self.curve: list[dict] = []
+        self.control_step: int | None = None
+
+    @torch.no_grad()
+    def evaluate(self, pl_module: pl.LightningModule, dataset, use_adapter: bool = True) -> dict:
+        """Mean scores of images generated for the first ``num_samples`` validation items."""
+        count = min(self.num_samples, len(dataset))
+        batch = collate([dataset[index] for index in range(count)])
+        images = generate_in_eval_mode(pl_module, batch, self.sampling, use_adapter=use_adapter)
+        return mean_scores(score_samples(dataset.extractor, evaluation_samples(dataset, batch, images)))
+
+    def resolve_jump_metric(self, dataset) -> str | None:
+        """The configured ``jump_metric``, else the condition's primary score, else ``mask_iou`` on shapes."""
+        if self.jump_metric is not None:
+            return self.jump_metric
+        extractor = getattr(dataset, "extractor", None)
+        primary = primary_metric(extractor) if extractor is not None else None
+        return primary or ("mask_iou" if hasattr(dataset, "scene") else None)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._prepare(trainer, pl_module):
+            self._record(trainer, pl_module)
+
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Resolve the jump metric and score the base model and the scenes (unless restored); False when
+        controllability is off for this condition."""
+        dataset = trainer.datamodule.val_dataset
+        self.jump_metric = self.resolve_jump_metric(dataset)
+        self.enabled = self.jump_metric is not None
+        if not self.enabled:
+            name = getattr(getattr(dataset, "extractor", None), "name", type(dataset).__name__)
+            log.warning("controllability is off: condition '%s' has no re-extraction metric and no scene", name)
+            return False
+        if self.base is None:
+            self.base = self.evaluate(pl_module, dataset, use_adapter=False)
+            log.info("base model without adapter: %s", self.base)
+        if self.truth is None and callable(getattr(dataset, "scene", None)):
+            # the scenes' own images: the ceiling of each score (occlusion and shared colours keep box IoU below 1)
+            scenes = [dataset.scene(index) for index in range(min(self.num_samples, len(dataset)))]
+            self.truth = mean_scores([scene_scores(scene.image, scene) for scene in scenes])
+            log.info("the scenes' own images score: %s", self.truth)
+        return True
+
+    def end_of_run_done(self, trainer: pl.Trainer) -> bool:
+        """Whether the summary of this step is written (``ResumableEndOfRun``); True when scoring is off."""
+        if not self.enabled:
+            return True
+        try:
+            return json.loads(self.output_file.read_text())["final"]["step"] == trainer.global_step
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
+    ) -> None:
+        if self.enabled and self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
+            self._record(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or not self.enabled:
+            return
+        if not self._prepare(trainer, pl_module):  # cheap once prepared; a resumed run whose loop was skipped is not
+            return
+        if not self.curve or self.curve[-1]["step"] != trainer.global_step:
+            self._record(trainer, pl_module)
+        if self.control_step is None:  # say so in every logger, not only by a missing key
+            for logger in trainer.loggers:
+                logger.log_metrics({"val/control_step": -1}, step=trainer.global_step)
+        self.output_file.parent.mkdir(parents=True, exist_ok=True)
+        summary = {
+            "base_without_adapter": self.base,
+            "dataset_images": self.truth,
+            "final": self.curve[-1],
+            "jump_metric": self.jump_metric,
+            "control_step": self.control_step,
+            "jump_threshold": self.jump_threshold,
+            "num_samples": self.num_samples,
+            "curve": self.curve,
+        }
+        curve_png = self.output_file.with_suffix(".png")
+        draw_curve(self.curve, self.base, self.control_step, curve_png, self.jump_metric)
+        # last, and whole: the summary marks the end of the run as done (end_of_run_done)
+        write_atomically(self.output_file, json.dumps(summary, indent=2))
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):  # W&B: the curve as a picture beside the logged series
+                from PIL import Image
+
+                caption = f"{self.jump_metric}; control at step {self.control_step}"
+                logger.log_image(
+                    key="val/controllability_curve",
+                    images=[Image.open(curve_png)],
+                    step=trainer.global_step,
+                    caption=[caption],
+                )
+        print(
+            f"controllability: base without adapter {self.base}, final {self.curve[-1]}, "
+            f"control ({self.jump_metric}) appeared at step {self.control_step}; written to {self.output_file}"
+        )
+
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or (self.curve and self.curve[-1]["step"] == trainer.global_step):
+            return
+        scores = self.evaluate(pl_module, trainer.datamodule.val_dataset)
+        self.curve.append({"step": trainer.global_step, **scores})
+        metrics = {f"val/{key}": value for key, value in scores.items()}
+        metrics.update({f"val/{key}_base": value for key, value in self.base.items()})
+        metrics.update({f"val/{key}_truth": value for key, value in (self.truth or {}).items()})
+        metric = self.jump_metric
+        gain = METRICS[metric].gain(scores[metric], self.base[metric])
+        if self.control_step is None and gain >= self.jump_threshold:
+            self.control_step = trainer.global_step
+            metrics["val/control_step"] = self.control_step
+            log.info("control appeared at step %d: %s", self.control_step, scores)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        # Other callbacks read scores from callback_metrics; checkpoint callbacks that keep a best checkpoint get
+        # the fresh score now, while the module still holds the weights that earned it.
+        for key, value in scores.items():
+            if isinstance(getattr(trainer, "callback_metrics", None), dict):
+                trainer.callback_metrics[f"val/{key}"] = torch.tensor(value)
+            for callback in getattr(trainer, "checkpoint_callbacks", []):
+                if hasattr(callback, "consider_best"):  # it keeps best.ckpt by its own best_metric, if present
+                    callback.consider_best(
+                        trainer,
+                        f"val/{key}",
+                        value,
+                        primary=key == self.jump_metric,
+                        higher_is_better=METRICS[key].higher_is_better if key in METRICS else True,
+                    )
+
+    def state_dict(self) -> dict:
+        """Base scores, curve and control step, so a resumed run continues the same curve."""
+        return {"base": self.base, "truth": self.truth, "curve": self.curve, "control_step": self.control_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.base = state_dict.get("base")
+        self.truth = state_dict.get("truth")
+        self.curve = list(state_dict.get("curve", []))
+        self.control_step = state_dict.get("control_step")
+
+
+# The name this callback had when it scored shapes only (configs written before keep working).
+ShapesControllabilityCallback = ControllabilityCallback
+
+
+def draw_curve(
+    curve: list[dict],
+    base: dict,
+    control_step: int | None,
+    path: Path,
+    jump_metric: str = "mask_iou",
+    size=(480, 300),
+) -> None:
+    """A PNG of the scores against step: ``jump_metric`` in blue, ``mask_iou`` / ``caption_accuracy`` (when they are
+    not it) in green / orange, the base model's ``jump_metric`` as a grey dashed line and the control step as a red
+    line. Scores with another range (depth RMSE, 0..255) are divided by it. Drawn with PIL, no plotting library."""
+    from PIL import Image, ImageDraw
+
+    width, height = size
+    left, right, top, bottom = 44, 12, 24, 30
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    last_step = max(point["step"] for point in curve) or 1
+
+    def xy(step: float, value: float) -> tuple[float, float]:
+        return (left + (width - left - right) * step / last_step, top + (height - top - bottom) * (1 - value))
+
+    draw.rectangle([xy(0, 1), xy(last_step, 0)], outline="black")
+    for value in (0.0, 0.25, 0.5, 0.75, 1.0):
+        draw.text((4, xy(0, value)[1] - 6), f"{value:.2f}", fill="black")
+    draw.text((left, height - bottom + 8), "step 0", fill="black")
+    draw.text((width - right - 60, height - bottom + 8), f"step {last_step}", fill="black")
+    scale = METRICS[jump_metric].scale
+    base_y = xy(0, min(base[jump_metric] / scale, 1.0))[1]
+    for x in range(left, width - right, 12):  # dashed base line
+        draw.line([(x, base_y), (min(x + 6, width - right), base_y)], fill="grey")
+    if control_step is not None:
+        draw.line([xy(control_step, 0), xy(control_step, 1)], fill="red")
+    series = {jump_metric: "blue", "mask_iou": "green", "caption_accuracy": "orange"}
+    for key, colour in series.items():
+        points = [xy(p["step"], min(p[key] / METRICS[key].scale, 1.0)) for p in curve if key in p]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+    others = ", ".join(f"{key} ({colour})" for key, colour in list(series.items())[1:] if key != jump_metric)
+    draw.text((left + 4, 4), f"{jump_metric} (blue), {others}, base (grey), control (red)", fill="black")
+    image.save(path)

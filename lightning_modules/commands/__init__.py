@@ -1,0 +1,1 @@
+"""The ``ctrlkit`` commands (train, generate, evaluate, extract, pretrain-base), their CLI and config checks."""

@@ -1,0 +1,186 @@
+"""The ``ctrlkit`` command: ``ctrlkit <subcommand> [hydra overrides]``, e.g. ``ctrlkit train trainer.max_steps=20``."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig
+
+from lightning_modules.commands.config_checks import (
+    CONF_DIR,
+    check_group_overrides,
+    check_override_keys,
+    check_settings,
+    check_writable_dir,
+    one_line,
+    run_dir_of,
+)
+from lightning_modules.errors import USER_ERRORS
+
+# OSErrors that are the machine's state, not a bug: reported as one line naming the path
+ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
+
+USAGE = """usage: ctrlkit <command> [hydra overrides ...]
+
+commands:
+  train            train an adapter on a frozen base model (conf/train.yaml)
+  evaluate         score an adapter beside the base model: controllability and image quality (conf/evaluate.yaml)
+  extract          write condition maps for a folder of images (conf/extract.yaml)
+  generate         sample prompts under a composition of adapters (conf/generate.yaml)
+  pretrain-base    train the tiny base model that `model=tiny` ships (conf/pretrain_base.yaml)
+
+Examples:
+  ctrlkit train trainer.max_steps=20
+  ctrlkit train logger=csv adapter.learning_rate=1e-4
+  ctrlkit train -m adapter.learning_rate=1e-4,1e-5 trainer.max_steps=5   (a Hydra sweep)
+  ctrlkit train --cfg job                                                  (print the composed config)
+  ctrlkit evaluate adapter_path=outputs/train/runs/<run>                     (base vs adapter, metrics.json)
+  ctrlkit extract condition=canny input=photos output=photos_canny
+  ctrlkit generate composition=examples/composition.yaml
+"""
+
+
+def _user_error(error: BaseException) -> BaseException | None:
+    """The user-input error behind ``error`` (Hydra wraps errors raised while instantiating), if any."""
+    while error is not None:
+        if isinstance(error, USER_ERRORS):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _refused_setting(error: InstantiationException) -> str | None:
+    """A class built from config that refused its arguments (its constructor raised ValueError or TypeError):
+    "<config key>: <its message>"; None for anything else."""
+    cause = error.__cause__
+    if not isinstance(cause, ValueError | TypeError):
+        return None
+    key = next((line.split(":", 1)[1].strip() for line in str(error).splitlines() if line.startswith("full_key:")), "")
+    return f"{key + ': ' if key else ''}{one_line(cause)}"
+
+
+def _fail(command: str, error: BaseException | str) -> None:
+    message = one_line(error) if isinstance(error, BaseException) else error
+    print(f"ctrlkit {command}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _run(command: str, function, cfg: DictConfig):
+    """``function(cfg)``, with a user error (also one Hydra wrapped while instantiating) or an unwritable path as
+    one line and exit 2; a run folder the failed job left with nothing but Hydra's files is removed."""
+    try:
+        return function(cfg)
+    except (InstantiationException, *USER_ERRORS) as error:
+        cause = _user_error(error)
+        if cause is None and isinstance(error, InstantiationException):
+            cause = _refused_setting(error)
+        if cause is None:
+            raise
+        _remove_empty_run_dir()
+        _fail(command, cause)
+    except OSError as error:
+        if error.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        _remove_empty_run_dir()
+        _fail(command, f"cannot write {error.filename or 'a file'}: {error.strerror}")
+
+
+def _remove_empty_run_dir() -> None:
+    """Remove this job's Hydra run folder when it holds only Hydra's own files (``.hydra/``, the job log)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        hydra_cfg = HydraConfig.get()
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+    except ValueError:  # no Hydra run (a test calling a command function)
+        return
+    if not run_dir.is_dir() or run_dir.resolve() == Path.cwd().resolve():
+        return
+    own = {hydra_cfg.output_subdir, f"{hydra_cfg.job.name}.log"}
+    if all(entry.name in own for entry in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def train_main(cfg: DictConfig) -> float | None:
+    from lightning_modules.commands.train import train  # heavy imports only once the config composed
+
+    metrics, _ = _run("train", train, cfg)
+    return metrics.get("val/loss")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="extract")
+def extract_main(cfg: DictConfig) -> None:
+    from lightning_modules.commands.extract import run_extract
+
+    _run("extract", run_extract, cfg)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
+def evaluate_main(cfg: DictConfig) -> None:
+    from lightning_modules.commands.evaluate import run_evaluate
+
+    _run("evaluate", run_evaluate, cfg)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain_base")
+def pretrain_base_main(cfg: DictConfig) -> None:
+    from lightning_modules.commands.pretrain_base import pretrain_base
+
+    _run("pretrain-base", pretrain_base, cfg)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
+def generate_main(cfg: DictConfig) -> None:
+    from lightning_modules.commands.generate import run_generate
+
+    _run("generate", run_generate, cfg)
+
+
+COMMANDS = {
+    "train": train_main,
+    "evaluate": evaluate_main,
+    "extract": extract_main,
+    "generate": generate_main,
+    "pretrain-base": pretrain_base_main,
+}
+CONFIG_NAMES = {
+    "train": "train",
+    "evaluate": "evaluate",
+    "extract": "extract",
+    "generate": "generate",
+    "pretrain-base": "pretrain_base",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, overrides = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"ctrlkit: error: unknown command '{command}'; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        check_group_overrides(overrides)
+        composed = check_override_keys(CONFIG_NAMES[command], overrides)
+        if composed is not None:
+            check_settings(command, composed)  # before Hydra builds its job from them (task_name -> job name)
+        run_dir = run_dir_of(composed)
+        if run_dir is not None:
+            check_writable_dir(run_dir, "the run folder (hydra.run.dir)")
+    except USER_ERRORS as error:
+        _fail(command, error)
+    sys.argv = [f"ctrlkit {command}", *overrides]
+    COMMANDS[command]()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,437 @@
+"""Checks on the composed config that run before any model loads, each failing with a one-line message."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import re
+import types
+import typing
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from lightning_modules.errors import CtrlkitError
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# Hydra functions that build sweep values; their arguments are not option names.
+_SWEEP_FUNCTIONS = ("glob(", "range(", "choice(", "interval(", "tag(", "sort(", "shuffle(")
+
+
+def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
+    """Option names of a config group (its yaml files), e.g. group_options("adapter") -> ["controlnet"]."""
+    return sorted(path.stem for path in (conf_dir / group).glob("*.yaml"))
+
+
+def load_condition_config(name: str) -> DictConfig:
+    """``conf/condition/<name>.yaml`` as a config; a name that is no option is a one-line error listing them."""
+    if name not in group_options("condition"):
+        raise CtrlkitError(f"unknown extractor '{name}'; choose one of: {', '.join(group_options('condition'))}")
+    # under a root `condition` key, as in a composed config, so its own ${condition.*} interpolations resolve
+    return OmegaConf.create({"condition": OmegaConf.load(CONF_DIR / "condition" / f"{name}.yaml")}).condition
+
+
+def check_group_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """Reject ``group=name`` overrides that name no yaml in ``conf/<group>/``, before Hydra composes anything."""
+    for override in overrides:
+        key, sep, value = override.lstrip("+~").partition("=")
+        if not sep or "." in key or not (conf_dir / key).is_dir():
+            continue
+        if value.startswith(_SWEEP_FUNCTIONS) or value in ("null", "", "[]"):
+            continue
+        options = group_options(key, conf_dir)
+        for name in value.split(","):
+            if name.strip() not in options:
+                raise CtrlkitError(f"unknown {key} '{name.strip()}'; choose one of: {', '.join(options)}")
+
+
+def check_override_keys(config_name: str, overrides: list[str], conf_dir: Path = CONF_DIR) -> DictConfig | None:
+    """Before Hydra runs anything, name a bad override in one line instead of Hydra's multi-line report: a key
+    the config does not have (``system.learnng_rate=1``, or ``foo=1`` at the top), with the keys its parent takes;
+    then any other composition error (override syntax, types) as its first lines joined. Sweeps, Hydra flags
+    (``-m``, ``--cfg``) and ``+``/``~`` overrides are left to Hydra. Returns the composed config (with ``hydra``),
+    or None where Hydra composes it per job (sweeps, flags)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if any(o.startswith("-") for o in overrides):  # Hydra's flags (-m, --cfg job, -cn ...): Hydra parses them
+        return None
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as error:  # a syntax error in an override
+        raise CtrlkitError(f"override not accepted: {one_line(error)}") from error
+    sweeps = [override.input_line for override in parsed if override.is_sweep_override()]
+    if sweeps:  # without -m (flags returned above)
+        raise CtrlkitError(
+            f"{sweeps[0]} is a sweep: add -m to run one job per value, write a list as [a,b] or quote a string "
+            "with a comma"
+        )
+    settings = [o for o in overrides if "=" in o and not o.startswith(("+", "~", "hydra.", "hydra/"))]
+    groups = [o for o in settings if _is_group(o.split("=")[0], conf_dir)]
+    cfg = _compose(config_name, groups, conf_dir)
+    if cfg is None:  # the groups themselves do not compose: Hydra reports it below
+        settings = []
+    for override in settings:
+        key = override.split("=", 1)[0]
+        if _is_group(key, conf_dir):
+            continue
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key, throw_on_missing=False) if parent_key else cfg
+        if isinstance(parent, DictConfig) and leaf not in parent.keys():
+            keys = ", ".join(sorted(str(k) for k in parent.keys() if not str(k).startswith("_")))
+            where = f"{parent_key} takes" if parent_key else f"ctrlkit's {config_name} config has"
+            raise CtrlkitError(f"unknown key '{key}'; {where}: {keys} (add a new key with +{key}=...)")
+    try:
+        return _compose(config_name, overrides, conf_dir, raise_errors=True)
+    except Exception as error:  # Hydra's and OmegaConf's composition errors, as one line
+        raise CtrlkitError(f"override not accepted: {one_line(error)}") from error
+
+
+def _is_group(key: str, conf_dir: Path) -> bool:
+    return "." not in key and (conf_dir / key.lstrip("+~")).is_dir()
+
+
+def _compose(config_name: str, overrides: list[str], conf_dir: Path, raise_errors: bool = False):
+    """The composed config (with ``hydra``), or None when it does not compose and ``raise_errors`` is False."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    try:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir)):
+            return compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    except Exception:
+        if raise_errors:
+            raise
+        return None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message in one line: its lines joined, OmegaConf's ``full_key``/``object_type`` details dropped."""
+    details = ("full_key:", "object_type", "reference_type", "See https://hydra.cc", "Set the environment variable")
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    kept = [line for line in lines if not line.startswith(details)] or [type(error).__name__]
+    return kept[0] if len(kept) == 1 else "; ".join(line.rstrip(".") for line in kept)
+
+
+def run_dir_of(cfg: DictConfig | None) -> Path | None:
+    """The folder Hydra will create for a composed config (``hydra.run.dir``; None when it writes none there:
+    no ``.hydra`` output and the current folder), or None when it cannot be told beforehand."""
+    if cfg is None or OmegaConf.select(cfg, "hydra.output_subdir", default=None) is None:
+        return None
+    try:
+        run_dir = OmegaConf.select(cfg, "hydra.run.dir")
+    except Exception:  # an interpolation that only resolves inside a run
+        return None
+    return Path(str(run_dir)) if run_dir and str(run_dir) != "." else None
+
+
+def check_writable_dir(folder: str | Path, what: str) -> None:
+    """Raise a one-line error when ``folder`` (or, if it does not exist yet, the nearest existing folder above it)
+    cannot be written: tried for real with a temporary folder, since root passes ``os.access`` on read-only file
+    systems and in ``/sys``."""
+    import tempfile
+
+    folder = Path(folder).expanduser().absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CtrlkitError(f"cannot write {what} {folder}: {existing} is a file, not a folder")
+    try:
+        Path(tempfile.mkdtemp(prefix=".ctrlkit-write-check-", dir=existing)).rmdir()
+    except OSError as error:
+        raise CtrlkitError(f"cannot write {what} {folder}: {error.strerror or error} in {existing}") from error
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Everything about the config that can be wrong, checked before any model loads; each failure is one line
+    naming the key and what is allowed: adapter x condition compatibility, required values, unknown keys and wrong
+    types (against the signature of each ``_target_``), probabilities, batch size, image size against the model's
+    VAE factor, and condition channels against the adapter."""
+    accepts, kind = cfg.adapter.accepts, cfg.condition.kind
+    if accepts != kind:
+        raise CtrlkitError(
+            f"adapter '{cfg.adapter.name}' takes {accepts} conditions but condition '{cfg.condition.name}' gives "
+            f"{kind} conditions; pick a condition of kind '{accepts}'"
+        )
+    for key in ("model.path", "paths.output_dir"):
+        if _is_missing(cfg, key):
+            raise CtrlkitError(f"{key} is required with model={group_choice(cfg, 'model')}: add {key}=<path>")
+    for key in ("condition.extractor.weights_dir", "condition.extractor.model", "data.root"):
+        if _is_missing(cfg, key):
+            raise CtrlkitError(f"{key} is required: add {key}=<path>")
+    for path, node in _target_nodes(cfg):
+        check_node_against_signature(path, node)
+    check_settings("train", cfg)
+    check_values(cfg)
+
+
+def group_choice(cfg: DictConfig, group: str) -> str:
+    """The option the run picked for a config group (``model=sd15`` -> "sd15"): Hydra's record of the choice,
+    else the group's ``name`` key, else its target's name."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        choice = HydraConfig.get().runtime.choices.get(group)
+    except ValueError:  # composed outside a Hydra run
+        choice = None
+    node = cfg.get(group)
+    if choice is None and isinstance(node, DictConfig):
+        choice = node.get("name") or str(node.get("_target_", "?")).rpartition(".")[2]
+    return str(choice or "?")
+
+
+def _is_missing(cfg: DictConfig, dotted_key: str) -> bool:
+    """True when ``dotted_key`` exists and is the mandatory-value marker ``???``."""
+    parent_key, _, leaf = dotted_key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key, throw_on_missing=False) if parent_key else cfg
+    # `leaf in parent` is False for a ??? value, so look at the keys themselves.
+    return isinstance(parent, DictConfig) and leaf in parent.keys() and OmegaConf.is_missing(parent, leaf)
+
+
+# ------------------------------------------------------------------ keys and types against the targets' signatures
+
+_SIMPLE_TYPES = {bool: "bool", int: "int", float: "float", str: "str", type(None): "null", list: "list", tuple: "list"}
+
+
+def _target_nodes(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
+    """(dotted path, node) of every config node that Hydra instantiates."""
+    paths = ["model", "condition.extractor", "data", "system", "adapter.build", "trainer"]
+    paths += [f"{group}.{name}" for group in ("callbacks", "logger") for name in (cfg.get(group) or {})]
+    found = []
+    for path in paths:
+        node = OmegaConf.select(cfg, path, throw_on_missing=False)
+        if isinstance(node, DictConfig) and "_target_" in node:
+            found.append((path, node))
+    return found
+
+
+def check_node_against_signature(path: str, node: DictConfig) -> None:
+    """Unknown keys and wrongly typed values of one ``_target_`` node, judged by the target's signature."""
+    from hydra.utils import get_object
+
+    try:
+        target = get_object(node._target_)
+        function = target.__init__ if inspect.isclass(target) else target
+        parameters = inspect.signature(function).parameters
+        hints = typing.get_type_hints(function)
+    except Exception:  # an unimportable target is reported by instantiate with its own message
+        return
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    allowed = sorted(name for name in parameters if name not in ("self", "cls", "args", "kwargs"))
+    for key in node.keys():
+        key = str(key)
+        if key.startswith("_"):
+            continue
+        if key not in parameters:
+            if takes_any:
+                continue
+            raise CtrlkitError(f"unknown key '{path}.{key}'; {path} takes: {', '.join(allowed)}")
+        if OmegaConf.is_missing(node, key) or key not in hints:
+            continue
+        try:
+            value = node[key]
+        except Exception:  # an interpolation that cannot resolve here (hydra runtime values) is not ours to judge
+            continue
+        _check_type(_set_by(node, key, f"{path}.{key}"), value, hints[key])
+
+
+def _set_by(node: DictConfig, key: str, dotted: str) -> str:
+    """How an error names ``node.key``: the key the user sets when the value is a plain interpolation of another
+    (``system.learning_rate: ${adapter.learning_rate}`` -> "adapter.learning_rate (as system.learning_rate)")."""
+    raw = OmegaConf.to_container(node, resolve=False).get(key)
+    match = re.fullmatch(r"\$\{([\w.]+)\}", raw) if isinstance(raw, str) else None
+    return f"{match.group(1)} (as {dotted})" if match else dotted
+
+
+def _check_type(key: str, value, annotation) -> None:
+    """Raise when ``value`` fits none of the simple types (or Literal values) ``annotation`` allows."""
+    options = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+    literals = [
+        a for option in options if typing.get_origin(option) is typing.Literal for a in typing.get_args(option)
+    ]
+    types_allowed = []
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if typing.get_origin(option) is typing.Literal:
+            continue
+        if origin not in _SIMPLE_TYPES:
+            return  # a class, dict, callable ...: coerced or checked by the target itself
+        types_allowed.append(origin)
+    plain = OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
+    if literals and plain in literals:
+        return
+    if any(_fits(plain, kind) for kind in types_allowed):
+        return
+    names = [_SIMPLE_TYPES[kind] for kind in types_allowed] + [repr(literal) for literal in literals]
+    name, _, used_as = key.partition(" ")
+    raise CtrlkitError(
+        f"{name}={plain!r} has the wrong type{' ' + used_as if used_as else ''}; "
+        f"allowed: {' or '.join(dict.fromkeys(names))}"
+    )
+
+
+def _is_union(annotation) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+
+def _fits(value, kind) -> bool:
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind in (list, tuple):
+        return isinstance(value, list | tuple)
+    return isinstance(value, kind)
+
+
+# ------------------------------------------------------------------ values
+
+PROBABILITY_KEYS = ("system.prompt_dropout",)
+ON_ERROR = ("skip", "raise")
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Ranges and consistency of the values that training would otherwise only trip over after loading models."""
+    for key in PROBABILITY_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, int | float) and not 0.0 <= value <= 1.0:
+            raise CtrlkitError(f"{key}={value} is a probability; allowed: a number in [0, 1]")
+    for key in ("adapter.learning_rate", "system.weight_decay"):
+        value = OmegaConf.select(cfg, key, default=None)
+        positive = key.endswith("learning_rate")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value) or (value <= 0 if positive else value < 0):
+                allowed = "a finite number > 0" if positive else "a finite number >= 0"
+                raise CtrlkitError(f"{key}={value} is out of range; allowed: {allowed}")
+    batch_size = OmegaConf.select(cfg, "data.batch_size", default=None)
+    if isinstance(batch_size, int) and batch_size < 1:
+        raise CtrlkitError(f"data.batch_size={batch_size} must be >= 1; allowed: an integer >= 1")
+    on_error = OmegaConf.select(cfg, "data.on_error", default=None)
+    if on_error is not None and on_error not in ON_ERROR:
+        raise CtrlkitError(f"data.on_error='{on_error}'; choose one of: {', '.join(ON_ERROR)}")
+    max_nonfinite = OmegaConf.select(cfg, "system.max_nonfinite_steps", default=None)
+    if isinstance(max_nonfinite, int) and max_nonfinite < 1:
+        raise CtrlkitError(f"system.max_nonfinite_steps={max_nonfinite} must be >= 1; allowed: an integer >= 1")
+    _check_channels(cfg)
+    _check_image_size(cfg)
+
+
+def _check_channels(cfg: DictConfig) -> None:
+    channels = OmegaConf.select(cfg, "condition.channels", default=None)
+    if channels is None:
+        return
+    for key in ("adapter.build.conditioning_channels", "condition.extractor.channels"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value != channels:
+            raise CtrlkitError(
+                f"{key}={value} does not match condition.channels={channels} of condition "
+                f"'{cfg.condition.get('name', '?')}'; allowed: {channels} (leave it at ${{condition.channels}})"
+            )
+
+
+def _check_image_size(cfg: DictConfig) -> None:
+    image_size = OmegaConf.select(cfg, "data.image_size", default=None)
+    factors = model_size_factors(cfg.model)
+    if not isinstance(image_size, int) or factors is None:
+        return
+    vae_factor, unet_factor = factors
+    multiple = vae_factor * unet_factor
+    if image_size < 1 or image_size % multiple:
+        nearest = max(multiple, round(image_size / multiple) * multiple)
+        raise CtrlkitError(
+            f"data.image_size={image_size} must be a positive multiple of {multiple} for this model (VAE factor "
+            f"{vae_factor} x UNet downsampling {unet_factor}); allowed: {multiple}, {2 * multiple}, ... e.g. {nearest}"
+        )
+
+
+def model_size_factors(model: DictConfig) -> tuple[int, int] | None:
+    """(VAE factor, UNet downsampling) read from the model's config files, without loading weights; None if the
+    model config does not say (then the loaded model is checked instead)."""
+    target = str(model.get("_target_", ""))
+    if target.endswith("build_tiny_backbone"):
+        return 4, 4  # lightning_modules.backbone.build_tiny_backbone: VAE (16, 32, 64), UNet (32, 64, 64)
+    if target.endswith("load_tiny_backbone"):
+        folder = Path(__file__).resolve().parents[1] / "assets" / "tiny_shapes_sd"
+    else:
+        path = model.get("path") if "path" in model and not OmegaConf.is_missing(model, "path") else None
+        config = model.get("config")
+        folder = Path(str(path)) if path and Path(str(path)).is_dir() else Path(str(config)) if config else None
+    try:
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+    except (OSError, TypeError, ValueError):
+        return None
+    return 2 ** (len(vae["block_out_channels"]) - 1), 2 ** (len(unet["block_out_channels"]) - 1)
+
+
+# ------------------------------------------------------------------ plain settings of generate, evaluate, extract
+
+_INT, _NUMBER, _TEXT, _FLAG = "an integer", "a number", "a string", "true or false"
+
+
+def _setting_rules() -> dict[str, dict[str, tuple[str, object]]]:
+    """command -> dotted key -> (kind, bound): kind is one of the names above or a tuple of choices; bound is the
+    least value allowed for numbers (None: any), or None. ``null`` is accepted where the config's default is."""
+    from adapters.sampling import SCHEDULERS
+
+    sampling = {
+        "num_inference_steps": (_INT, 1),
+        "guidance_scale": (_NUMBER, 0),
+        "scheduler": (tuple(SCHEDULERS), None),
+    }
+    named = {"task_name": (_TEXT, None)}  # Hydra's job name (run folders, the log file) is made from it
+    return {
+        "train": {"seed": (_INT, None), **named},
+        "generate": {
+            **named,
+            "seed": (_INT, None),
+            "height": (_INT, 1),
+            "width": (_INT, 1),
+            "negative_prompt": (_TEXT, None),
+            **sampling,
+        },
+        "evaluate": {
+            **named,
+            "seed": (_INT, None),
+            "num_samples": (_INT, 1),
+            "num_seeds": (_INT, 1),
+            "batch_size": (_INT, 1),
+            "grid_rows": (_INT, 0),
+            "from_run": (_FLAG, None),
+            "device": (_TEXT, None),
+            "quality.kid_subset_size": (_INT, 2),
+            **{f"sampling.{key}": rule for key, rule in sampling.items()},
+        },
+        "extract": {
+            "num_workers": (_INT, 0),
+            "chunk_size": (_INT, 1),
+            "progress": (_FLAG, None),
+            "max_image_pixels": (_INT, 1),
+        },
+    }
+
+
+def check_settings(command: str, cfg: DictConfig) -> None:
+    """The command's plain settings (sampler, counts, seeds, flags) have the right type and range; one line
+    naming the key otherwise."""
+    for key, (kind, least) in _setting_rules().get(command, {}).items():
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if value is None:
+            continue
+        if isinstance(kind, tuple):
+            if value not in kind:
+                raise CtrlkitError(f"{key}={value!r}; choose one of: {', '.join(kind)}")
+            continue
+        fits = {
+            _INT: isinstance(value, int) and not isinstance(value, bool),
+            _NUMBER: isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value),
+            _TEXT: isinstance(value, str),
+            _FLAG: isinstance(value, bool),
+        }[kind]
+        if not fits or (least is not None and value < least):
+            bound = f" >= {least}" if least is not None else ""
+            raise CtrlkitError(f"{key}={value!r}; allowed: {kind}{bound}")

@@ -1,0 +1,213 @@
+"""``ctrlkit generate``: sample a batch of prompts under a composition of conditioning units.
+
+Each unit names adapter weights (whatever ``ctrlkit train`` exported, a diffusers folder or an original single
+file), its condition (a condition image, or a source image and the extractor to run on it, fitted to the
+generation size pixel-perfectly) and its scale, step window, guidance mode and optional region mask. Writes each
+image as PNG, a grid (conditions | result, one row per prompt) and the composition used, and prints the paths.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import yaml
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from PIL import Image
+
+from adapters import make_scheduler, sample_latents
+from adapters.composition import Composition, ControlUnit
+from adapters.controlnet_formats import FORMATS, load_controlnet
+from adapters.gligen import WEIGHTS_NAME as GLIGEN_WEIGHTS
+from adapters.gligen import GligenAdapter, saved_variant
+from adapters.gligen_masked import BoxMaskedGligenAdapter
+from adapters.t2i_adapter import T2IAdapterAdapter
+from conditions import read_image
+from conditions.boxes import GroundingRecord, pad_grounding
+from conditions.resize import fit_map
+from lightning_modules.backbone import Backbone
+from lightning_modules.commands.config_checks import check_settings, check_writable_dir, load_condition_config
+from lightning_modules.commands.unit_checks import unit_specs
+from lightning_modules.errors import CtrlkitError
+
+log = logging.getLogger(__name__)
+
+# what a GLIGEN folder's gligen_config.json "variant" is loaded as, and how the log names it
+GLIGEN_VARIANTS = {
+    GligenAdapter.variant: (GligenAdapter, "GLIGEN"),
+    BoxMaskedGligenAdapter.variant: (BoxMaskedGligenAdapter, "box-masked GLIGEN"),
+}
+
+
+def load_adapter(path: str | Path, backbone: Backbone):
+    """Adapter weights of any supported family and format -> (adapter, description of the format found)."""
+    folder = Path(path)
+    if (folder / GLIGEN_WEIGHTS).is_file():
+        variant = saved_variant(folder)
+        if variant not in GLIGEN_VARIANTS:
+            raise CtrlkitError(f"{folder}: unknown GLIGEN variant '{variant}'; known: {', '.join(GLIGEN_VARIANTS)}")
+        adapter_class, title = GLIGEN_VARIANTS[variant]
+        # adds GLIGEN's gated layers to the backbone's UNet in place: build_units loads grounding units last
+        return adapter_class.from_pretrained(folder, backbone.unet), f"{title}, ctrlkit adapter folder"
+    config_file = folder / "config.json"
+    if config_file.is_file() and json.loads(config_file.read_text()).get("_class_name") == "T2IAdapter":
+        return T2IAdapterAdapter.from_pretrained(folder), "T2I-Adapter, diffusers folder"
+    adapter, found = load_controlnet(path, backbone.unet)
+    return adapter, f"ControlNet, {FORMATS[found]}"
+
+
+def build_extractor(name: str, size: tuple[int, int]):
+    """The extractor of ``conf/condition/<name>.yaml``, fitting its map to ``size`` (crop and resize, pixel
+    perfect: the detector runs at the resolution that maps the source onto the generation size)."""
+    condition = load_condition_config(name)
+    extractor_cfg = OmegaConf.to_container(condition.extractor, resolve=False)
+    if "channels" in extractor_cfg:
+        extractor_cfg["channels"] = condition.channels
+    extractor_cfg["resize"] = {"output_size": list(size), "mode": "crop_and_resize", "pixel_perfect": True}
+    return instantiate(extractor_cfg)
+
+
+def condition_map(spec: dict, size: tuple[int, int]) -> np.ndarray:
+    """A unit's condition as an HxWxC uint8 map at the generation size."""
+    if spec.get("condition_image"):
+        image = read_image(spec["condition_image"])
+        return fit_map(image, size, "crop_and_resize", cv2.INTER_AREA)
+    if spec.get("source_image") and spec.get("extractor"):
+        return build_extractor(spec["extractor"], size).process(read_image(spec["source_image"]))
+    raise CtrlkitError(
+        f"unit {spec.get('adapter')}: give condition_image=<map>, or source_image=<photo> and extractor=<name>"
+    )
+
+
+def to_condition_tensor(condition: np.ndarray, channels: int, batch: int) -> torch.Tensor:
+    """HxWxC uint8 -> (batch, channels, H, W) float in [0, 1]; grey maps fill RGB, RGB maps give one channel."""
+    tensor = torch.from_numpy(np.array(condition)).float().div(255.0)
+    tensor = tensor[..., None] if tensor.ndim == 2 else tensor
+    tensor = tensor.permute(2, 0, 1)
+    tensor = tensor[:channels] if tensor.shape[0] >= channels else tensor[:1].expand(channels, -1, -1)
+    return tensor.unsqueeze(0).expand(batch, -1, -1, -1).contiguous()
+
+
+def read_mask(path: str, size: tuple[int, int]) -> torch.Tensor:
+    """A region image -> (1, 1, H, W) in [0, 1] (white: the unit acts there)."""
+    grey = fit_map(read_image(path), size, "crop_and_resize", cv2.INTER_AREA).mean(axis=-1)
+    return torch.from_numpy(grey / 255.0).float()[None, None]
+
+
+def build_units(specs: list[dict], backbone: Backbone, size: tuple[int, int], batch: int) -> tuple[list, list]:
+    """Unit specs (checked by ``unit_checks.unit_specs``) -> ControlUnits and the condition maps (for the grid)."""
+    # Grounding units last: GLIGEN adds its layers to the shared UNet, which the other adapters are built from.
+    order = sorted(range(len(specs)), key=lambda index: "boxes" in specs[index])
+    built = {}
+    for index in order:
+        spec = specs[index]
+        adapter, found = load_adapter(spec["adapter"], backbone)
+        log.info("unit %d: %s read as %s", index, spec["adapter"], found)
+        if adapter.accepts == "grounding":
+            condition, drawn = grounding_condition(spec, adapter, backbone, size, batch)
+        else:
+            drawn = condition_map(spec, size)
+            condition = to_condition_tensor(drawn, adapter.condition_channels, batch)
+        unit = unit_from_spec(spec, adapter.eval(), condition, size, name=f"{index}: {Path(spec['adapter']).name}")
+        built[index] = (unit, drawn if drawn.ndim == 3 else drawn[..., None])
+    return [built[index][0] for index in range(len(specs))], [built[index][1] for index in range(len(specs))]
+
+
+def unit_from_spec(spec: dict, adapter, condition, size: tuple[int, int], name: str) -> ControlUnit:
+    """A ``ControlUnit`` with the spec's scale (1), start/end (the adapter's window: all steps, or GLIGEN's
+    scheduled sampling), mode (the adapter's guidance_mode) and mask (an image path); a setting the unit cannot
+    take is a one-line error naming the unit."""
+    start, end = adapter.sampling_window
+    try:
+        return ControlUnit(
+            adapter,
+            condition,
+            scale=float(spec.get("scale", 1.0)),
+            start=float(spec.get("start", start)),
+            end=float(spec.get("end", end)),
+            mode=spec.get("mode"),
+            mask=read_mask(spec["mask"], size) if spec.get("mask") else None,
+            name=name,
+        )
+    except ValueError as error:
+        raise CtrlkitError(str(error)) from error
+
+
+def grounding_condition(spec: dict, adapter, backbone: Backbone, size: tuple[int, int], batch: int):
+    """``boxes`` (normalised xyxy) + ``phrases`` -> GLIGEN's grounding dict for ``batch`` prompts, and a picture
+    of the boxes for the grid."""
+    if not spec.get("boxes") or not spec.get("phrases"):
+        raise CtrlkitError(f"unit {spec['adapter']}: a GLIGEN unit needs boxes=[[x0, y0, x1, y1], ...] and phrases")
+    try:
+        slots = pad_grounding(GroundingRecord(np.array(spec["boxes"]), list(spec["phrases"])), adapter.max_objects)
+    except ValueError as error:
+        raise CtrlkitError(f"unit {spec['adapter']}: {error}") from error
+    with torch.no_grad():
+        embeddings = backbone.encode_phrases(slots["phrases"])
+    condition = {
+        "boxes": slots["boxes"][None].expand(batch, -1, -1).contiguous(),
+        "phrase_embeddings": embeddings[None].expand(batch, -1, -1).contiguous(),
+        "masks": slots["masks"][None].expand(batch, -1).contiguous(),
+    }
+    drawn = np.zeros((*size, 3), dtype=np.uint8)
+    for x0, y0, x1, y1 in np.array(spec["boxes"], dtype=np.float32):
+        corners = (int(x0 * size[1]), int(y0 * size[0])), (int(x1 * size[1]) - 1, int(y1 * size[0]) - 1)
+        cv2.rectangle(drawn, *corners, (255, 0, 255), 1)
+    return condition, drawn
+
+
+def save_grid(maps: list[np.ndarray], images: np.ndarray, path: Path) -> None:
+    """One row per prompt: each unit's condition map, then the generated image."""
+    rows = []
+    for image in images:
+        tiles = [np.repeat(m, 3, axis=-1) if m.shape[-1] == 1 else m[..., :3] for m in maps] + [image]
+        rows.append(np.concatenate(tiles, axis=1))
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+
+
+def run_generate(cfg: DictConfig) -> list[Path]:
+    """Generate, write PNGs + grid + composition.yaml to ``cfg.output_dir``; returns the image paths."""
+    check_settings("generate", cfg)
+    prompts = list(cfg.prompts) if isinstance(cfg.prompts, ListConfig | list) else [cfg.prompts]
+    if not prompts or not all(isinstance(prompt, str) for prompt in prompts):
+        raise CtrlkitError(f"prompts={cfg.prompts!r}; allowed: a prompt or a non-empty list of prompts (strings)")
+    size = (int(cfg.height), int(cfg.width))
+    specs = unit_specs(cfg)  # every unit checked before the model loads
+    check_writable_dir(cfg.output_dir, "output_dir")
+    backbone: Backbone = instantiate(cfg.model)
+    backbone.check_image_size(size[0])
+    backbone.check_image_size(size[1])
+    units, maps = build_units(specs, backbone, size, len(prompts))
+    factor = backbone.vae_scale_factor
+    latents = sample_latents(
+        backbone.unet,
+        make_scheduler(cfg.scheduler, backbone.noise_scheduler.config),
+        backbone.encode_prompts(prompts),
+        (len(prompts), backbone.unet.config.in_channels, size[0] // factor, size[1] // factor),
+        composition=Composition(units) if units else None,
+        uncond_hidden_states=backbone.encode_prompts([cfg.negative_prompt] * len(prompts)),
+        guidance_scale=cfg.guidance_scale,
+        num_inference_steps=cfg.num_inference_steps,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    images = (backbone.decode_latents(latents) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+    output = Path(cfg.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, image in enumerate(images):
+        paths.append(output / f"image_{index:03d}.png")
+        Image.fromarray(image).save(paths[-1])
+    save_grid(maps, images, output / "grid.png")
+    used = {"prompts": prompts, "negative_prompt": cfg.negative_prompt, "seed": cfg.seed, "units": specs}
+    (output / "composition.yaml").write_text(yaml.safe_dump(used, sort_keys=False))
+    for path in paths:
+        print(f"ctrlkit generate: wrote {path}")
+    print(f"ctrlkit generate: grid (conditions | result) {output / 'grid.png'}")
+    print(f"ctrlkit generate: composition used {output / 'composition.yaml'}")
+    return paths

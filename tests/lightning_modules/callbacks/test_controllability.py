@@ -1,0 +1,155 @@
+"""The controllability callback: base score beside the adapter's, the curve, and the step where control appears,
+in the JSON summary, the W&B run and the CSV log."""
+
+import csv
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+from omegaconf import OmegaConf, open_dict
+
+from conditions import CannyExtractor, HEDExtractor
+from conditions.shapes_truth import ShapesTruthExtractor
+from lightning_modules.callbacks.controllability import ControllabilityCallback, ShapesControllabilityCallback
+from lightning_modules.commands.config_checks import CONF_DIR
+from lightning_modules.commands.train import train
+from tests.helpers.wandb_records import read_history
+
+
+class RecordingLogger:
+    def __init__(self):
+        self.rows = []
+
+    def log_metrics(self, metrics, step):
+        self.rows.append((step, metrics))
+
+
+def test_control_step_is_the_first_jump_over_the_base(tmp_path):
+    callback = ShapesControllabilityCallback(
+        output_file=str(tmp_path / "c.json"), every_n_steps=10, jump_threshold=0.25
+    )
+    ious = iter([0.1, 0.15, 0.3, 0.5, 0.9])  # base, then steps 0, 10, 20, 30
+    callback.evaluate = lambda module, dataset, use_adapter=True: {
+        "mask_iou": next(ious),
+        "box_iou": 0.2,
+        "caption_accuracy": 0.5,
+    }
+    logger = RecordingLogger()
+    trainer = SimpleNamespace(
+        global_step=0,
+        is_global_zero=True,
+        loggers=[logger],
+        datamodule=SimpleNamespace(val_dataset=SimpleNamespace(scene=None)),
+    )
+    callback.on_train_start(trainer, None)
+    for step in (10, 20, 30):
+        trainer.global_step = step
+        callback.on_train_batch_end(trainer, None, None, None, None)
+    callback.on_train_end(trainer, None)
+    assert callback.base["mask_iou"] == 0.1
+    assert callback.control_step == 20  # 0.5 >= 0.1 + 0.25; 0.3 at step 10 is not
+    assert [row[1]["val/mask_iou"] for row in logger.rows] == [0.15, 0.3, 0.5, 0.9]
+    assert logger.rows[2][1]["val/control_step"] == 20
+    assert logger.rows[0][1]["val/box_iou"] == 0.2
+    summary = json.loads((tmp_path / "c.json").read_text())
+    assert summary["control_step"] == 20 and summary["final"]["mask_iou"] == 0.9
+    assert summary["base_without_adapter"]["mask_iou"] == 0.1
+    assert (tmp_path / "c.png").is_file()
+
+
+def test_turns_itself_off_without_ground_truth(tmp_path):
+    callback = ShapesControllabilityCallback(output_file=str(tmp_path / "c.json"))
+    trainer = SimpleNamespace(
+        global_step=0, is_global_zero=True, loggers=[], datamodule=SimpleNamespace(val_dataset=object())
+    )
+    callback.on_train_start(trainer, None)
+    assert not callback.enabled
+
+
+def test_no_jump_is_logged_as_minus_one(tmp_path):
+    callback = ControllabilityCallback(output_file=str(tmp_path / "c.json"), every_n_steps=10, jump_metric="canny_f1")
+    scores = iter([0.2, 0.2, 0.25])
+    callback.evaluate = lambda module, dataset, use_adapter=True: {"canny_f1": next(scores)}
+    logger = RecordingLogger()
+    trainer = SimpleNamespace(
+        global_step=0, is_global_zero=True, loggers=[logger], datamodule=SimpleNamespace(val_dataset=None)
+    )
+    callback.on_train_start(trainer, None)
+    trainer.global_step = 10
+    callback.on_train_end(trainer, None)
+    assert callback.control_step is None
+    assert logger.rows[-1] == (10, {"val/control_step": -1})
+    assert json.loads((tmp_path / "c.json").read_text())["jump_metric"] == "canny_f1"
+
+
+def test_the_condition_decides_the_jump_metric(hed_weights_dir):
+    callback = ControllabilityCallback(output_file="unused.json")
+    shapes = SimpleNamespace(extractor=CannyExtractor(), scene=None)
+    assert callback.resolve_jump_metric(shapes) == "canny_f1"
+    assert callback.resolve_jump_metric(SimpleNamespace(extractor=HEDExtractor(weights_dir=hed_weights_dir))) == (
+        "hed_ssim"
+    )
+    assert callback.resolve_jump_metric(SimpleNamespace(extractor=ShapesTruthExtractor("depth"))) == "depth_rmse"
+    assert ControllabilityCallback("x.json", jump_metric="box_iou").resolve_jump_metric(shapes) == "box_iou"
+
+
+def test_curve_and_control_step_reach_wandb_and_csv(make_train_config, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = make_train_config(
+        "logger=csv",
+        "trainer.max_steps=2",
+        "trainer.log_every_n_steps=1",
+        "callbacks.controllability.every_n_steps=1",
+        # any score counts as a jump, so the first evaluation (step 0) is the control step
+        "callbacks.controllability.jump_threshold=-1",
+    )
+    with open_dict(cfg):
+        cfg.logger.wandb = OmegaConf.load(CONF_DIR / "logger" / "wandb.yaml").wandb
+        cfg.logger.wandb.mode = "offline"
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    summary = json.loads((run / "controllability.json").read_text())
+    assert summary["jump_metric"] == "canny_f1" and summary["control_step"] == 0
+    assert [point["step"] for point in summary["curve"]] == [0, 1, 2]
+
+    (run_dir,) = (run / "wandb").glob("offline-run-*")
+    history = read_history(run_dir)
+    assert len(history["val/canny_f1"]) == 3 and len(history["val/mask_iou"]) == 3
+    assert history["val/control_step"] == [0]
+    assert len(history["val/canny_f1_base"]) == 3
+    assert history["val/controllability_curve/captions"] == [["canny_f1; control at step 0"]]
+
+    (metrics_file,) = (run / "csv").glob("version_*/metrics.csv")
+    rows = list(csv.DictReader(metrics_file.open()))
+    curve = {int(row["step"]): float(row["val/canny_f1"]) for row in rows if row.get("val/canny_f1")}
+    assert curve == {point["step"]: point["canny_f1"] for point in summary["curve"]}
+    assert [(int(row["step"]), float(row["val/control_step"])) for row in rows if row.get("val/control_step")] == [
+        (0, 0.0)
+    ]
+
+
+def test_a_configured_jump_metric_decides_the_control_step(tmp_path):
+    """condition=boxes sets jump_metric=box_iou (conf/condition/boxes.yaml: metric)."""
+    callback = ControllabilityCallback(
+        output_file=str(tmp_path / "c.json"), jump_metric="box_iou", jump_threshold=0.25
+    )
+    boxes = iter([0.2, 0.3, 0.6])  # base, steps 0 and 10; mask IoU never moves
+    callback.evaluate = lambda module, dataset, use_adapter=True: {
+        "mask_iou": 0.1,
+        "box_iou": next(boxes),
+        "caption_accuracy": 0.5,
+    }
+    datamodule = SimpleNamespace(val_dataset=None)
+    trainer = SimpleNamespace(global_step=0, is_global_zero=True, loggers=[], datamodule=datamodule)
+    callback.on_train_start(trainer, None)
+    trainer.global_step = 10
+    callback.on_train_end(trainer, None)
+    assert callback.control_step == 10  # gains: step 0 (0.3-0.2)/0.8 = 0.125, step 10 (0.6-0.2)/0.8 = 0.5
+    assert json.loads((tmp_path / "c.json").read_text())["jump_metric"] == "box_iou"
+
+
+def test_an_unknown_jump_metric_is_named(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match=r"unknown jump_metric 'fid'; choose one of: canny_f1"):
+        ControllabilityCallback(output_file=str(tmp_path / "c.json"), jump_metric="fid")

@@ -1,0 +1,145 @@
+"""Every config group option composes; bad choices fail before anything loads, naming the problem."""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from lightning_modules.commands.config_checks import CONF_DIR, check_group_overrides, check_train_config, group_options
+from lightning_modules.errors import CtrlkitError
+
+GROUPS = [
+    "model",
+    "adapter",
+    "condition",
+    "data",
+    "system",
+    "trainer",
+    "logger",
+    "callbacks",
+    "paths",
+    "experiment",
+    "debug",
+]
+# options that need a value the config cannot know; {name} is filled with the session fixture of that name
+REQUIRED = {
+    "model=sd15": ["model.path=/some/pipeline"],
+    "condition=hed": ["condition.extractor.weights_dir={hed_weights_dir}"],
+    "condition=pose": ["condition.extractor.weights_dir={openpose_weights_dir}"],
+    "condition=depth": ["condition.extractor.model={dpt_dir}"],
+    "condition=seg": ["condition.extractor.model={segformer_dir}"],
+    "data=fill50k": ["data.root={fill50k_root}"],
+    "data=imagefolder": ["data.root={imagefolder_root}"],
+    # a grounding adapter and a grounding condition only come in pairs
+    "adapter=gligen": ["condition=boxes"],
+    "adapter=gligen_masked": ["condition=boxes"],
+    "condition=boxes": ["adapter=gligen"],
+    "condition=detected_boxes": ["condition.extractor.model={owlvit_dir}", "condition.extractor.phrases=[a cat]"],
+}
+# conditions no training adapter on this branch takes yet: they serve `ctrlkit extract` (tests/test_detected_boxes.py)
+EXTRACT_ONLY = {"condition=detected_boxes": "grounding"}
+
+
+def required_values(override: str, request) -> list[str]:
+    values = []
+    for value in REQUIRED.get(override, []):
+        names = [name for _, name, _, _ in string.Formatter().parse(value) if name]
+        values.append(value.format(**{name: request.getfixturevalue(name) for name in names}))
+    return values
+
+
+def all_options():
+    return [f"{group}={option}" for group in GROUPS for option in group_options(group)]
+
+
+def test_every_group_has_options():
+    for group in GROUPS:
+        assert group_options(group), f"conf/{group}/ has no yaml"
+
+
+@pytest.mark.parametrize("override", all_options())
+def test_every_option_composes_and_its_light_parts_instantiate(make_train_config, override, request):
+    cfg = make_train_config(override, *required_values(override, request))
+    if override in EXTRACT_ONLY:
+        kind = EXTRACT_ONLY[override]
+        with pytest.raises(CtrlkitError, match=rf"takes image conditions but condition '\w+' gives {kind} conditions"):
+            check_train_config(cfg)
+        assert instantiate(cfg.condition.extractor).kind == kind
+        return
+    check_train_config(cfg)
+    extractor = instantiate(cfg.condition.extractor)
+    datamodule = instantiate(cfg.data, extractor=extractor)
+    condition = datamodule.fixed_batch(1)["condition"]
+    if cfg.condition.kind == "image":
+        assert condition.shape[1] == cfg.condition.channels
+    else:
+        assert condition["boxes"].shape == (1, cfg.adapter.build.max_objects, 4)
+        assert len(condition["phrases"][0]) == cfg.adapter.build.max_objects
+    with open_dict(cfg):
+        cfg.trainer.accelerator = "cpu"
+    assert instantiate(cfg.trainer).max_steps == cfg.trainer.max_steps or cfg.trainer.get("fast_dev_run")
+    for callback in (cfg.callbacks or {}).values():
+        instantiate(callback)
+
+
+def test_unknown_option_names_the_group_and_the_choices():
+    with pytest.raises(CtrlkitError, match=r"unknown adapter 'contrlnet'; choose one of: controlnet"):
+        check_group_overrides(["adapter=contrlnet"])
+    with pytest.raises(CtrlkitError, match=r"unknown model 'sd99'; choose one of: sd15, tiny"):
+        check_group_overrides(["trainer.max_steps=3", "model=sd99"])
+    with pytest.raises(CtrlkitError, match=r"unknown condition 'depht'"):
+        check_group_overrides(["condition=canny,depht"])  # sweeps are checked per value
+    check_group_overrides(["adapter=controlnet", "experiment=null", "adapter.learning_rate=1e-5", "+foo=bar"])
+
+
+@pytest.mark.parametrize(
+    ("adapter", "condition", "accepts", "gives"),
+    [
+        ("controlnet", "boxes", "image", "grounding"),
+        ("t2i_adapter", "boxes", "image", "grounding"),
+        ("t2i_adapter_light", "boxes", "image", "grounding"),
+        ("gligen", "canny", "grounding", "image"),
+        ("gligen", "shapes_mask", "grounding", "image"),
+    ],
+)
+def test_incompatible_adapter_and_condition_fail_naming_both(make_train_config, adapter, condition, accepts, gives):
+    cfg = make_train_config(f"adapter={adapter}", f"condition={condition}")
+    with pytest.raises(
+        CtrlkitError,
+        match=rf"adapter '{adapter}' takes {accepts} conditions but condition '{condition}' gives {gives} conditions",
+    ):
+        check_train_config(cfg)
+
+
+def test_missing_model_path_is_named(make_train_config):
+    cfg = make_train_config("model=sd15")
+    with pytest.raises(CtrlkitError, match=r"model.path is required"):
+        check_train_config(cfg)
+
+
+def test_missing_extractor_weights_dir_is_named(make_train_config):
+    cfg = make_train_config("condition=hed")
+    with pytest.raises(CtrlkitError, match=r"condition.extractor.weights_dir is required"):
+        check_train_config(cfg)
+
+
+def test_conf_dir_is_this_repository():
+    assert (CONF_DIR / "train.yaml").is_file()
+
+
+@pytest.mark.parametrize(
+    ("model", "learning_rate", "timestep_sampling"),
+    [("tiny", 1e-3, "cubic"), ("tiny_random", 1e-3, "cubic"), ("sd15", 1e-5, "uniform")],
+)
+def test_the_base_model_recipe_sets_adapter_rate_and_timesteps(
+    make_train_config, model, learning_rate, timestep_sampling
+):
+    cfg = make_train_config(f"model={model}")
+    assert cfg.adapter.learning_rate == cfg.system.learning_rate == learning_rate
+    assert cfg.system.timestep_sampling == timestep_sampling
+    # a direct override still wins over the recipe
+    cfg = make_train_config(f"model={model}", "adapter.learning_rate=3e-4", "system.timestep_sampling=uniform")
+    assert cfg.system.learning_rate == 3e-4 and cfg.system.timestep_sampling == "uniform"

@@ -1,0 +1,186 @@
+"""`ctrlkit evaluate` end to end on an adapter trained for a few steps: outputs, base beside adapter, W&B table."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra.core.global_hydra import GlobalHydra
+
+from lightning_modules.commands.evaluate import evaluation_units, locate_adapter, run_evaluate
+from lightning_modules.commands.train import train
+from lightning_modules.errors import CtrlkitError
+from tests.conftest import compose_config, compose_train_config
+from tests.helpers.wandb_records import read_history
+from tests.lightning_modules.commands.test_cli import run_ctrlkit
+
+
+def compose_evaluate_config(output_dir: Path, overrides: list[str]):
+    return compose_config("evaluate", output_dir, overrides)
+
+
+@pytest.fixture
+def trained_run(make_train_config) -> Path:
+    cfg = make_train_config("trainer.max_steps=2")
+    train(cfg)
+    return Path(cfg.paths.output_dir)
+
+
+def test_evaluate_a_trained_adapter(trained_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "evaluation"
+    cfg = compose_evaluate_config(
+        out,
+        [
+            f"adapter_path={trained_run}",
+            "num_samples=3",
+            "num_seeds=2",
+            "batch_size=2",
+            "sampling.num_inference_steps=2",
+            "grid_rows=1",
+            f"quality.inception_weights={tmp_path / 'absent' / 'inception.pth'}",
+            f"quality.clip_model={tmp_path / 'absent' / 'clip'}",
+            "logger=wandb",
+            "logger.wandb.mode=offline",
+        ],
+    )
+    summary = run_evaluate(cfg)
+    GlobalHydra.instance().clear()
+    printed = capsys.readouterr().out
+    assert summary["condition"] == "canny" and summary["primary_metric"] == "canny_f1"
+    for model in ("base", "adapter"):
+        scores = summary[model]
+        assert 0.0 <= scores["canny_f1"] <= 1.0 and 0.0 <= scores["mask_iou"] <= 1.0
+        assert scores["fid"] == f"unavailable: {tmp_path / 'absent' / 'inception.pth'} not found"
+        assert scores["clip_score"].startswith("unavailable:")
+    assert json.loads((out / "metrics.json").read_text()) == summary
+    rows = list(csv.DictReader((out / "per_sample.csv").open()))
+    assert len(rows) == 2 * 2 * 3  # models x seeds x items
+    assert {(row["model"], row["item"], row["seed"]) for row in rows} == {
+        (model, str(item), str(seed)) for model in ("base", "adapter") for item in range(3) for seed in range(2)
+    }
+    # two seeds give two different images of the same item
+    base = [row for row in rows if row["model"] == "base" and row["item"] == "0"]
+    assert base[0]["canny_ssim"] != base[1]["canny_ssim"]
+    assert (out / "grid.png").is_file() and [row["rank"] for row in summary["grid"]["rows"]] == ["best", "worst"]
+    assert "canny_f1" in printed and "mask_iou" in printed and "base" in printed and "adapter" in printed
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    history = read_history(run_dir)
+    assert history["evaluate/samples/_type"] == ["table-file"] and history["evaluate/samples/nrows"] == [12]
+    table = json.loads((run_dir / "files" / history["evaluate/samples/path"][0]).read_text())
+    assert table["columns"][:4] == ["model", "condition", "prompt", "sample"] and "canny_f1" in table["columns"]
+    assert history["evaluate/adapter/canny_f1"] == [summary["adapter"]["canny_f1"]]
+
+
+def test_adapter_path_errors(tmp_path):
+    with pytest.raises(CtrlkitError, match="is not a folder"):
+        locate_adapter(str(tmp_path / "absent"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CtrlkitError, match="is empty"):
+        locate_adapter(str(tmp_path / "empty"))
+    result = run_ctrlkit("evaluate", f"adapter_path={tmp_path / 'absent'}", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"ctrlkit evaluate: error: adapter_path {tmp_path / 'absent'} is not a folder" in result.stderr
+
+
+def test_evaluate_a_composition_of_controlnet_and_gligen(tmp_path, owlvit_dir, capsys):
+    """A composition file as `ctrlkit generate` writes it: each unit's condition comes from the evaluation items,
+    scores are named per unit, grounding boxes are re-found by a local detector."""
+    runs = {}
+    gligen = ["adapter=gligen", "condition=boxes", "adapter.build.max_objects=4"]
+    for name, overrides in {"controlnet": [], "gligen": gligen}.items():
+        cfg = compose_train_config(tmp_path / name, ["trainer.max_steps=2", *overrides])
+        train(cfg)
+        runs[name] = tmp_path / name
+    GlobalHydra.instance().clear()
+    composition = tmp_path / "composition.yaml"
+    composition.write_text(
+        yaml.safe_dump(
+            {
+                "prompts": ["a red circle"],
+                "units": [
+                    {
+                        "adapter": str(runs["controlnet"]),
+                        "source_image": "photo.png",
+                        "extractor": "canny",
+                        "scale": 0.8,
+                    },
+                    {
+                        "adapter": str(runs["gligen"] / "adapter"),
+                        "boxes": [[0, 0, 1, 1]],
+                        "phrases": ["x"],
+                        "end": 0.5,
+                        # the condition's own config pads to 30 slots; evaluate pads to the adapter's 4
+                        "extractor": "boxes",
+                    },
+                ],
+            }
+        )
+    )
+    out = tmp_path / "evaluation"
+    cfg = compose_evaluate_config(
+        out,
+        [
+            f"composition={composition}",
+            "num_samples=2",
+            "num_seeds=1",
+            "batch_size=2",
+            "sampling.num_inference_steps=2",
+            f"box_detector={owlvit_dir}",
+            f"quality.inception_weights={tmp_path / 'absent.pth'}",
+            f"quality.clip_model={tmp_path / 'absent'}",
+        ],
+    )
+    summary = run_evaluate(cfg)
+    GlobalHydra.instance().clear()
+    printed = capsys.readouterr().out
+    assert [unit["condition"] for unit in summary["units"]] == ["canny", "boxes"]
+    assert summary["units"][0]["scale"] == 0.8 and summary["units"][1]["end"] == 0.5
+    assert summary["primary_metric"] == "mask_iou"  # several units on shapes: the scene's score ranks the grid
+    for model in ("base", "adapter"):
+        scores = summary[model]
+        for key in ("unit0/canny_f1", "mask_iou", "box_iou", "unit1/detected_box_iou", "detected_box_ap50"):
+            assert 0.0 <= scores[key] <= 1.0, (model, key)
+        assert "canny_f1" not in scores  # a composition's scores are named by unit
+    rows = list(csv.DictReader((out / "per_sample.csv").open()))
+    assert len(rows) == 2 * 2 and {"unit0/canny_ssim", "unit1/detected_box_recall50"} <= set(rows[0])
+    # the composition changes the images: the same noise gives different samples with and without it
+    base = {row["item"]: row["unit0/canny_ssim"] for row in rows if row["model"] == "base"}
+    adapted = {row["item"]: row["unit0/canny_ssim"] for row in rows if row["model"] == "adapter"}
+    assert base != adapted
+    assert summary["grid"]["columns"] == "condition | condition | base | adapter | reference"
+    assert "unit1:" in printed and "unit0/canny_f1" in printed
+
+
+def test_composition_units_need_a_known_condition(tmp_path):
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "config.json").write_text("{}")
+    for units, message in [
+        ("[]", "nothing to evaluate"),
+        (f"[{{adapter: {tmp_path / 'weights'}}}]", "has no run config.yaml beside it; say its condition"),
+        (f"[{{adapter: {tmp_path / 'weights'}, extractor: nope}}]", "unknown extractor 'nope'"),
+        (f"[{{adapter: {tmp_path / 'weights'}, colour: red}}]", r"unknown field\(s\) \['colour'\]"),
+    ]:
+        cfg = compose_evaluate_config(tmp_path / "out", [f"units={units}"])
+        with pytest.raises(CtrlkitError, match=message):
+            evaluation_units(cfg)
+    GlobalHydra.instance().clear()
+
+
+def test_a_single_unit_is_ranked_by_its_conditions_own_score():
+    from omegaconf import OmegaConf
+
+    from conditions.boxes import ShapesBoxesExtractor
+    from conditions.canny import CannyExtractor
+    from lightning_modules.commands.evaluate import EvalUnit, _primary
+    from lightning_modules.data.shapes import ShapesDataset
+
+    shapes = ShapesDataset(ShapesBoxesExtractor(4), 2, 64, seed=0)
+    boxes = OmegaConf.create({"name": "boxes", "metric": "box_iou"})
+    # boxes on shapes: box IoU, as training's controllability callback, not the scene's mask IoU
+    assert _primary([EvalUnit(Path("g"), boxes, {}, ShapesBoxesExtractor(4), shapes)]) == "box_iou"
+    canny = OmegaConf.create({"name": "canny"})
+    assert _primary([EvalUnit(Path("c"), canny, {}, CannyExtractor(), shapes)]) == "canny_f1"
+    unnamed = OmegaConf.create({"name": "boxes"})  # no metric and no re-extraction score: the scene's
+    assert _primary([EvalUnit(Path("g"), unnamed, {}, ShapesBoxesExtractor(4), shapes)]) == "mask_iou"

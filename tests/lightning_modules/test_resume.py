@@ -1,0 +1,194 @@
+"""Training that survives: a run SIGKILLed after a checkpoint resumes to bit-identical adapter weights; a truncated
+newest checkpoint is reported and resume falls back to the one before; checkpoints are written atomically."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_modules.checkpoints import AtomicCheckpointIO, find_resume_checkpoint
+from lightning_modules.commands.train import train
+from lightning_modules.errors import CtrlkitError
+from tests.conftest import FAST_OVERRIDES, compose_train_config
+
+REPO = Path(__file__).resolve().parents[2]
+# 6 steps over 4-batch epochs (so the run crosses an epoch and meets cached latents again), a checkpoint, a
+# validation and a controllability score every 2 steps.
+RUN = [
+    "trainer.max_steps=6",
+    "data.train_size=8",
+    "trainer.val_check_interval=2",
+    "callbacks.model_checkpoint.every_n_train_steps=2",
+    "callbacks.controllability.every_n_steps=2",
+    "callbacks.sample_grid.every_n_steps=0",
+]
+
+
+def adapter_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def assert_identical(expected: dict, actual: dict) -> None:
+    assert expected.keys() == actual.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, actual[name]), name
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The run directory of the 6-step run that nobody interrupted."""
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    train(compose_train_config(run, RUN))
+    return run
+
+
+def test_killed_run_resumes_to_identical_weights(uninterrupted, tmp_path):
+    killed = tmp_path / "killed"
+    marker = tmp_path / "reached"
+    # same thread count as this process: CPU kernels round the same way
+    # (tests/helpers on the path itself: an unrelated site-packages `tests` package can shadow ours)
+    helpers = REPO / "tests" / "helpers"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{helpers}", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_modules.commands.cli",
+        "train",
+        *FAST_OVERRIDES,
+        *RUN,
+        f"hydra.run.dir={killed}",
+    ]
+    # from step 3 on, each step pauses: the kill lands after the step-2 checkpoint, with step 3 done and lost
+    command += [
+        "+callbacks.pause._target_=slow_steps.SleepFromStep",
+        "+callbacks.pause.step=3",
+        "+callbacks.pause.seconds=60",
+        f"+callbacks.pause.marker={marker}",
+    ]
+    process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the training subprocess never reached step 3"
+            time.sleep(0.2)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert marker.read_text() == "3"
+    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+    _, objects = train(compose_train_config(killed, [*RUN, "resume=auto"]))
+    assert objects["trainer"].global_step == 6
+    assert_identical(
+        adapter_weights(uninterrupted / "checkpoints" / "last.ckpt"),
+        adapter_weights(killed / "checkpoints" / "last.ckpt"),
+    )
+
+
+def test_truncated_newest_checkpoint_is_reported_and_the_previous_one_used(uninterrupted, tmp_path, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)  # copy2 keeps the files' times: the newest stays the newest
+    for name in ("last.ckpt", "step_000006.ckpt"):  # both hold step 6: the newest checkpoint
+        path = run / "checkpoints" / name
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert find_resume_checkpoint(run) == run / "checkpoints" / "step_000004.ckpt"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _, objects = train(compose_train_config(run, [*RUN, "resume=auto"]))
+    assert "skipping unreadable checkpoint" in caplog.text and "step_000006.ckpt" in caplog.text
+    assert objects["trainer"].global_step == 6  # steps 5 and 6 trained again, from the step-4 checkpoint
+    # step 4 ended an epoch: the resumed run starts the next epoch with the same order
+    assert_identical(
+        adapter_weights(uninterrupted / "checkpoints" / "last.ckpt"),
+        adapter_weights(run / "checkpoints" / "last.ckpt"),
+    )
+
+
+def test_checkpoints_keep_the_last_k_and_the_best(uninterrupted):
+    names = sorted(path.name for path in (uninterrupted / "checkpoints").glob("*.ckpt"))
+    assert names == ["best.ckpt", "last.ckpt", "step_000002.ckpt", "step_000004.ckpt", "step_000006.ckpt"]
+    best = torch.load(uninterrupted / "checkpoints" / "best.ckpt", weights_only=True)
+    state = next(value for key, value in best["callbacks"].items() if key.startswith("AdapterCheckpoint"))
+    curve = next(value for key, value in best["callbacks"].items() if "Controllability" in key)["curve"]
+    # best_metric auto: the condition's own score (canny_f1 for the default canny condition), not mask_iou
+    assert state["best_key"] == "val/canny_f1"
+    assert state["best_score"] == max(point["canny_f1"] for point in curve[: len(curve)])
+    assert best["global_step"] == state["best_step"]
+
+
+def test_keep_last_removes_older_periodic_checkpoints(make_train_config):
+    cfg = make_train_config(
+        "trainer.max_steps=4",
+        "callbacks.model_checkpoint.every_n_train_steps=1",
+        "callbacks.model_checkpoint.keep_last=2",
+        "callbacks.model_checkpoint.best_metric=null",
+    )
+    train(cfg)
+    names = sorted(path.name for path in (Path(cfg.paths.output_dir) / "checkpoints").glob("*.ckpt"))
+    assert names == ["last.ckpt", "step_000003.ckpt", "step_000004.ckpt"]
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": torch.tensor(1)}, target)
+
+    def killed_mid_write(obj, file, *args, **kwargs):
+        file.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt  # the job dies while writing
+
+    monkeypatch.setattr(torch, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO().save_checkpoint({"step": torch.tensor(2)}, target)
+    assert torch.load(target, weights_only=True)["step"] == 1  # the old checkpoint, whole
+    assert [path.name for path in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_resume_errors_are_one_line(make_train_config, tmp_path):
+    with pytest.raises(CtrlkitError, match="resume=.*nowhere: no such run directory"):
+        train(make_train_config(f"resume={tmp_path / 'nowhere'}"))
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CtrlkitError, match="holds no checkpoint"):
+        train(make_train_config(f"resume={tmp_path / 'empty'}"))
+    (tmp_path / "broken" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "broken" / "checkpoints" / "last.ckpt").write_bytes(b"\x00")
+    with pytest.raises(CtrlkitError, match="no checkpoint in .*broken/checkpoints can be read"):
+        train(make_train_config(f"resume={tmp_path / 'broken'}"))
+
+
+def test_best_checkpoint_follows_the_condition_score_and_its_direction(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning_modules.callbacks.checkpoint import AdapterCheckpoint
+
+    def scores(checkpoint, reports) -> list[int]:
+        saved = []
+        trainer = SimpleNamespace(sanity_checking=False, global_step=0)
+        trainer.save_checkpoint = lambda path, weights_only: saved.append(trainer.global_step)
+        for step, (key, score, primary, higher_is_better) in enumerate(reports):
+            trainer.global_step = step
+            checkpoint.consider_best(trainer, key, score, primary=primary, higher_is_better=higher_is_better)
+        return saved
+
+    reports = [
+        ("val/mask_iou", 0.9, False, True),
+        ("val/depth_rmse", 10.0, True, False),  # the condition's score, lower is better
+        ("val/depth_rmse", 12.0, True, False),
+        ("val/mask_iou", 0.95, False, True),
+        ("val/depth_rmse", 8.0, True, False),
+    ]
+    auto = AdapterCheckpoint(dirpath=str(tmp_path / "a"), best_metric="auto")
+    assert scores(auto, reports) == [1, 4] and auto.best_key == "val/depth_rmse" and auto.best_score == 8.0
+    named = AdapterCheckpoint(dirpath=str(tmp_path / "b"), best_metric="val/mask_iou", best_mode="max")
+    assert scores(named, reports) == [0, 3] and named.best_key == "val/mask_iou"
+    assert scores(AdapterCheckpoint(dirpath=str(tmp_path / "c"), best_metric=None), reports) == []
