@@ -5,6 +5,7 @@ torch + diffusers only: nothing here imports lightning, hydra, wandb or the ``co
 
 from adapters.base import AdapterFormatError, ConditioningAdapter, UNetKwargs
 from adapters.controlnet import ControlNetAdapter
+from adapters.registry import adapter_families, load_adapter, load_adapters
 from adapters.sampling import SCHEDULERS, make_scheduler, sample_latents
 
 __all__ = [
@@ -13,6 +14,9 @@ __all__ = [
     "ConditioningAdapter",
     "ControlNetAdapter",
     "UNetKwargs",
+    "adapter_families",
+    "load_adapter",
+    "load_adapters",
     "make_scheduler",
     "sample_latents",
 ]

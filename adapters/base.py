@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypedDict
@@ -23,6 +24,12 @@ class UNetKwargs(TypedDict, total=False):
 
 # Checked by the tests: every UNetKwargs key must be a real argument of the UNet's forward.
 UNET_FORWARD_ARGUMENTS = frozenset(inspect.signature(UNet2DConditionModel.forward).parameters)
+
+
+# The file in every saved adapter folder that names the adapter's family and class (adapters.registry reads it).
+MARKER_NAME = "ctrlkit_adapter.json"
+# family name -> adapter class; filled by ConditioningAdapter.__init_subclass__, read through adapters.registry
+ADAPTER_FAMILIES: dict[str, type[ConditioningAdapter]] = {}
 
 
 class AdapterFormatError(ValueError):
@@ -47,17 +54,39 @@ def load_diffusers_folder(model_class, directory: str | Path):
 class ConditioningAdapter(nn.Module, ABC):
     """An ``nn.Module`` built from a frozen UNet that turns a condition into UNet keyword arguments.
 
+    The contract, checked for every adapter by tests/adapters/test_adapter_contract.py: ``from_unet`` builds it,
+    ``forward`` returns UNet arguments, only its own parameters train, ``save_pretrained`` / ``from_pretrained``
+    round-trip exactly, ``drop_condition`` gives the null condition. A subclass that sets ``family`` is registered
+    under that name, and ``adapters.registry.load_adapter`` finds it from a saved folder's ``ctrlkit_adapter.json``.
+
     Class attributes:
+        family: the registry name, written into every saved folder (None: an abstract or helper class).
+        title: how logs and errors name it.
         accepts: the condition kind it consumes, ``"image"`` (a map) or ``"grounding"`` (boxes + phrases).
-        zero_initialized: whether a freshly built adapter leaves the UNet output unchanged.
+        zero_initialized: whether a freshly built adapter leaves the UNet output unchanged (the contract test
+            holds it to that).
+        changes_unet: whether building or loading it changes the shared UNet in place (GLIGEN adds gated layers);
+            ``adapters.registry.load_adapters`` builds those after the adapters that copy or read the UNet, so the
+            order units are given in does not matter.
         guidance_mode: how a sampler routes it under classifier-free guidance unless told otherwise
             (``adapters.composition`` modes): "balanced" (both halves, diffusers' ControlNet and T2I-Adapter
             pipelines) by default.
     """
 
+    family: ClassVar[str | None] = None
+    title: ClassVar[str] = "adapter"
     accepts: ClassVar[Literal["image", "grounding"]]
     zero_initialized: ClassVar[bool]
+    changes_unet: ClassVar[bool] = False
     guidance_mode: ClassVar[Literal["balanced", "prompt", "control"]] = "balanced"
+    # how the weights it was loaded from were stored; ``from_pretrained`` of a family with several formats sets it
+    source_format: str = "ctrlkit adapter folder"
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        family = cls.__dict__.get("family")
+        if family is not None:
+            ADAPTER_FAMILIES[family] = cls  # a re-registration (a reloaded module, a test) replaces the old class
 
     @property
     def sampling_window(self) -> tuple[float, float]:
@@ -99,9 +128,34 @@ class ConditioningAdapter(nn.Module, ABC):
         keep = (~dropped).to(device=condition.device, dtype=condition.dtype)
         return condition * keep.view(-1, *([1] * (condition.ndim - 1)))
 
+    @classmethod
     @abstractmethod
+    def from_pretrained(cls, path: str | Path, unet: UNet2DConditionModel) -> ConditioningAdapter:
+        """The adapter saved at ``path`` by ``save_pretrained`` (or, for families that read them, a diffusers
+        folder or an original single file), for ``unet``: the base model's UNet, which an adapter that changes the
+        UNet (``changes_unet``) changes in place."""
+
+    @classmethod
+    def recognizes(cls, path: Path) -> bool:
+        """Whether ``path`` holds this family's weights although it has no ``ctrlkit_adapter.json`` (a diffusers
+        folder, an original single file, a folder saved before the marker existed); none by default."""
+        return False
+
+    @abstractmethod
+    def save_weights(self, directory: Path) -> None:
+        """Write the trainable weights into the existing ``directory``, in the format diffusers (and other tools)
+        read."""
+
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write the trainable weights in the format diffusers (and other tools) read."""
+        """``save_weights`` into ``directory`` (created if needed), then the marker naming this adapter's family
+        and class, so ``adapters.registry.load_adapter`` needs no guessing."""
+        if self.family is None:
+            raise TypeError(f"{type(self).__name__} sets no `family`, so a saved folder could not be loaded back")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.save_weights(directory)
+        marker = {"family": self.family, "class": f"{type(self).__module__}:{type(self).__qualname__}"}
+        (directory / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [parameter for parameter in self.parameters() if parameter.requires_grad]

@@ -5,6 +5,7 @@ Wraps diffusers' ``ControlNetModel`` so the weights save and load as a diffusers
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -48,6 +49,8 @@ class ControlNetAdapter(ConditioningAdapter):
         decoder_learning_rate: learning rate of ``unet_decoder`` (the original advises ~2e-6).
     """
 
+    family = "controlnet"
+    title = "ControlNet"
     accepts = "image"
     zero_initialized = True
 
@@ -143,23 +146,38 @@ class ControlNetAdapter(ConditioningAdapter):
             groups.append({"params": list(self.unet_decoder.parameters()), "lr": self.decoder_learning_rate})
         return groups
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_weights(self, directory: Path) -> None:
         """Write a diffusers ``ControlNetModel`` folder (config.json + safetensors), plus the decoder if unlocked."""
-        directory = Path(directory)
         self.controlnet.save_pretrained(directory, safe_serialization=True)
         if self.unet_decoder is not None:
             state = {name: tensor.detach().contiguous() for name, tensor in self.unet_decoder.state_dict().items()}
             save_file(state, str(directory / DECODER_WEIGHTS_NAME))
 
     @classmethod
+    def recognizes(cls, path: Path) -> bool:
+        """A diffusers ``ControlNetModel`` folder, or any single weights file (controlnet_formats reads those)."""
+        if path.is_file():
+            return True
+        config_file = path / "config.json"
+        return config_file.is_file() and json.loads(config_file.read_text()).get("_class_name") == "ControlNetModel"
+
+    @classmethod
     def from_pretrained(
-        cls, directory: str | Path, unet: UNet2DConditionModel | None = None, only_mid_control: bool = False
+        cls, path: str | Path, unet: UNet2DConditionModel | None = None, only_mid_control: bool = False
     ) -> ControlNetAdapter:
-        """Load a diffusers ``ControlNetModel`` folder; a saved unlocked decoder is loaded into ``unet``."""
-        directory = Path(directory)
-        controlnet = load_diffusers_folder(ControlNetModel, directory)
+        """A diffusers ``ControlNetModel`` folder (a saved unlocked decoder is loaded into ``unet``), or a single
+        weights file in any format ``adapters.controlnet_formats`` reads (its layout taken from ``unet``)."""
+        path = Path(path)
+        if not path.is_dir():
+            from adapters.controlnet_formats import FORMATS, load_controlnet  # it builds on this module
+
+            adapter, found = load_controlnet(path, unet)
+            adapter.only_mid_control = only_mid_control
+            adapter.source_format = FORMATS[found]
+            return adapter
+        controlnet = load_diffusers_folder(ControlNetModel, path)
         decoder = None
-        decoder_file = directory / DECODER_WEIGHTS_NAME
+        decoder_file = path / DECODER_WEIGHTS_NAME
         if decoder_file.is_file():
             if unet is None:
                 raise AdapterFormatError(
@@ -167,4 +185,6 @@ class ControlNetAdapter(ConditioningAdapter):
                 )
             decoder = _unet_decoder(unet)
             decoder.load_state_dict(load_file(str(decoder_file)))
-        return cls(controlnet, only_mid_control, decoder)
+        adapter = cls(controlnet, only_mid_control, decoder)
+        adapter.source_format = "diffusers folder"
+        return adapter

@@ -98,8 +98,11 @@ class GligenAdapter(ConditioningAdapter):
             small model a faster gate shortens the long quiet start (a training recipe: not saved with the weights).
     """
 
+    family = "gligen"
+    title = "GLIGEN"
     accepts = "grounding"
     zero_initialized = True
+    changes_unet = True  # from_unet / from_pretrained add the gated layers to the UNet in place
     # diffusers' StableDiffusionGLIGENPipeline gives the unconditional half of guidance null grounding (masks 0),
     # so guidance pushes towards the boxes as well as the prompt; grounding on both halves cancels out of it
     guidance_mode = "control"
@@ -240,11 +243,9 @@ class GligenAdapter(ConditioningAdapter):
             if is_gligen_parameter(name)
         }
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_weights(self, directory: Path) -> None:
         """Write ``gligen.safetensors`` (GLIGEN's layers only, UNet key names) and ``gligen_config.json``; with
         ``export_unet`` also ``unet/``, the whole gated UNet as a diffusers folder."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         save_file(self.gligen_state_dict(), str(directory / WEIGHTS_NAME))
         config = {
             "variant": self.variant,
@@ -254,6 +255,11 @@ class GligenAdapter(ConditioningAdapter):
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         if self.export_unet:
             self.unet.save_pretrained(directory / UNET_FOLDER, safe_serialization=True)
+
+    @classmethod
+    def recognizes(cls, path: Path) -> bool:
+        """A folder saved before ``ctrlkit_adapter.json`` existed: its gligen_config.json names the variant."""
+        return (path / CONFIG_NAME).is_file() and saved_variant(path) == cls.variant
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, unet: UNet2DConditionModel) -> GligenAdapter:

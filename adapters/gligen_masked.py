@@ -159,6 +159,8 @@ class BoxMaskedGligenAdapter(GligenAdapter):
     """GLIGEN with box-masked gated self-attention (module docstring): ``GligenAdapter``'s condition, options,
     training recipe and weight layout; its saved folder says ``"variant": "gligen_masked"``."""
 
+    family = "gligen_masked"
+    title = "box-masked GLIGEN"
     variant = "gligen_masked"
     fuser_class = BoxMaskedGatedSelfAttention
     position_net_class = BoxedGroundingProjection
@@ -181,10 +183,10 @@ class BoxMaskedGligenAdapter(GligenAdapter):
         kwargs["cross_attention_kwargs"]["gligen"]["latent_size"] = tuple(noisy_latents.shape[-2:])
         return kwargs
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_weights(self, directory: Path) -> None:
         """GLIGEN's files (``gligen.safetensors``, ``gligen_config.json`` with the variant, ``unet/`` if exported)
         and a README.md saying that diffusers runs ``unet/`` without the box mask."""
-        super().save_pretrained(directory)
+        super().save_weights(directory)
         lines = [
             "# Box-masked GLIGEN (ctrlkit `adapter=gligen_masked`)",
             "",

@@ -12,6 +12,7 @@ the UNet itself, so the pyramid matches any UNet laid out like SD (e.g. the tiny
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,8 @@ class T2IAdapterAdapter(ConditioningAdapter):
         t2i_adapter: the diffusers model; its config fixes the layout, input channels and downscale factor.
     """
 
+    family = "t2i_adapter"
+    title = "T2I-Adapter"
     accepts = "image"
     # Plain convolutions added to the UNet features: not an identity at init (the paper trains from random init).
     zero_initialized = False
@@ -185,11 +188,19 @@ class T2IAdapterAdapter(ConditioningAdapter):
         residuals = [feature.to(noisy_latents.dtype) * conditioning_scale for feature in prepared.features]
         return {"down_intrablock_additional_residuals": residuals}
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_weights(self, directory: Path) -> None:
         """Write a diffusers ``T2IAdapter`` folder (config.json + safetensors)."""
-        self.t2i_adapter.save_pretrained(Path(directory), safe_serialization=True)
+        self.t2i_adapter.save_pretrained(directory, safe_serialization=True)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, unet: UNet2DConditionModel | None = None) -> T2IAdapterAdapter:
-        """Load a diffusers ``T2IAdapter`` folder (ours, or TencentARC's releases)."""
-        return cls(load_diffusers_folder(T2IAdapter, directory))
+    def recognizes(cls, path: Path) -> bool:
+        """A diffusers ``T2IAdapter`` folder (ours, or TencentARC's releases)."""
+        config_file = path / "config.json"
+        return config_file.is_file() and json.loads(config_file.read_text()).get("_class_name") == "T2IAdapter"
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, unet: UNet2DConditionModel | None = None) -> T2IAdapterAdapter:
+        """Load a diffusers ``T2IAdapter`` folder (ours, or TencentARC's releases); ``unet`` is not needed."""
+        adapter = cls(load_diffusers_folder(T2IAdapter, path))
+        adapter.source_format = "diffusers folder"
+        return adapter

@@ -9,7 +9,7 @@
  * on the order, so it equals OpenCV's striped parallel version); the map becomes the H x W x channels output.
  *
  * The row steps have an AVX2 version (16 pixels per instruction, chosen at run time) and a scalar one, with the
- * same results. conditions/canny.py calls canny_edges through ctypes and tests/test_conditions.py compares it with
+ * same results. conditions/canny.py calls canny_edges through ctypes and tests/conditions/test_conditions.py compares it with
  * cv2.Canny; without a compiler, canny.py falls back to OpenCV/numpy calls. Built by setup.py as the extension
  * module conditions._canny_kernel; the module itself is empty.
  */

@@ -48,7 +48,7 @@ class CannyExtractor(ConditionExtractor):
     map) in one row-by-row pass of a small compiled kernel (``_canny_kernel.c``, vectorised; ``kernel ==
     "compiled"``) or, where it was not built, computes the same per-pixel channel choice with OpenCV/numpy calls
     into reused buffers and gives ``cv2.Canny`` the chosen gradients (``kernel == "numpy"``); both are bit-identical
-    to ``cv2.Canny`` on the RGB image (tests/test_conditions.py checks both).
+    to ``cv2.Canny`` on the RGB image (tests/conditions/test_conditions.py checks both).
     ``process_batch`` spreads a batch over ``threads`` threads (the kernel, OpenCV and numpy release the GIL).
 
     Args:

@@ -3,7 +3,7 @@
 # 1. starts a 40-step run in examples_runs/resume (a checkpoint every 10 steps) and SIGKILLs it after ~20 s;
 # 2. resumes it with `resume=<run dir>`: prints "resuming from .../checkpoints/<newest>.ckpt; the run continues in
 #    ..." and finishes with "ctrlkit train: 40 steps in ... s". (A CPU run resumed this way ends with the same adapter
-#    weights, bit for bit, as one never interrupted: tests/test_resume.py checks it.)
+#    weights, bit for bit, as one never interrupted: tests/lightning_modules/test_resume.py checks it.)
 # 3. truncates the newest checkpoint and resumes again: the log reports "resume: skipping unreadable checkpoint ..."
 #    and continues from the one before.
 set -euo pipefail

@@ -25,6 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from adapters.composition import Composition
+from adapters.registry import load_adapters
 from conditions.controllability import (
     detect_named_objects,
     found_box_scores,
@@ -40,7 +41,7 @@ from lightning_modules.backbone import prepare_condition
 from lightning_modules.callbacks.controllability import evaluation_samples
 from lightning_modules.commands.config_checks import check_settings, check_train_config, load_condition_config
 from lightning_modules.commands.evaluation_report import MODELS, log_wandb, report, write_csv, write_grid
-from lightning_modules.commands.generate import load_adapter, unit_from_spec
+from lightning_modules.commands.generate import unit_from_spec
 from lightning_modules.commands.unit_checks import unit_specs
 from lightning_modules.data.common import collate
 from lightning_modules.errors import CtrlkitError
@@ -180,10 +181,8 @@ def run_evaluate(cfg: DictConfig) -> dict:
 
     # Base first: loading an adapter may change the base UNet (an unlocked decoder, gated attention layers).
     images = {"base": _sample_all(backbone, None, batches, sampling, cfg)}
-    # grounding units last: GLIGEN adds gated layers to the shared UNet that the other adapters are built from
-    for unit in sorted(units, key=lambda unit: unit.condition.get("kind") == "grounding"):
-        unit.adapter, found = load_adapter(unit.folder, backbone)
-        unit.adapter = unit.adapter.to(cfg.device).eval()
+    for unit, (adapter, found) in zip(units, load_adapters([unit.folder for unit in units], backbone.unet)):
+        unit.adapter = adapter.to(cfg.device).eval()
         log.info("%s read as %s", unit.folder, found)
     images["adapter"] = _sample_all(backbone, units, batches, sampling, cfg)
 

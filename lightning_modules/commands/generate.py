@@ -8,7 +8,6 @@ image as PNG, a grid (conditions | result, one row per prompt) and the compositi
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -22,11 +21,7 @@ from PIL import Image
 
 from adapters import make_scheduler, sample_latents
 from adapters.composition import Composition, ControlUnit
-from adapters.controlnet_formats import FORMATS, load_controlnet
-from adapters.gligen import WEIGHTS_NAME as GLIGEN_WEIGHTS
-from adapters.gligen import GligenAdapter, saved_variant
-from adapters.gligen_masked import BoxMaskedGligenAdapter
-from adapters.t2i_adapter import T2IAdapterAdapter
+from adapters.registry import load_adapters
 from conditions import read_image
 from conditions.boxes import GroundingRecord, pad_grounding
 from conditions.resize import fit_map
@@ -36,29 +31,6 @@ from lightning_modules.commands.unit_checks import unit_specs
 from lightning_modules.errors import CtrlkitError
 
 log = logging.getLogger(__name__)
-
-# what a GLIGEN folder's gligen_config.json "variant" is loaded as, and how the log names it
-GLIGEN_VARIANTS = {
-    GligenAdapter.variant: (GligenAdapter, "GLIGEN"),
-    BoxMaskedGligenAdapter.variant: (BoxMaskedGligenAdapter, "box-masked GLIGEN"),
-}
-
-
-def load_adapter(path: str | Path, backbone: Backbone):
-    """Adapter weights of any supported family and format -> (adapter, description of the format found)."""
-    folder = Path(path)
-    if (folder / GLIGEN_WEIGHTS).is_file():
-        variant = saved_variant(folder)
-        if variant not in GLIGEN_VARIANTS:
-            raise CtrlkitError(f"{folder}: unknown GLIGEN variant '{variant}'; known: {', '.join(GLIGEN_VARIANTS)}")
-        adapter_class, title = GLIGEN_VARIANTS[variant]
-        # adds GLIGEN's gated layers to the backbone's UNet in place: build_units loads grounding units last
-        return adapter_class.from_pretrained(folder, backbone.unet), f"{title}, ctrlkit adapter folder"
-    config_file = folder / "config.json"
-    if config_file.is_file() and json.loads(config_file.read_text()).get("_class_name") == "T2IAdapter":
-        return T2IAdapterAdapter.from_pretrained(folder), "T2I-Adapter, diffusers folder"
-    adapter, found = load_controlnet(path, backbone.unet)
-    return adapter, f"ControlNet, {FORMATS[found]}"
 
 
 def build_extractor(name: str, size: tuple[int, int]):
@@ -101,21 +73,21 @@ def read_mask(path: str, size: tuple[int, int]) -> torch.Tensor:
 
 def build_units(specs: list[dict], backbone: Backbone, size: tuple[int, int], batch: int) -> tuple[list, list]:
     """Unit specs (checked by ``unit_checks.unit_specs``) -> ControlUnits and the condition maps (for the grid)."""
-    # Grounding units last: GLIGEN adds its layers to the shared UNet, which the other adapters are built from.
-    order = sorted(range(len(specs)), key=lambda index: "boxes" in specs[index])
-    built = {}
-    for index in order:
-        spec = specs[index]
-        adapter, found = load_adapter(spec["adapter"], backbone)
+    units, maps = [], []
+    for index, (spec, (adapter, found)) in enumerate(
+        zip(specs, load_adapters([s["adapter"] for s in specs], backbone.unet))
+    ):
         log.info("unit %d: %s read as %s", index, spec["adapter"], found)
         if adapter.accepts == "grounding":
             condition, drawn = grounding_condition(spec, adapter, backbone, size, batch)
         else:
             drawn = condition_map(spec, size)
             condition = to_condition_tensor(drawn, adapter.condition_channels, batch)
-        unit = unit_from_spec(spec, adapter.eval(), condition, size, name=f"{index}: {Path(spec['adapter']).name}")
-        built[index] = (unit, drawn if drawn.ndim == 3 else drawn[..., None])
-    return [built[index][0] for index in range(len(specs))], [built[index][1] for index in range(len(specs))]
+        units.append(
+            unit_from_spec(spec, adapter.eval(), condition, size, name=f"{index}: {Path(spec['adapter']).name}")
+        )
+        maps.append(drawn if drawn.ndim == 3 else drawn[..., None])
+    return units, maps
 
 
 def unit_from_spec(spec: dict, adapter, condition, size: tuple[int, int], name: str) -> ControlUnit:

@@ -18,9 +18,10 @@ from adapters import AdapterFormatError, ControlNetAdapter
 from adapters.composition import Composition, ControlUnit
 from adapters.gligen import GligenAdapter
 from adapters.gligen_masked import BoxMaskedGligenAdapter, token_grid
+from adapters.registry import load_adapter
 from lightning_modules.backbone import build_tiny_backbone, load_tiny_backbone
 from lightning_modules.commands.config_checks import check_train_config
-from lightning_modules.commands.generate import load_adapter, run_generate
+from lightning_modules.commands.generate import run_generate
 from lightning_modules.commands.train import train
 from tests.adapters.test_adapters import randomize_zero_convs
 from tests.lightning_modules.commands.test_generate import compose_generate
@@ -236,12 +237,13 @@ def test_ctrlkit_generate_runs_a_masked_unit(tmp_path):
     adapter = BoxMaskedGligenAdapter.from_unet(load_tiny_backbone().unet, export_unet=False)
     open_gates(adapter)
     adapter.save_pretrained(tmp_path / "masked")
-    loaded, found = load_adapter(tmp_path / "masked", load_tiny_backbone())
+    loaded, found = load_adapter(tmp_path / "masked", load_tiny_backbone().unet)
     assert isinstance(loaded, BoxMaskedGligenAdapter) and found == "box-masked GLIGEN, ctrlkit adapter folder"
     # the same weights saved as plain GLIGEN: generate must tell the two apart
     shutil.copytree(tmp_path / "masked", tmp_path / "plain")
     config = json.loads((tmp_path / "plain" / "gligen_config.json").read_text())
     (tmp_path / "plain" / "gligen_config.json").write_text(json.dumps({**config, "variant": "gligen"}))
+    (tmp_path / "plain" / "ctrlkit_adapter.json").write_text(json.dumps({"family": "gligen"}))
 
     def generate(folder: Path) -> np.ndarray:
         unit = f"{{adapter: {folder}, boxes: [[0.1, 0.1, 0.6, 0.6]], phrases: [red circle]}}"

@@ -39,7 +39,7 @@ REQUIRED = {
     "condition=boxes": ["adapter=gligen"],
     "condition=detected_boxes": ["condition.extractor.model={owlvit_dir}", "condition.extractor.phrases=[a cat]"],
 }
-# conditions no training adapter on this branch takes yet: they serve `ctrlkit extract` (tests/test_detected_boxes.py)
+# conditions no training adapter takes yet: they serve `ctrlkit extract` (tests/conditions/test_detected_boxes.py)
 EXTRACT_ONLY = {"condition=detected_boxes": "grounding"}
 
 
