@@ -29,7 +29,7 @@ import torch
 from skimage import data
 
 from conditions import CannyExtractor
-from lightning_modules.commands.extract import _pool_context, setup_worker_process
+from conditions.folder import _pool_context, setup_worker_process
 
 SIZE = 512
 TARGET = 3.0

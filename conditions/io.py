@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -65,3 +67,35 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
     if image.mode not in ("RGB", "RGBA", "L"):
         image = image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB")
     return to_uint8_hwc(np.asarray(image))
+
+
+class UnwritableFolderError(ValueError):
+    """A folder that output should go to cannot be written; the message names it and the reason."""
+
+
+def check_writable_dir(folder: str | Path, what: str) -> None:
+    """Raise a one-line error when ``folder`` (or, if it does not exist yet, the nearest existing folder above it)
+    cannot be written: tried for real with a temporary folder, since root passes ``os.access`` on read-only file
+    systems and in ``/sys``."""
+    folder = Path(folder).expanduser().absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UnwritableFolderError(f"cannot write {what} {folder}: {existing} is a file, not a folder")
+    try:
+        Path(tempfile.mkdtemp(prefix=".ctrlkit-write-check-", dir=existing)).rmdir()
+    except OSError as error:
+        raise UnwritableFolderError(
+            f"cannot write {what} {folder}: {error.strerror or error} in {existing}"
+        ) from error
+
+
+def write_atomically(path: Path, content: str | bytes) -> None:
+    """Write ``content`` to ``path`` through a temporary file and a rename: readers see the old or the new file."""
+    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        temporary.write_bytes(content.encode() if isinstance(content, str) else content)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

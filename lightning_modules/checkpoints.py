@@ -85,16 +85,6 @@ def rescue_path(target: Path) -> Path:
     return Path(tempfile.gettempdir()) / "ctrlkit-rescue" / f"{folder.parent.name}-{digest}" / target.name
 
 
-def write_atomically(path: Path, content: str | bytes) -> None:
-    """Write ``content`` to ``path`` through a temporary file and a rename: readers see the old or the new file."""
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        temporary.write_bytes(content.encode() if isinstance(content, str) else content)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def read_training_checkpoint(path: str | Path) -> dict:
     """Load a ctrlkit/Lightning training checkpoint without running code from it.
 

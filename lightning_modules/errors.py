@@ -4,6 +4,8 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 
 from adapters import AdapterFormatError
 from conditions import AnnotationError, ImageDecodeError, UnsafeWeightsError, WeightsNotFoundError
+from conditions.folder import ExtractionError
+from conditions.io import UnwritableFolderError
 
 
 class CtrlkitError(ValueError):
@@ -26,6 +28,8 @@ USER_ERRORS = (
     WeightsNotFoundError,
     AnnotationError,
     UnsafeWeightsError,
+    UnwritableFolderError,
+    ExtractionError,
     # Lightning's own word on trainer settings (an accelerator or precision this machine lacks, bad devices)
     MisconfigurationException,
 )

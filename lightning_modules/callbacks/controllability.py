@@ -28,8 +28,8 @@ from conditions.controllability import (
     scene_scores,
     score_samples,
 )
+from conditions.io import write_atomically
 from lightning_modules.callbacks.samples import generate_in_eval_mode
-from lightning_modules.checkpoints import write_atomically
 from lightning_modules.data.common import collate
 
 log = logging.getLogger(__name__)

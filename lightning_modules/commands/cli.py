@@ -11,12 +11,12 @@ import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
+from conditions.io import check_writable_dir
 from lightning_modules.commands.config_checks import (
     CONF_DIR,
     check_group_overrides,
     check_override_keys,
     check_settings,
-    check_writable_dir,
     one_line,
     run_dir_of,
 )

@@ -128,24 +128,6 @@ def run_dir_of(cfg: DictConfig | None) -> Path | None:
     return Path(str(run_dir)) if run_dir and str(run_dir) != "." else None
 
 
-def check_writable_dir(folder: str | Path, what: str) -> None:
-    """Raise a one-line error when ``folder`` (or, if it does not exist yet, the nearest existing folder above it)
-    cannot be written: tried for real with a temporary folder, since root passes ``os.access`` on read-only file
-    systems and in ``/sys``."""
-    import tempfile
-
-    folder = Path(folder).expanduser().absolute()
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise CtrlkitError(f"cannot write {what} {folder}: {existing} is a file, not a folder")
-    try:
-        Path(tempfile.mkdtemp(prefix=".ctrlkit-write-check-", dir=existing)).rmdir()
-    except OSError as error:
-        raise CtrlkitError(f"cannot write {what} {folder}: {error.strerror or error} in {existing}") from error
-
-
 def check_train_config(cfg: DictConfig) -> None:
     """Everything about the config that can be wrong, checked before any model loads; each failure is one line
     naming the key and what is allowed: adapter x condition compatibility, required values, unknown keys and wrong

@@ -24,9 +24,10 @@ from adapters.composition import Composition, ControlUnit
 from adapters.registry import load_adapters
 from conditions import read_image
 from conditions.boxes import GroundingRecord, pad_grounding
+from conditions.io import check_writable_dir
 from conditions.resize import fit_map
 from lightning_modules.backbone import Backbone
-from lightning_modules.commands.config_checks import check_settings, check_writable_dir, load_condition_config
+from lightning_modules.commands.config_checks import check_settings, load_condition_config
 from lightning_modules.commands.unit_checks import unit_specs
 from lightning_modules.errors import CtrlkitError
 

@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from conditions.io import check_writable_dir, write_atomically
 from lightning_modules.checkpoints import (
     RESUME_AUTO,
     AtomicCheckpointIO,
@@ -21,9 +22,8 @@ from lightning_modules.checkpoints import (
     find_resume_checkpoint,
     newest_run_with_checkpoints,
     read_training_checkpoint,
-    write_atomically,
 )
-from lightning_modules.commands.config_checks import check_train_config, check_writable_dir
+from lightning_modules.commands.config_checks import check_train_config
 from lightning_modules.errors import CtrlkitError
 
 log = logging.getLogger(__name__)

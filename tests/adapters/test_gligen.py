@@ -90,7 +90,11 @@ def test_adapter_only_weights_round_trip(tiny_backbone, tmp_path):
     expected = unet_output(tiny_backbone.unet, adapter, grounding())
     adapter.export_unet = False
     adapter.save_pretrained(tmp_path / "gligen")
-    assert sorted(p.name for p in (tmp_path / "gligen").iterdir()) == ["gligen.safetensors", "gligen_config.json"]
+    assert sorted(p.name for p in (tmp_path / "gligen").iterdir()) == [
+        "ctrlkit_adapter.json",
+        "gligen.safetensors",
+        "gligen_config.json",
+    ]
     fresh = build_tiny_backbone(seed=0)  # the same base weights, without GLIGEN layers
     loaded = GligenAdapter.from_pretrained(tmp_path / "gligen", fresh.unet)
     assert loaded.scheduled_sampling_beta == 0.5

@@ -200,6 +200,7 @@ def test_save_and_from_pretrained_round_trip(tiny_backbone, tmp_path):
     folder = tmp_path / "masked"
     assert sorted(p.name for p in folder.iterdir()) == [
         "README.md",
+        "ctrlkit_adapter.json",
         "gligen.safetensors",
         "gligen_config.json",
         "unet",

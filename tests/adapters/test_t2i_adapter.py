@@ -208,7 +208,7 @@ def test_ctrlkit_generate_with_a_t2i_adapter_equals_diffusers_adapter_pipeline(t
     cfg = compose_generate(tmp_path / "out", f"prompts=[{PROMPTS[0]},{PROMPTS[1]}]", f"units=[{unit}]")
     with pytest.MonkeyPatch.context() as patch:
         counting = CountingAdapter(adapter.t2i_adapter)
-        patch.setattr("lightning_modules.commands.generate.T2IAdapterAdapter.from_pretrained", lambda folder: counting)
+        patch.setattr("adapters.t2i_adapter.T2IAdapterAdapter.from_pretrained", lambda path, unet=None: counting)
         paths = run_generate(cfg)
     assert counting.calls == 1  # once for the whole run, both prompts, both guidance halves, every step
     ours = torch.stack([torch.from_numpy(np.asarray(Image.open(p))) for p in paths]).float() / 255

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conditions import DetectedBoxes, DetectedBoxesExtractor, GroundingRecord, WeightsNotFoundError, read_grounding
-from lightning_modules.commands.extract import GROUNDING_INDEX, MANIFEST, extract_folder
+from conditions.folder import GROUNDING_INDEX, MANIFEST, extract_folder
 from tests.conditions.test_conditions import photographs
 from tests.lightning_modules.commands.test_extract import make_folder
 

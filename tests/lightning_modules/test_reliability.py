@@ -12,7 +12,7 @@ from PIL import Image
 
 from conditions import CannyExtractor, ImageDecodeError, read_image
 from conditions.circles import write_circles
-from lightning_modules.commands.extract import MANIFEST, extract_folder
+from conditions.folder import MANIFEST, extract_folder
 from lightning_modules.data.files import FileDataModule
 from lightning_modules.errors import CtrlkitError
 from tests.helpers.bomb import write_bomb_png

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conditions import CannyExtractor, read_image
-from lightning_modules.commands.extract import MANIFEST, condition_paths, extract_folder, find_images
+from conditions.folder import MANIFEST, ExtractionError, condition_paths, extract_folder, find_images
 from lightning_modules.errors import CtrlkitError
 from tests.conditions.test_conditions import photographs
 from tests.lightning_modules.commands.test_cli import run_ctrlkit
@@ -65,13 +65,13 @@ def test_rerun_after_interruption_redoes_only_unfinished_images(tmp_path):
 def test_other_settings_and_output_inside_input_are_refused(tmp_path):
     source = make_folder(tmp_path / "in", count=2)
     extract_folder(CannyExtractor(), source, tmp_path / "out", num_workers=0, progress=False)
-    with pytest.raises(CtrlkitError, match="holds maps made with other settings"):
+    with pytest.raises(ExtractionError, match="holds maps made with other settings"):
         extract_folder(CannyExtractor(50, 100), source, tmp_path / "out", num_workers=0, progress=False)
-    with pytest.raises(CtrlkitError, match="is inside the input folder"):
+    with pytest.raises(ExtractionError, match="is inside the input folder"):
         extract_folder(CannyExtractor(), source, source / "maps", num_workers=0, progress=False)
-    with pytest.raises(CtrlkitError, match="is inside the output folder"):
+    with pytest.raises(ExtractionError, match="is inside the output folder"):
         extract_folder(CannyExtractor(), source, tmp_path, num_workers=0, progress=False)
-    with pytest.raises(CtrlkitError, match="input folder not found"):
+    with pytest.raises(ExtractionError, match="input folder not found"):
         extract_folder(CannyExtractor(), tmp_path / "nope", tmp_path / "out2", num_workers=0, progress=False)
 
 
