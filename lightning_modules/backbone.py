@@ -276,6 +276,42 @@ def build_tiny_backbone(seed: int = 0, image_size: int = 64, noise_schedule: dic
     return Backbone(vae, text_encoder, tokenizer, unet, scheduler)
 
 
+# The published component configs of SD1.5 and SDXL (assets/architectures/<name>/), no weights.
+ARCHITECTURES = Path(__file__).resolve().parent / "assets" / "architectures"
+
+
+def _architecture_folder(name: str) -> Path:
+    folder = ARCHITECTURES / name
+    if not (folder / "unet" / "config.json").is_file():
+        known = sorted(path.name for path in ARCHITECTURES.iterdir() if path.is_dir())
+        raise CtrlkitError(f"architecture '{name}' is not shipped; known: {', '.join(known)}")
+    return folder
+
+
+def architecture_unet(name: str, seed: int = 0) -> UNet2DConditionModel:
+    """The full-size UNet of ``name`` ("sd15": 860M parameters, "sdxl": 2.6B) with random weights, frozen."""
+    torch.manual_seed(seed)
+    config = json.loads((_architecture_folder(name) / "unet" / "config.json").read_text())
+    return UNet2DConditionModel.from_config(config).requires_grad_(False).eval()
+
+
+def build_random_backbone(name: str = "sd15", seed: int = 0) -> Backbone:
+    """A full-size SD-architecture model with random weights, built from the shipped configs without a download:
+    for benchmarks and slow tests of memory and speed at the size researchers train (outputs are noise). The
+    tokenizer is the shapes one padded to CLIP's 77 tokens (CLIP's vocabulary files are not shipped); SD1.5 only,
+    as the backbone holds one text encoder."""
+    folder = _architecture_folder(name)
+    if (folder / "text_encoder_2").is_dir():
+        raise CtrlkitError(f"architecture '{name}' has two text encoders; build its UNet with architecture_unet")
+    torch.manual_seed(seed)
+    vae = AutoencoderKL.from_config(json.loads((folder / "vae" / "config.json").read_text()))
+    text_config = json.loads((folder / "text_encoder" / "config.json").read_text())
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    tokenizer = build_shapes_tokenizer(max_length=text_config["max_position_embeddings"])
+    scheduler = DDPMScheduler.from_config(json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
+    return Backbone(vae, text_encoder, tokenizer, architecture_unet(name, seed), scheduler)
+
+
 # ------------------------------------------------------------------ pretrained models from local files
 
 # Trained by `ctrlkit pretrain-base` (conf/pretrain_base.yaml) and shipped inside the package.

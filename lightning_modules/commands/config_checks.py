@@ -338,6 +338,8 @@ def model_size_factors(model: DictConfig) -> tuple[int, int] | None:
         return 4, 4  # lightning_modules.backbone.build_tiny_backbone: VAE (16, 32, 64), UNet (32, 64, 64)
     if target.endswith("load_tiny_backbone"):
         folder = Path(__file__).resolve().parents[1] / "assets" / "tiny_shapes_sd"
+    elif target.endswith("build_random_backbone"):
+        folder = Path(__file__).resolve().parents[1] / "assets" / "architectures" / str(model.get("name", "sd15"))
     else:
         path = model.get("path") if "path" in model and not OmegaConf.is_missing(model, "path") else None
         config = model.get("config")

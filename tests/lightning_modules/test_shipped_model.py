@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 
 from adapters.sampling import make_scheduler, sample_latents
 from lightning_modules.backbone import SHIPPED_TINY_MODEL
+from lightning_modules.errors import CtrlkitError
 
 
 @pytest.fixture
@@ -92,3 +93,26 @@ def test_diffusers_pipeline_draws_recognisable_shapes(no_network):
         for image, scene in zip(images, scenes)
     ]
     assert np.mean(correct) >= 0.8, correct
+
+
+def test_real_size_architectures_build_from_the_shipped_configs():
+    """SD1.5 / SDXL at full size from a few KB of JSON, no download: the published parameter counts (built on the
+    meta device, so the test allocates nothing)."""
+    from lightning_modules.backbone import architecture_unet
+
+    with torch.device("meta"):
+        unet, sdxl = architecture_unet("sd15"), architecture_unet("sdxl")
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964  # SD1.5's UNet
+    assert not any(p.requires_grad for p in unet.parameters())
+    assert sum(p.numel() for p in sdxl.parameters()) == 2_567_463_684  # SDXL base's UNet
+    assert sdxl.config.addition_embed_type == "text_time"
+
+
+def test_sd15_random_model_config_composes_with_its_size_checks(make_train_config):
+    from lightning_modules.commands.config_checks import check_train_config
+
+    cfg = make_train_config("model=sd15_random", "data.image_size=128")
+    assert cfg.model.name == "sd15" and cfg.recipe.adapter_learning_rate == 1e-5
+    check_train_config(cfg)  # 128 is a multiple of 8 x 8
+    with pytest.raises(CtrlkitError, match=r"data.image_size=100 must be a positive multiple of 64"):
+        check_train_config(make_train_config("model=sd15_random", "data.image_size=100"))
