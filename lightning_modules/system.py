@@ -18,6 +18,7 @@ from adapters.base import ConditioningAdapter
 from lightning_modules.backbone import Backbone, prepare_condition
 from lightning_modules.checkpoints import capture_rng_states, restore_rng_states
 from lightning_modules.errors import CtrlkitError, NonFiniteLossError
+from lightning_modules.feature_cache import FeatureCache, module_fingerprint, tensor_key_bytes
 
 log = logging.getLogger(__name__)
 TIMESTEP_SAMPLINGS = ("uniform", "cubic")
@@ -74,6 +75,9 @@ class AdapterTrainingSystem(pl.LightningModule):
             Datasets whose items change between epochs (random crops, flips) must not use it.
         cache_text_embeddings: keep the frozen text encoder's output per prompt string.
         cache_limit: most cached items; beyond it new items are encoded every time.
+        cache_dir: a folder shared by runs for VAE posteriors and text embeddings (``FeatureCache``: content-
+            addressed by the frozen weights and the preprocessed item, so a changed image or VAE misses); None: off.
+            Items are looked up there before they are encoded, behind the in-memory caches.
         seed: seeds the training generator that draws every random number of a training step (posterior sample,
             noise, timesteps, prompt dropout). Its state is saved in checkpoints with the global RNG states, so a
             resumed run draws exactly what the uninterrupted run would have.
@@ -95,6 +99,7 @@ class AdapterTrainingSystem(pl.LightningModule):
         cache_latents: bool = False,
         cache_text_embeddings: bool = True,
         cache_limit: int = 50_000,
+        cache_dir: str | None = None,
         seed: int = 0,
         max_nonfinite_steps: int = 5,
     ) -> None:
@@ -124,6 +129,8 @@ class AdapterTrainingSystem(pl.LightningModule):
         self._latent_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._text_cache: dict[str, torch.Tensor] = {}
         self._phrase_cache: dict[str, torch.Tensor] = {}
+        self.feature_cache = FeatureCache(cache_dir) if cache_dir else None
+        self._fingerprints: dict[str, str] = {}  # of the frozen VAE and text encoder, computed on first use
         self.training_generator = torch.Generator().manual_seed(seed)
         self.skipped_items = 0  # bad data items left out of training batches
         self.nonfinite_steps = 0  # steps skipped for a NaN/inf loss, in all
@@ -164,8 +171,7 @@ class AdapterTrainingSystem(pl.LightningModule):
         # it (CPU kernels may round differently for different batch sizes), so a resumed run -- whose cache starts
         # empty -- sees bit-identical latents.
         for row in missing:
-            means, stds = self.backbone.encode_posterior(batch["pixel_values"][row : row + 1])
-            fresh[row] = (means[0].cpu(), stds[0].cpu())
+            fresh[row] = self.item_posterior(batch["pixel_values"][row : row + 1])
             if len(self._latent_cache) < self.hparams.cache_limit:
                 self._latent_cache[indices[row]] = fresh[row]
         pairs = [fresh[row] if row in fresh else self._latent_cache[index] for row, index in enumerate(indices)]
@@ -173,13 +179,50 @@ class AdapterTrainingSystem(pl.LightningModule):
         std = torch.stack([pair[1] for pair in pairs]).to(self.device)
         return self.backbone.sample_latents(mean, std, generator=generator)
 
+    def item_posterior(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One item's VAE posterior (mean, std), each (4, h, w) on the CPU: from the disk cache when it has it."""
+
+        def encode() -> dict[str, torch.Tensor]:
+            means, stds = self.backbone.encode_posterior(pixel_values)
+            return {"mean": means[0].cpu(), "std": stds[0].cpu()}
+
+        if self.feature_cache is None:
+            entry = encode()
+        else:
+            key = FeatureCache.key(self.fingerprint("vae"), tensor_key_bytes(pixel_values))
+            entry = self.feature_cache.get_or_compute("vae_posterior", key, encode)
+        return entry["mean"], entry["std"]
+
+    def prompt_embedding(self, prompt: str) -> torch.Tensor:
+        """One prompt's text embedding (L, D): from the disk cache when it has it (keyed by its token ids)."""
+        if self.feature_cache is None:
+            return self.backbone.encode_prompts([prompt])[0]
+        tokens = self.backbone.tokenizer(prompt, truncation=True, max_length=self.backbone.tokenizer.model_max_length)
+        key = FeatureCache.key(self.fingerprint("text_encoder"), repr(tokens.input_ids))
+        entry = self.feature_cache.get_or_compute(
+            "text_embedding", key, lambda: {"embedding": self.backbone.encode_prompts([prompt])[0]}
+        )
+        return entry["embedding"].to(self.device)
+
+    def fingerprint(self, part: str) -> str:
+        """``module_fingerprint`` of the backbone's frozen ``part`` ("vae", "text_encoder"), computed once."""
+        if part not in self._fingerprints:
+            self._fingerprints[part] = module_fingerprint(getattr(self.backbone, part))
+        return self._fingerprints[part]
+
+    def on_train_end(self) -> None:
+        if self.feature_cache is not None:
+            counts = self.feature_cache.counts.by_kind.get("vae_posterior", [0, 0])
+            never = " (the VAE encoder never ran)" if counts[0] and not counts[1] else ""
+            log.info("%s%s", self.feature_cache.summary(), never)
+
     def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
         """Frozen text-encoder output (B, L, D), computed once per distinct prompt when caching is on."""
         if not self.hparams.cache_text_embeddings:
             return self.backbone.encode_prompts(prompts)
         # one prompt per call, for the same reason as the latent cache: values independent of the batch
         for prompt in sorted(set(prompts) - self._text_cache.keys()):
-            self._text_cache[prompt] = self.backbone.encode_prompts([prompt])[0]
+            self._text_cache[prompt] = self.prompt_embedding(prompt)
         return torch.stack([self._text_cache[prompt] for prompt in prompts]).to(self.device)
 
     def phrase_embeddings(self, phrases: list[list[str]]) -> torch.Tensor:
