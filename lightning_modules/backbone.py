@@ -22,6 +22,7 @@ from adapters.sampling import make_scheduler, sample_latents
 from conditions.shapes import VOCABULARY
 from conditions.weights import UnsafeWeightsError, unsafe_pickle_message
 from lightning_modules.errors import CtrlkitError
+from lightning_modules.precision import parse_dtype
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
@@ -31,6 +32,8 @@ class Backbone(nn.Module):
 
     The modules are registered as children so Lightning moves them with the system; they never train
     (``requires_grad_(False)`` and eval mode) unless an adapter deliberately unlocks a part of the UNet.
+    ``vae_dtype``: the dtype the VAE runs in under mixed precision (None: the compute dtype); the VAE always runs
+    outside autocast, in its own dtype.
     """
 
     def __init__(
@@ -40,8 +43,10 @@ class Backbone(nn.Module):
         tokenizer: CLIPTokenizer,
         unet: UNet2DConditionModel,
         noise_scheduler: DDPMScheduler,
+        vae_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.vae_dtype = vae_dtype
         self.vae = vae
         self.text_encoder = text_encoder
         self.unet = unet
@@ -71,7 +76,8 @@ class Backbone(nn.Module):
     @torch.no_grad()
     def encode_posterior(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) in [-1, 1] -> the VAE posterior's mean and std (B, 4, H/f, W/f), unscaled."""
-        posterior = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
+        with torch.autocast(pixel_values.device.type, enabled=False):  # the VAE runs in its own dtype
+            posterior = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
         return posterior.mean, posterior.std
 
     def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None):
@@ -91,7 +97,8 @@ class Backbone(nn.Module):
         """Scaled latents -> images (B, 3, H, W) in [0, 1]."""
         if self.vae is None:
             return (latents / 2 + 0.5).clamp(0, 1)
-        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        with torch.autocast(latents.device.type, enabled=False):
+            images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
@@ -217,7 +224,9 @@ def build_shapes_tokenizer(max_length: int = 32) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
-def build_tiny_backbone(seed: int = 0, image_size: int = 64, noise_schedule: dict | None = None) -> Backbone:
+def build_tiny_backbone(
+    seed: int = 0, image_size: int = 64, noise_schedule: dict | None = None, vae_dtype: str | None = None
+) -> Backbone:
     """The tiny SD-architecture model (random weights): f=4 VAE (64 px -> 16x16x4), a 2-layer CLIP text encoder and
     a 3-level UNet with cross-attention in every down block but the last, as SD1.5 is laid out.
 
@@ -273,7 +282,7 @@ def build_tiny_backbone(seed: int = 0, image_size: int = 64, noise_schedule: dic
             **(noise_schedule or {}),
         }
     )
-    return Backbone(vae, text_encoder, tokenizer, unet, scheduler)
+    return Backbone(vae, text_encoder, tokenizer, unet, scheduler, parse_dtype(vae_dtype, "model.vae_dtype"))
 
 
 # The published component configs of SD1.5 and SDXL (assets/architectures/<name>/), no weights.
@@ -295,7 +304,7 @@ def architecture_unet(name: str, seed: int = 0) -> UNet2DConditionModel:
     return UNet2DConditionModel.from_config(config).requires_grad_(False).eval()
 
 
-def build_random_backbone(name: str = "sd15", seed: int = 0) -> Backbone:
+def build_random_backbone(name: str = "sd15", seed: int = 0, vae_dtype: str | None = None) -> Backbone:
     """A full-size SD-architecture model with random weights, built from the shipped configs without a download:
     for benchmarks and slow tests of memory and speed at the size researchers train (outputs are noise). The
     tokenizer is the shapes one padded to CLIP's 77 tokens (CLIP's vocabulary files are not shipped); SD1.5 only,
@@ -309,7 +318,8 @@ def build_random_backbone(name: str = "sd15", seed: int = 0) -> Backbone:
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     tokenizer = build_shapes_tokenizer(max_length=text_config["max_position_embeddings"])
     scheduler = DDPMScheduler.from_config(json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
-    return Backbone(vae, text_encoder, tokenizer, architecture_unet(name, seed), scheduler)
+    unet = architecture_unet(name, seed)
+    return Backbone(vae, text_encoder, tokenizer, unet, scheduler, parse_dtype(vae_dtype, "model.vae_dtype"))
 
 
 # ------------------------------------------------------------------ pretrained models from local files
@@ -318,17 +328,19 @@ def build_random_backbone(name: str = "sd15", seed: int = 0) -> Backbone:
 SHIPPED_TINY_MODEL = Path(__file__).resolve().parent / "assets" / "tiny_shapes_sd"
 
 
-def load_tiny_backbone() -> Backbone:
+def load_tiny_backbone(vae_dtype: str | None = None) -> Backbone:
     """The tiny base model that ships with ctrlkit (a diffusers pipeline folder, local files only)."""
     if not (SHIPPED_TINY_MODEL / "model_index.json").is_file():
         raise CtrlkitError(
             f"the shipped tiny model is missing at {SHIPPED_TINY_MODEL}; reinstall ctrlkit, or rebuild it with "
             f"`ctrlkit pretrain-base` and copy its output folder there"
         )
-    return load_pretrained_backbone(str(SHIPPED_TINY_MODEL))
+    return load_pretrained_backbone(str(SHIPPED_TINY_MODEL), vae_dtype=vae_dtype)
 
 
-def load_pretrained_backbone(path: str, config: str | None = None, torch_dtype: str = "float32") -> Backbone:
+def load_pretrained_backbone(
+    path: str, config: str | None = None, torch_dtype: str = "float32", vae_dtype: str | None = None
+) -> Backbone:
     """Load a frozen backbone from local files only (never the network).
 
     Args:
@@ -337,7 +349,9 @@ def load_pretrained_backbone(path: str, config: str | None = None, torch_dtype: 
         config: for a single file, a local diffusers pipeline folder whose configs (no weights needed) describe it;
             diffusers would otherwise fetch them from the hub.
         torch_dtype: dtype of the frozen weights ("float32", "float16", "bfloat16").
+        vae_dtype: the VAE's dtype under mixed precision (e.g. "float32" for SDXL's VAE); None: the compute dtype.
     """
+    vae_dtype = parse_dtype(vae_dtype, "model.vae_dtype")
     dtype = getattr(torch, torch_dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise CtrlkitError(f"model.torch_dtype='{torch_dtype}' is not a torch dtype; use float32, float16 or bfloat16")
@@ -348,10 +362,14 @@ def load_pretrained_backbone(path: str, config: str | None = None, torch_dtype: 
             f"(StableDiffusionPipeline.save_pretrained) or a single-file .safetensors/.ckpt checkpoint"
         )
     if source.is_dir():
-        return _load_pipeline_folder(source, dtype)
+        backbone = _load_pipeline_folder(source, dtype)
+        backbone.vae_dtype = vae_dtype
+        return backbone
     if source.suffix not in SINGLE_FILE_SUFFIXES:
         raise CtrlkitError(f"model path {source} is a file but not a checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})")
-    return _load_single_file(source, config, dtype)
+    backbone = _load_single_file(source, config, dtype)
+    backbone.vae_dtype = vae_dtype
+    return backbone
 
 
 def _load_pipeline_folder(folder: Path, dtype: torch.dtype) -> Backbone:

@@ -5,6 +5,7 @@ The step reads like diffusers' ``examples/controlnet/train_controlnet.py``: enco
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from lightning_modules.backbone import Backbone, prepare_condition
 from lightning_modules.checkpoints import capture_rng_states, restore_rng_states
 from lightning_modules.errors import CtrlkitError, NonFiniteLossError
 from lightning_modules.feature_cache import FeatureCache, module_fingerprint, tensor_key_bytes
+from lightning_modules.precision import MIXED_PRECISION_DTYPES, cast_frozen, check_trainable_fp32
 
 log = logging.getLogger(__name__)
 TIMESTEP_SAMPLINGS = ("uniform", "cubic")
@@ -140,6 +142,27 @@ class AdapterTrainingSystem(pl.LightningModule):
     def on_fit_start(self) -> None:
         # The frozen backbone is in eval mode on purpose; Lightning warns about any eval-mode module.
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+        self.apply_precision(str(self.trainer.precision))
+
+    def precision_context(self):
+        """The trainer's autocast (``bf16-mixed`` / ``16-mixed``) for work outside its steps, as callbacks sampling
+        images; nothing when the module is not attached to a trainer."""
+        try:
+            return self.trainer.precision_plugin.forward_context()
+        except RuntimeError:  # not attached to a trainer (Lightning's public ``trainer`` raises then)
+            return contextlib.nullcontext()
+
+    def apply_precision(self, precision: str) -> None:
+        """Under ``bf16-mixed`` / ``16-mixed``: the frozen weights (backbone, frozen adapter parts) in the compute
+        dtype, the VAE in ``backbone.vae_dtype`` if set; the trainable weights must be fp32 in any precision."""
+        check_trainable_fp32(self.adapter)
+        dtype = MIXED_PRECISION_DTYPES.get(precision)
+        if dtype is None:
+            return
+        cast = cast_frozen(self.backbone, dtype) + cast_frozen(self.adapter, dtype)
+        if self.backbone.vae is not None and self.backbone.vae_dtype is not None:
+            self.backbone.vae.to(self.backbone.vae_dtype)
+        log.info("%s: %.1fM frozen parameters cast to %s; trainable ones stay float32", precision, cast / 1e6, dtype)
 
     def train(self, mode: bool = True) -> AdapterTrainingSystem:
         """Lightning switches the whole module to train mode each epoch; the frozen backbone stays in eval mode."""
@@ -421,14 +444,16 @@ class AdapterTrainingSystem(pl.LightningModule):
                 raise CtrlkitError("generate() needs image_size for a condition that is not a map")
             image_size = tuple(condition.shape[-2:])
         conditioning = {"adapter": self.adapter, "condition": condition} if use_adapter else {}
-        return self.backbone.generate(
-            prompts,
-            image_size,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            scheduler=scheduler,
-            seed=seed,
-            negative_prompt=negative_prompt,
-            encode_prompts=self.text_embeddings,
-            **conditioning,
-        )
+        with self.precision_context():
+            images = self.backbone.generate(
+                prompts,
+                image_size,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                scheduler=scheduler,
+                seed=seed,
+                negative_prompt=negative_prompt,
+                encode_prompts=self.text_embeddings,
+                **conditioning,
+            )
+        return images.float()

@@ -1,0 +1,53 @@
+"""Mixed precision done as diffusers' training scripts do it: frozen weights in the compute dtype, trained ones fp32.
+
+Under ``trainer.precision=bf16-mixed`` or ``16-mixed`` autocast runs the matrix products in half precision, but
+weights kept in fp32 still take twice the memory they need. The frozen VAE, text encoder and UNet (and any frozen
+part of an adapter) are cast to the compute dtype; the weights that train stay fp32, so the optimizer updates
+them in full precision (a run whose trainable weights are not fp32, e.g. ``bf16-true``, stops with one line).
+The VAE may keep its own dtype (``vae_dtype``: SDXL's VAE overflows in fp16 and is run in fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightning_modules.errors import CtrlkitError
+
+# Lightning precision setting -> the dtype frozen weights are cast to
+MIXED_PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str | None, what: str) -> torch.dtype | None:
+    """ "float32" / "float16" / "bfloat16" -> the torch dtype; None stays None; anything else is a one-line error."""
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise CtrlkitError(f"{what}='{name}'; allowed: {', '.join(DTYPES)} or null")
+    return DTYPES[name]
+
+
+def cast_frozen(module: nn.Module, dtype: torch.dtype) -> int:
+    """Cast the parameters of ``module`` that do not train (and its floating buffers) to ``dtype`` in place; the
+    trainable ones keep theirs. Returns the number of parameters cast."""
+    cast = 0
+    for parameter in module.parameters():
+        if not parameter.requires_grad and parameter.is_floating_point() and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
+            cast += parameter.numel()
+    for submodule in module.modules():
+        for name, buffer in submodule.named_buffers(recurse=False):
+            if buffer is not None and buffer.is_floating_point():
+                setattr(submodule, name, buffer.to(dtype))
+    return cast
+
+
+def check_trainable_fp32(module: nn.Module) -> None:
+    """One-line error when a trainable weight is not fp32 (half-precision weights lose small updates)."""
+    wrong = sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters() if p.requires_grad} - {"float32"})
+    if wrong:
+        raise CtrlkitError(
+            f"the adapter's trainable weights are {', '.join(wrong)}; they must stay float32 (use trainer.precision="
+            "bf16-mixed or 16-mixed, which keep them fp32 and cast only the frozen model, not a '-true' precision)"
+        )
