@@ -1,4 +1,6 @@
-"""Mixed precision done as diffusers' training scripts do it: frozen weights in the compute dtype, trained ones fp32.
+"""Memory and speed settings of a run: mixed precision as diffusers' scripts do it, SDPA attention checked.
+
+Frozen weights go to the compute dtype, trained ones stay fp32.
 
 Under ``trainer.precision=bf16-mixed`` or ``16-mixed`` autocast runs the matrix products in half precision, but
 weights kept in fp32 still take twice the memory they need. The frozen VAE, text encoder and UNet (and any frozen
@@ -51,3 +53,23 @@ def check_trainable_fp32(module: nn.Module) -> None:
             f"the adapter's trainable weights are {', '.join(wrong)}; they must stay float32 (use trainer.precision="
             "bf16-mixed or 16-mixed, which keep them fp32 and cast only the frozen model, not a '-true' precision)"
         )
+
+
+def check_sdpa_attention(modules: dict[str, nn.Module]) -> dict[str, set[str]]:
+    """The attention processors of diffusers models in ``modules`` that do not run PyTorch's
+    scaled_dot_product_attention (flash / memory-efficient kernels); logged, and returned by module name."""
+    import logging
+
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    slow: dict[str, set[str]] = {}
+    for name, module in modules.items():
+        for submodule in module.modules():
+            processors = getattr(submodule, "attn_processors", None)
+            if isinstance(processors, dict):
+                found = {type(p).__name__ for p in processors.values() if not isinstance(p, AttnProcessor2_0)}
+                if found:
+                    slow.setdefault(name, set()).update(found)
+    for name, found in slow.items():
+        logging.getLogger(__name__).warning("%s attention without SDPA: %s", name, ", ".join(sorted(found)))
+    return slow

@@ -35,3 +35,45 @@ def test_vae_dtype_keeps_the_vae_in_fp32(make_train_config):
 def test_a_true_half_precision_run_stops_with_one_line(make_train_config):
     with pytest.raises(CtrlkitError, match=r"trainable weights are bfloat16; they must stay float32"):
         train(make_train_config("trainer.precision=bf16-true", "trainer.max_steps=1"))
+
+
+@pytest.mark.parametrize("adapter", ["controlnet", "t2i_adapter", "gligen"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(make_train_config, adapter):
+    """Recomputed activations are the same computation: loss and gradients equal to 1e-6 (float32 on one CPU)."""
+    from hydra.utils import instantiate
+
+    overrides = [f"adapter={adapter}"] + (
+        ["condition=boxes", "adapter.build.max_objects=4"] if adapter == "gligen" else []
+    )
+    cfg = make_train_config(*overrides)
+    results = []
+    for checkpointing in (False, True):
+        backbone = instantiate(cfg.model)
+        system = instantiate(
+            cfg.system, backbone=backbone, adapter=instantiate(cfg.adapter.build)(backbone.unet, vae_scale_factor=4)
+        )
+        if checkpointing:
+            backbone.unet.enable_gradient_checkpointing()
+            system.adapter.enable_gradient_checkpointing()
+        datamodule = instantiate(cfg.data, extractor=instantiate(cfg.condition.extractor), _convert_="all")
+        batch = datamodule.fixed_batch(2)
+        torch.manual_seed(0)
+        loss = system.compute_loss(batch, generator=torch.Generator().manual_seed(0))
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in system.adapter.trainable_parameters() if p.grad is not None])
+        results.append((loss.detach(), grads))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6) and results[0][1].abs().sum() > 0
+    assert backbone.unet.is_gradient_checkpointing
+
+
+def test_attention_runs_through_sdpa(tiny_backbone):
+    from adapters import ControlNetAdapter
+    from lightning_modules.precision import check_sdpa_attention
+
+    adapter = ControlNetAdapter.from_unet(tiny_backbone.unet, vae_scale_factor=4)
+    assert check_sdpa_attention({"unet": tiny_backbone.unet, "adapter": adapter}) == {}
+    from diffusers.models.attention_processor import AttnProcessor
+
+    tiny_backbone.unet.set_attn_processor(AttnProcessor())  # the slow path: found and named
+    assert check_sdpa_attention({"unet": tiny_backbone.unet}) == {"unet": {"AttnProcessor"}}
