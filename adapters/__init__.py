@@ -5,6 +5,7 @@ torch + diffusers only: nothing here imports lightning, hydra, wandb or the ``co
 
 from adapters.base import AdapterFormatError, ConditioningAdapter, UNetKwargs
 from adapters.controlnet import ControlNetAdapter
+from adapters.grounding import GroundingCondition
 from adapters.sampling import SCHEDULERS, make_scheduler, sample_latents
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "AdapterFormatError",
     "ConditioningAdapter",
     "ControlNetAdapter",
+    "GroundingCondition",
     "UNetKwargs",
     "make_scheduler",
     "sample_latents",
