@@ -5,6 +5,7 @@ torch + diffusers only: nothing here imports lightning, hydra, wandb or the ``co
 
 from adapters.base import AdapterFormatError, ConditioningAdapter, UNetKwargs
 from adapters.controlnet import ControlNetAdapter
+from adapters.grounding import GroundingCondition
 from adapters.registry import adapter_families, load_adapter, load_adapters
 from adapters.sampling import SCHEDULERS, make_scheduler, sample_latents
 
@@ -13,6 +14,7 @@ __all__ = [
     "AdapterFormatError",
     "ConditioningAdapter",
     "ControlNetAdapter",
+    "GroundingCondition",
     "UNetKwargs",
     "adapter_families",
     "load_adapter",

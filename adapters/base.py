@@ -71,6 +71,11 @@ class ConditioningAdapter(nn.Module, ABC):
         guidance_mode: how a sampler routes it under classifier-free guidance unless told otherwise
             (``adapters.composition`` modes): "balanced" (both halves, diffusers' ControlNet and T2I-Adapter
             pipelines) by default.
+        weighs_residuals: whether what it gives the UNet is residuals, which a composition may scale, weigh by
+            depth ("prompt" mode), restrict to a region, and compute for guidance's conditional half only (zeros
+            for the other). True by default (ControlNet, T2I-Adapter); False for an adapter that enters the UNet
+            some other way (GLIGEN's cross-attention kwargs): it is on or off, and under "control" mode it runs on
+            both halves with the null condition (``drop_condition``) for the unconditional one.
     """
 
     family: ClassVar[str | None] = None
@@ -79,6 +84,7 @@ class ConditioningAdapter(nn.Module, ABC):
     zero_initialized: ClassVar[bool]
     changes_unet: ClassVar[bool] = False
     guidance_mode: ClassVar[Literal["balanced", "prompt", "control"]] = "balanced"
+    weighs_residuals: ClassVar[bool] = True
     # how the weights it was loaded from were stored; ``from_pretrained`` of a family with several formats sets it
     source_format: str = "ctrlkit adapter folder"
 
@@ -108,8 +114,8 @@ class ConditioningAdapter(nn.Module, ABC):
         timesteps: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
     ) -> UNetKwargs:
-        """condition: (B, C, H, W) in [0, 1] for image adapters, a dict of tensors for grounding adapters, or what
-        ``prepare`` returned for it; noisy_latents (B, 4, h, w); timesteps (B,) or scalar; encoder_hidden_states
+        """condition: (B, C, H, W) in [0, 1] for image adapters, a ``GroundingCondition`` for grounding adapters, or
+        what ``prepare`` returned for it; noisy_latents (B, 4, h, w); timesteps (B,) or scalar; encoder_hidden_states
         (B, L, D) -> keyword arguments for the UNet call."""
 
     def prepare(self, condition: Any) -> Any:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from adapters.base import ConditioningAdapter, UNetKwargs
+from adapters.grounding import GroundingCondition
 
 MODES = ("balanced", "prompt", "control")
 RESIDUAL_KEYS = (
@@ -45,7 +46,7 @@ class ControlUnit:
     Args:
         adapter: any ConditioningAdapter (ControlNet, T2I-Adapter, GLIGEN).
         condition: what ``adapter`` takes, batched like the prompts: an image condition (B, C, H, W) in [0, 1],
-            or the adapter's grounding input.
+            or a ``GroundingCondition`` for a grounding adapter.
         scale: multiplies the unit's residuals; 0 leaves the UNet as without the unit.
         start, end: the fraction of the denoising steps in which the unit runs, 0 <= start < end <= 1.
         mode: "balanced", "prompt" or "control" (module docstring); None: the adapter's ``guidance_mode``.
@@ -72,8 +73,8 @@ class ControlUnit:
             raise ValueError(f"unit '{self.name}': need 0 <= start < end <= 1, got start={self.start} end={self.end}")
         if not math.isfinite(self.scale) or self.scale < 0:  # nan would turn every residual, and the image, to nan
             raise ValueError(f"unit '{self.name}': scale={self.scale}; allowed: a finite number >= 0")
-        if getattr(self.adapter, "accepts", None) == "grounding":
-            # grounding enters the UNet as cross-attention kwargs, not residuals: nothing to weigh by depth or
+        if not weighs_residuals(self.adapter):
+            # e.g. grounding enters the UNet as cross-attention kwargs, not residuals: nothing to weigh by depth or
             # mask, so say so instead of ignoring the setting
             unsupported = (
                 ([f"scale={self.scale}"] if self.scale not in (0.0, 1.0) else [])
@@ -91,11 +92,19 @@ class ControlUnit:
         return not (step_index / num_steps < self.start or (step_index + 1) / num_steps > self.end)
 
 
+def weighs_residuals(adapter) -> bool:
+    """``ConditioningAdapter.weighs_residuals``; True for plain callables (wrappers, tests) that declare nothing."""
+    return getattr(adapter, "weighs_residuals", True)
+
+
 def _concatenate(first, second):
-    """Stack two conditions of the same structure along the batch (tensors, and dicts, lists, tuples and
-    dataclasses of them, as ``ConditioningAdapter.prepare`` may return); anything else is taken from ``first``."""
+    """Stack two conditions of the same structure along the batch (tensors, grounding, and dicts, lists, tuples
+    and dataclasses of tensors, as ``ConditioningAdapter.prepare`` may return); anything else is taken from
+    ``first``."""
     if isinstance(first, torch.Tensor):
         return torch.cat([first, second])
+    if isinstance(first, GroundingCondition):  # its phrases are rows of the batch, not a structure to recurse into
+        return GroundingCondition.cat([first, second])
     if isinstance(first, dict):
         return {key: _concatenate(item, second[key]) for key, item in first.items()}
     if isinstance(first, list | tuple):
@@ -202,8 +211,7 @@ class Composition:
         for unit in self.units:
             if unit.scale == 0 or not unit.active(step_index, num_steps):
                 continue  # skipped, not run at scale 0: scale 0 equals leaving the unit out
-            grounding = getattr(unit.adapter, "accepts", None) == "grounding"
-            if guided and unit.mode == "control" and not grounding:
+            if guided and unit.mode == "control" and weighs_residuals(unit.adapter):
                 half = noisy_latents.shape[0] // 2
                 kwargs = unit.adapter(
                     unit.condition,
@@ -216,8 +224,8 @@ class Composition:
             if not guided:
                 condition = unit.condition
             elif unit.mode == "control":
-                # grounding: the UNet takes one grounding batch for both halves, null grounding for the
-                # unconditional one
+                # no residuals to pad (grounding): the UNet takes one condition batch for both halves, the null
+                # condition (null grounding) for the unconditional one
                 nulled = unit.adapter.drop_condition(unit.condition, torch.ones(len(noisy_latents) // 2, dtype=bool))
                 condition = _concatenate(nulled, unit.condition)
             else:

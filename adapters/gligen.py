@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from adapters.base import AdapterFormatError, ConditioningAdapter, UNetKwargs
+from adapters.grounding import GroundingCondition
 
 WEIGHTS_NAME = "gligen.safetensors"
 CONFIG_NAME = "gligen_config.json"
@@ -82,7 +83,7 @@ def is_gligen_parameter(name: str) -> bool:
 class GligenAdapter(ConditioningAdapter):
     """GLIGEN under the adapter contract.
 
-    The condition is a dict batched over B images with N <= ``max_objects`` slots:
+    The condition is a ``GroundingCondition`` batched over B images with N <= ``max_objects`` slots:
     ``boxes`` (B, N, 4) normalised xyxy in [0, 1], ``phrase_embeddings`` (B, N, D) pooled text-encoder embeddings
     of the phrases (D = the UNet's cross_attention_dim), ``masks`` (B, N) 1 for a real box, 0 for an empty slot.
 
@@ -106,6 +107,8 @@ class GligenAdapter(ConditioningAdapter):
     # diffusers' StableDiffusionGLIGENPipeline gives the unconditional half of guidance null grounding (masks 0),
     # so guidance pushes towards the boxes as well as the prompt; grounding on both halves cancels out of it
     guidance_mode = "control"
+    # grounding enters the UNet as cross-attention kwargs, not residuals: nothing to scale, weigh or mask
+    weighs_residuals = False
     # what the saved folder says it is (gligen_config.json "variant"), and the layers from_unet adds; a variant that
     # runs the same parameters differently names its own (gligen_masked.py)
     variant: ClassVar[str] = "gligen"
@@ -190,18 +193,13 @@ class GligenAdapter(ConditioningAdapter):
             {"params": gates, "lr": learning_rate * self.gate_learning_rate_scale, "weight_decay": 0.0},
         ]
 
-    def check_condition(self, condition: dict) -> None:
-        if not isinstance(condition, dict) or not {"boxes", "phrase_embeddings", "masks"} <= set(condition):
+    def check_condition(self, condition: GroundingCondition) -> None:
+        if not isinstance(condition, GroundingCondition) or condition.phrase_embeddings is None:
             raise ValueError(
-                "GLIGEN takes a grounding dict with boxes (B, N, 4), phrase_embeddings (B, N, D) and masks (B, N)"
+                "GLIGEN takes a GroundingCondition with boxes (B, N, 4), masks (B, N) and phrase_embeddings (B, N, D) "
+                f"(the text encoder's embeddings of its phrases), got {type(condition).__name__}"
             )
-        boxes, embeddings, masks = condition["boxes"], condition["phrase_embeddings"], condition["masks"]
-        batch, slots = masks.shape
-        if boxes.shape != (batch, slots, 4) or embeddings.shape[:2] != (batch, slots):
-            raise ValueError(
-                f"grounding shapes disagree: boxes {tuple(boxes.shape)}, phrase_embeddings {tuple(embeddings.shape)}, "
-                f"masks {tuple(masks.shape)}"
-            )
+        embeddings, slots = condition.phrase_embeddings, condition.num_slots
         if slots > self.max_objects:
             raise ValueError(f"{slots} grounding slots; GLIGEN takes at most max_objects={self.max_objects}")
         if embeddings.shape[-1] != self.position_net.positive_len:
@@ -212,26 +210,25 @@ class GligenAdapter(ConditioningAdapter):
 
     def forward(
         self,
-        condition: dict,
+        condition: GroundingCondition,
         *,
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
     ) -> UNetKwargs:
-        """Grounding dict (class docstring) -> ``cross_attention_kwargs["gligen"]`` as diffusers' UNet reads it."""
+        """Grounding (class docstring) -> ``cross_attention_kwargs["gligen"]`` as diffusers' UNet reads it."""
         self.check_condition(condition)
         dtype = noisy_latents.dtype
         gligen = {
-            "boxes": condition["boxes"].to(dtype),
-            "positive_embeddings": condition["phrase_embeddings"].to(dtype),
-            "masks": condition["masks"].to(dtype),
+            "boxes": condition.boxes.to(dtype),
+            "positive_embeddings": condition.phrase_embeddings.to(dtype),
+            "masks": condition.masks.to(dtype),
         }
         return {"cross_attention_kwargs": {"gligen": gligen}}
 
-    def drop_condition(self, condition: dict, dropped: torch.Tensor) -> dict:
+    def drop_condition(self, condition: GroundingCondition, dropped: torch.Tensor) -> GroundingCondition:
         """Null grounding for the dropped items: every slot empty, so only the learnt null tokens remain."""
-        keep = (~dropped).to(device=condition["masks"].device, dtype=condition["masks"].dtype)
-        return {**condition, "masks": condition["masks"] * keep[:, None]}
+        return condition.drop(dropped)
 
     # ------------------------------------------------------------------ weights
 

@@ -44,6 +44,7 @@ from diffusers.models.embeddings import GLIGENTextBoundingboxProjection
 
 from adapters.base import UNetKwargs
 from adapters.gligen import UNET_FOLDER, GligenAdapter
+from adapters.grounding import GroundingCondition
 
 MODEL_CARD_NAME = "README.md"
 
@@ -167,7 +168,7 @@ class BoxMaskedGligenAdapter(GligenAdapter):
 
     def forward(
         self,
-        condition: dict,
+        condition: GroundingCondition,
         *,
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,

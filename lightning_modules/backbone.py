@@ -6,6 +6,7 @@ diffusers pipeline folder, or a single-file SD checkpoint read offline.
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 from pathlib import Path
@@ -17,6 +18,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from adapters.grounding import GroundingCondition
 from adapters.ldm_layout import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
 from adapters.sampling import make_scheduler, sample_latents
 from conditions.shapes import VOCABULARY
@@ -124,6 +126,24 @@ class Backbone(nn.Module):
         return self._encode_text(phrases)[1]
 
     @torch.no_grad()
+    def embed_grounding(
+        self, condition: GroundingCondition, cache: dict[str, torch.Tensor] | None = None
+    ) -> GroundingCondition:
+        """``condition`` with ``phrase_embeddings`` (B, N, D) of its phrases (``encode_phrases``), on its boxes'
+        device: the one phrase encoder of training, sampling grids, ``generate`` and ``evaluate``. Each distinct
+        phrase is encoded once; ``cache`` (phrase -> (D,) embedding), when given, is read and filled, so a training
+        system encodes a phrase once per run."""
+        if condition.phrases is None:
+            raise CtrlkitError("this grounding has no phrases to embed")
+        cache = {} if cache is None else cache
+        new = sorted({phrase for row in condition.phrases for phrase in row} - cache.keys())
+        if new:
+            for phrase, embedding in zip(new, self.encode_phrases(new)):
+                cache[phrase] = embedding
+        embeddings = torch.stack([torch.stack([cache[phrase] for phrase in row]) for row in condition.phrases])
+        return condition.with_embeddings(embeddings.to(condition.boxes.device))
+
+    @torch.no_grad()
     def generate(
         self,
         prompts: list[str],
@@ -186,18 +206,24 @@ class Backbone(nn.Module):
 # ------------------------------------------------------------------ the tiny SD-architecture model
 
 
-def prepare_condition(condition, device, phrase_embeddings):
+@functools.singledispatch
+def prepare_condition(condition, backbone: Backbone, device, phrase_cache: dict[str, torch.Tensor] | None = None):
     """A batch's condition -> what adapters take, on ``device``. One rule per condition form, never per adapter:
-    a map (B, C, H, W) is moved; a grounding dict has its ``phrases`` (B lists of N strings) turned into
-    ``phrase_embeddings`` (B, N, D) by ``phrase_embeddings(phrases)``, its tensors moved."""
-    if isinstance(condition, torch.Tensor):
-        return condition.to(device)
-    if isinstance(condition, dict):
-        prepared = {k: v.to(device) for k, v in condition.items() if isinstance(v, torch.Tensor)}
-        if "phrases" in condition:
-            prepared["phrase_embeddings"] = phrase_embeddings(condition["phrases"]).to(device)
-        return prepared
-    raise CtrlkitError(f"a batch condition must be a tensor or a grounding dict, got {type(condition).__name__}")
+    a map (B, C, H, W) is moved; a ``GroundingCondition`` is moved and its phrases embedded by
+    ``backbone.embed_grounding`` (``phrase_cache``: see there)."""
+    raise CtrlkitError(f"a batch condition must be a tensor or a GroundingCondition, got {type(condition).__name__}")
+
+
+@prepare_condition.register
+def _prepare_map(condition: torch.Tensor, backbone: Backbone, device, phrase_cache=None) -> torch.Tensor:
+    return condition.to(device)
+
+
+@prepare_condition.register
+def _prepare_grounding(
+    condition: GroundingCondition, backbone: Backbone, device, phrase_cache=None
+) -> GroundingCondition:
+    return backbone.embed_grounding(condition.to(device), phrase_cache)
 
 
 def build_shapes_tokenizer(max_length: int = 32) -> CLIPTokenizer:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from adapters.base import ConditioningAdapter
+from adapters.grounding import GroundingCondition
 from lightning_modules.backbone import Backbone, prepare_condition
 from lightning_modules.checkpoints import capture_rng_states, restore_rng_states
 from lightning_modules.errors import CtrlkitError, NonFiniteLossError
@@ -264,19 +265,10 @@ class AdapterTrainingSystem(pl.LightningModule):
             self._text_cache[prompt] = self.prompt_embedding(prompt)
         return torch.stack([self._text_cache[prompt] for prompt in prompts]).to(self.device)
 
-    def phrase_embeddings(self, phrases: list[list[str]]) -> torch.Tensor:
-        """B lists of N phrases -> pooled text-encoder embeddings (B, N, D), cached per phrase."""
-        new = sorted({phrase for row in phrases for phrase in row} - self._phrase_cache.keys())
-        if new:
-            for phrase, embedding in zip(new, self.backbone.encode_phrases(new)):
-                self._phrase_cache[phrase] = embedding
-        return torch.stack([torch.stack([self._phrase_cache[p] for p in row]) for row in phrases]).to(self.device)
-
     def prepare_condition(self, condition: Any) -> Any:
-        """A batch's condition -> what adapters take, on this device. One rule per condition form, never per
-        adapter: a map (B, C, H, W) is moved; a grounding dict has its ``phrases`` (B lists of N strings) encoded
-        by the frozen text encoder into ``phrase_embeddings`` (B, N, D), its tensors moved."""
-        return prepare_condition(condition, self.device, self.phrase_embeddings)
+        """A batch's condition -> what adapters take, on this device (``backbone.prepare_condition``): a map is
+        moved; a ``GroundingCondition`` has its phrases embedded by the frozen text encoder, cached per phrase."""
+        return prepare_condition(condition, self.backbone, self.device, self._phrase_cache)
 
     def compute_loss(
         self,
@@ -453,10 +445,10 @@ class AdapterTrainingSystem(pl.LightningModule):
         use_adapter: bool = True,
     ) -> torch.Tensor:
         """Sample images (B, 3, H, W) in [0, 1] for ``prompts`` under ``condition``: a map (B, C, H, W), whose
-        size is the images' unless ``image_size`` says, or a grounding dict (``image_size`` required)."""
+        size is the images' unless ``image_size`` says, or a ``GroundingCondition`` (``image_size`` required)."""
         condition = self.prepare_condition(condition)
         if image_size is None:
-            if not isinstance(condition, torch.Tensor):
+            if isinstance(condition, GroundingCondition):
                 raise CtrlkitError("generate() needs image_size for a condition that is not a map")
             image_size = tuple(condition.shape[-2:])
         conditioning = {"adapter": self.adapter, "condition": condition} if use_adapter else {}

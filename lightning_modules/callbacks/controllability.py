@@ -11,6 +11,7 @@ logged as ``val/control_step`` (-1 at the end when control never appeared).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from adapters.grounding import GroundingCondition
 from conditions.boxes import GroundingRecord
 from conditions.controllability import (
     METRICS,
@@ -45,10 +47,7 @@ def evaluation_samples(dataset, batch: dict, generated: torch.Tensor, condition=
     """Pair generated images (B, 3, H, W) in [0, 1] with the batch's conditions, images and (shapes) scenes.
     ``condition``: this batch's condition from another unit's dataset (a composition), instead of the batch's."""
     condition = batch["condition"] if condition is None else condition
-    if isinstance(condition, torch.Tensor):
-        conditions, groundings = to_uint8_images(condition), [None] * len(generated)
-    else:  # grounding (boxes + phrases) has no map: scene scores and detectors score it
-        conditions, groundings = [None] * len(generated), grounding_records(condition)
+    conditions, groundings = condition_fields(condition)
     references = to_uint8_images(batch["pixel_values"], low=-1.0)
     has_scenes = hasattr(dataset, "scene")
     return [
@@ -65,13 +64,27 @@ def evaluation_samples(dataset, batch: dict, generated: torch.Tensor, condition=
     ]
 
 
-def grounding_records(condition: dict) -> list[GroundingRecord]:
-    """A batch's padded grounding dict (boxes (B, N, 4), masks (B, N), phrases: B lists) -> the filled slots."""
-    records = []
-    for boxes, masks, phrases in zip(condition["boxes"], condition["masks"], condition["phrases"]):
-        filled = [slot for slot in range(len(phrases)) if masks[slot] > 0]
-        records.append(GroundingRecord(boxes[filled].cpu().numpy(), [phrases[slot] for slot in filled]))
-    return records
+@functools.singledispatch
+def condition_fields(condition) -> tuple[list, list]:
+    """A batch's condition -> per item (``EvalSample.condition``, ``EvalSample.grounding``): a map's uint8 image
+    and no grounding, or no map and the grounding record (boxes + phrases have no map: scene scores and detectors
+    score them)."""
+    raise TypeError(f"a condition is a map tensor or a GroundingCondition, got {type(condition).__name__}")
+
+
+@condition_fields.register
+def _map_fields(condition: torch.Tensor) -> tuple[list, list]:
+    return list(to_uint8_images(condition)), [None] * len(condition)
+
+
+@condition_fields.register
+def _grounding_fields(condition: GroundingCondition) -> tuple[list, list]:
+    return [None] * len(condition), grounding_records(condition)
+
+
+def grounding_records(condition: GroundingCondition) -> list[GroundingRecord]:
+    """A batch's padded grounding -> the filled slots of each image as a record."""
+    return [GroundingRecord(boxes.cpu().numpy(), phrases) for boxes, phrases in condition.filled_slots()]
 
 
 class ControllabilityCallback(pl.Callback):

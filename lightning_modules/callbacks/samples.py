@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -12,6 +13,8 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid, save_image
+
+from adapters.grounding import GroundingCondition
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +55,50 @@ def draw_boxes(images: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor) -
     return torch.stack(drawn)
 
 
+@functools.singledispatch
+def condition_picture(condition, canvas: torch.Tensor) -> torch.Tensor:
+    """A batch's condition as pictures (B, 3, H, W) in [0, 1]: a map as it is (grey maps in RGB), grounding as
+    its boxes drawn on ``canvas`` (B, 3, H, W) in [0, 1], which a map ignores."""
+    raise TypeError(f"a condition is a map tensor or a GroundingCondition, got {type(condition).__name__}")
+
+
+@condition_picture.register
+def _map_picture(condition: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
+    if condition.shape[1] == 1:
+        condition = condition.expand(-1, 3, -1, -1)
+    return condition[:, :3].float()
+
+
+@condition_picture.register
+def _grounding_picture(condition: GroundingCondition, canvas: torch.Tensor) -> torch.Tensor:
+    return draw_boxes(canvas, condition.boxes, condition.masks)
+
+
+@functools.singledispatch
+def with_condition_drawn(condition, images: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1] with what of the condition can be drawn on them: a map nothing, grounding
+    its boxes."""
+    raise TypeError(f"a condition is a map tensor or a GroundingCondition, got {type(condition).__name__}")
+
+
+@with_condition_drawn.register
+def _map_on_images(condition: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    return images
+
+
+@with_condition_drawn.register
+def _grounding_on_images(condition: GroundingCondition, images: torch.Tensor) -> torch.Tensor:
+    return draw_boxes(images, condition.boxes, condition.masks)
+
+
 def grid_columns(condition, samples: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor]:
     """The grid's columns, each (B, 3, H, W) in [0, 1]: a map condition | sample | target, or, for grounding
     conditions, the boxes on grey | sample with the boxes | target with the boxes."""
-    if isinstance(condition, torch.Tensor):
-        if condition.shape[1] == 1:
-            condition = condition.expand(-1, 3, -1, -1)
-        return [condition[:, :3].float(), samples, target]
-    boxes, masks = condition["boxes"], condition["masks"]
-    canvas = torch.full_like(samples, 0.5)
-    return [draw_boxes(canvas, boxes, masks), draw_boxes(samples, boxes, masks), draw_boxes(target, boxes, masks)]
+    return [
+        condition_picture(condition, torch.full_like(samples, 0.5)),
+        with_condition_drawn(condition, samples),
+        with_condition_drawn(condition, target),
+    ]
 
 
 class SampleGridCallback(pl.Callback):
@@ -138,7 +175,7 @@ class SampleGridCallback(pl.Callback):
         os.replace(temporary, path)  # a grid is complete or absent (end_of_run_done trusts the name)
         self.last_step, self.last_path = step, path
         caption = f"step {step}: condition | sample | target"
-        if not isinstance(batch["condition"], torch.Tensor):
+        if isinstance(batch["condition"], GroundingCondition):
             caption += " (boxes drawn in magenta)"
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):  # WandbLogger

@@ -13,7 +13,6 @@ condition | base | adapter | reference) and, with ``logger=wandb``, a W&B table 
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -127,22 +126,16 @@ def generate(backbone, units: list[EvalUnit] | None, conditions: list, prompts: 
     size = sampling["image_size"]
     composition = None
     if units:
-        encode = functools.partial(_phrase_rows, backbone)
         device = backbone.unet.device
+        prepared = [prepare_condition(condition, backbone, device) for condition in conditions]
         composition = Composition(
             [
-                unit_from_spec(unit.spec, unit.adapter, prepare_condition(condition, device, encode), size, unit.name)
-                for unit, condition in zip(units, conditions)
+                unit_from_spec(unit.spec, unit.adapter, condition, size, unit.name)
+                for unit, condition in zip(units, prepared)
             ]
         )
     options = {key: value for key, value in sampling.items() if key != "image_size"}
     return backbone.generate(prompts, size, seed=seed, composition=composition, **options).cpu()
-
-
-def _phrase_rows(backbone, phrases: list[list[str]]) -> torch.Tensor:
-    """B lists of N phrases -> (B, N, D) pooled phrase embeddings."""
-    flat = backbone.encode_phrases([phrase for row in phrases for phrase in row])
-    return flat.reshape(len(phrases), len(phrases[0]), -1)
 
 
 def run_evaluate(cfg: DictConfig) -> dict:

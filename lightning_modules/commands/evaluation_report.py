@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from torchvision.utils import make_grid, save_image
 
 from conditions.controllability import metric_of
-from lightning_modules.callbacks.samples import draw_boxes
+from lightning_modules.callbacks.samples import condition_picture
 
 MODELS = ("base", "adapter")
 
@@ -36,18 +36,8 @@ def sample_image(images: dict, batches: list[dict], model: str, seed: int, item:
 
 def condition_tiles(unit_batches: list[dict], offset: int, size: tuple[int, int]) -> list[torch.Tensor]:
     """Each unit's condition of one item as a (3, H, W) picture in [0, 1]; grounding as its boxes on black."""
-    tiles = []
-    for batch in unit_batches:
-        condition = batch["condition"]
-        if isinstance(condition, torch.Tensor):
-            tile = condition[offset][:3]
-            tiles.append(tile.expand(3, -1, -1) if tile.shape[0] == 1 else tile)
-        else:
-            blank = torch.zeros(1, 3, *size)
-            tiles.append(
-                draw_boxes(blank, condition["boxes"][offset : offset + 1], condition["masks"][offset : offset + 1])[0]
-            )
-    return tiles
+    blank = torch.zeros(1, 3, *size)
+    return [condition_picture(batch["condition"][offset : offset + 1], blank)[0] for batch in unit_batches]
 
 
 def write_grid(rows, images, batches, metric: str, cfg: DictConfig, path: Path) -> dict:

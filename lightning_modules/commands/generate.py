@@ -21,6 +21,7 @@ from PIL import Image
 
 from adapters import make_scheduler, sample_latents
 from adapters.composition import Composition, ControlUnit
+from adapters.grounding import GroundingCondition
 from adapters.registry import load_adapters
 from conditions import read_image
 from conditions.boxes import GroundingRecord, pad_grounding
@@ -112,21 +113,15 @@ def unit_from_spec(spec: dict, adapter, condition, size: tuple[int, int], name: 
 
 
 def grounding_condition(spec: dict, adapter, backbone: Backbone, size: tuple[int, int], batch: int):
-    """``boxes`` (normalised xyxy) + ``phrases`` -> GLIGEN's grounding dict for ``batch`` prompts, and a picture
-    of the boxes for the grid."""
+    """``boxes`` (normalised xyxy) + ``phrases`` -> GLIGEN's ``GroundingCondition`` (phrases embedded) for
+    ``batch`` prompts, and a picture of the boxes for the grid."""
     if not spec.get("boxes") or not spec.get("phrases"):
         raise CtrlkitError(f"unit {spec['adapter']}: a GLIGEN unit needs boxes=[[x0, y0, x1, y1], ...] and phrases")
     try:
         slots = pad_grounding(GroundingRecord(np.array(spec["boxes"]), list(spec["phrases"])), adapter.max_objects)
     except ValueError as error:
         raise CtrlkitError(f"unit {spec['adapter']}: {error}") from error
-    with torch.no_grad():
-        embeddings = backbone.encode_phrases(slots["phrases"])
-    condition = {
-        "boxes": slots["boxes"][None].expand(batch, -1, -1).contiguous(),
-        "phrase_embeddings": embeddings[None].expand(batch, -1, -1).contiguous(),
-        "masks": slots["masks"][None].expand(batch, -1).contiguous(),
-    }
+    condition = backbone.embed_grounding(GroundingCondition.from_slots(**slots).expand(batch))
     drawn = np.zeros((*size, 3), dtype=np.uint8)
     for x0, y0, x1, y1 in np.array(spec["boxes"], dtype=np.float32):
         corners = (int(x0 * size[1]), int(y0 * size[0])), (int(x1 * size[1]) - 1, int(y1 * size[0]) - 1)

@@ -5,25 +5,36 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data._utils.collate import collate as torch_collate
+from torch.utils.data._utils.collate import default_collate_fn_map
 
+from adapters.grounding import GroundingCondition
 from conditions.io import ImageDecodeError
 from lightning_modules.errors import BadDataError, CtrlkitError
 
 
+def _collate_grounding(batch: list[GroundingCondition], *, collate_fn_map=None) -> GroundingCondition:
+    return GroundingCondition.cat(batch)
+
+
+# default_collate's table plus grounding (torch's documented way to extend it): items' GroundingConditions (batches
+# of one) concatenate, so phrases stay one list of strings per item, where default_collate would transpose them
+COLLATE_FN_MAP = {**default_collate_fn_map, GroundingCondition: _collate_grounding}
+
+
 def collate(items: list[dict]) -> dict:
-    """``default_collate``, except that grounding phrases stay one list of strings per item (B lists of N slots);
-    default_collate would transpose them into N tuples of B."""
-    condition = items[0].get("condition")
-    if not (isinstance(condition, dict) and "phrases" in condition):
-        return default_collate(items)
-    phrases = [list(item["condition"]["phrases"]) for item in items]
-    stripped = [
-        {**item, "condition": {k: v for k, v in item["condition"].items() if k != "phrases"}} for item in items
-    ]
-    batch = default_collate(stripped)
-    batch["condition"]["phrases"] = phrases
-    return batch
+    """``default_collate``, except that grounding conditions concatenate into one ``GroundingCondition``."""
+    return torch_collate(items, collate_fn_map=COLLATE_FN_MAP)
+
+
+def item_condition(extractor, extracted):
+    """What an extractor gave for one item -> the item's condition: a map as it is; a grounding extractor's padded
+    slots (``conditions.boxes.pad_grounding``: boxes, masks, phrases) as a ``GroundingCondition`` of one. The
+    ``conditions`` and ``adapters`` packages do not import each other, so the two meet here."""
+    if getattr(extractor, "kind", "image") == "grounding":
+        return GroundingCondition.from_slots(**extracted)
+    return extracted
 
 
 ON_ERROR = ("skip", "raise")

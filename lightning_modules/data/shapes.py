@@ -8,7 +8,7 @@ from torch.utils.data import Dataset
 
 from conditions.base import ConditionExtractor
 from conditions.shapes import ShapeScene, render_scene
-from lightning_modules.data.common import ConditionedDataModule, check_on_error
+from lightning_modules.data.common import ConditionedDataModule, check_on_error, item_condition
 
 
 class ShapesDataset(Dataset):
@@ -16,7 +16,7 @@ class ShapesDataset(Dataset):
 
     Items:
         pixel_values: (3, S, S) float in [-1, 1]; condition: (C, S, S) float in [0, 1] from ``extractor``, or a
-        grounding dict (boxes, masks, phrases; ``conditions.boxes.pad_grounding``) from a grounding extractor;
+        ``GroundingCondition`` of one image (``conditions.boxes.pad_grounding``'s slots) from a grounding extractor;
         prompt: caption str; mask: (S, S) bool foreground ground truth; box: (4,) normalised xyxy of the first object;
         index: the item's index (the key of the training system's latent cache).
     """
@@ -54,10 +54,11 @@ class ShapesDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         scene = self.scene(index)
         image = torch.from_numpy(scene.image).permute(2, 0, 1).float().div(127.5).sub(1.0)
+        extracted = self.extractor.from_scene(scene) if self._reads_scene else self.extractor(scene.image)
         return {
             "index": index,
             "pixel_values": image,
-            "condition": self.extractor.from_scene(scene) if self._reads_scene else self.extractor(scene.image),
+            "condition": item_condition(self.extractor, extracted),
             "prompt": scene.caption,
             "mask": torch.from_numpy(scene.foreground_mask),
             "box": torch.tensor(scene.objects[0].box, dtype=torch.float32),

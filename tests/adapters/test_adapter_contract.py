@@ -26,6 +26,7 @@ from adapters.base import MARKER_NAME, UNET_FORWARD_ARGUMENTS, ConditioningAdapt
 from adapters.controlnet import ControlNetAdapter
 from adapters.gligen import GligenAdapter
 from adapters.gligen_masked import BoxMaskedGligenAdapter
+from adapters.grounding import GroundingCondition
 from adapters.registry import adapter_class_for, adapter_families, load_adapter, load_adapters
 from adapters.t2i_adapter import T2IAdapterAdapter
 from lightning_modules.backbone import build_tiny_backbone
@@ -80,12 +81,13 @@ def image_condition(batch: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(batch, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
 
 
-def grounding_condition(batch: int, seed: int = 0) -> dict:
+def grounding_condition(batch: int, seed: int = 0) -> GroundingCondition:
     generator = torch.Generator().manual_seed(seed)
     corners = torch.rand(batch, 4, 2, generator=generator) * 0.5
     boxes = torch.cat([corners, corners + 0.2 + 0.3 * torch.rand(batch, 4, 2, generator=generator)], dim=-1)
     masks = torch.tensor([[1.0, 1.0, 0.0, 0.0]]).repeat(batch, 1)
-    return {"boxes": boxes, "phrase_embeddings": torch.randn(batch, 4, 64, generator=generator), "masks": masks}
+    embeddings = torch.randn(batch, 4, 64, generator=generator)
+    return GroundingCondition(boxes=boxes, masks=masks, phrase_embeddings=embeddings)
 
 
 # family -> (build from a UNet, a condition for a batch)
@@ -130,14 +132,16 @@ def perturb(adapter: ConditioningAdapter, seed: int = 1) -> None:
 
 
 def assert_conditions_equal(first, second) -> None:
+    """Tensors, or the tensors of two GroundingConditions, equal."""
     if isinstance(first, torch.Tensor):
         assert torch.equal(first, second)
     else:
-        assert set(first) == set(second) and all(torch.equal(first[key], second[key]) for key in first)
+        for name in ("boxes", "masks", "phrase_embeddings"):
+            assert torch.equal(getattr(first, name), getattr(second, name))
 
 
 def rows(condition, index: int):
-    return condition[index] if isinstance(condition, torch.Tensor) else {k: v[index] for k, v in condition.items()}
+    return condition[index : index + 1]
 
 
 @pytest.fixture(params=sorted(ADAPTERS))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionControlNetPipeline
 
-from adapters import ControlNetAdapter, make_scheduler, sample_latents
+from adapters import ControlNetAdapter, GroundingCondition, make_scheduler, sample_latents
 from adapters.composition import PROMPT_MODE_BASE, Composition, ControlUnit, _weigh
 from lightning_modules.backbone import load_tiny_backbone
 from tests.adapters.test_adapters import randomize_zero_convs
@@ -157,8 +157,22 @@ def test_bad_unit_settings_are_named():
 
 
 def test_weigh_leaves_grounding_kwargs_untouched():
-    grounding = {"cross_attention_kwargs": {"gligen": {"boxes": torch.ones(1, 2, 4)}}}
-    assert _weigh(grounding, ControlUnit(None, None, scale=0.5))["cross_attention_kwargs"] is not None
+    """Scale, prompt-mode weights and region masks are for residuals: grounding passes through value for value."""
+    boxes, masks = torch.rand(2, 3, 4), torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    embeddings = torch.randn(2, 3, 8)
+    grounding = {
+        "cross_attention_kwargs": {"gligen": {"boxes": boxes, "positive_embeddings": embeddings, "masks": masks}}
+    }
+    units = [
+        ControlUnit(None, None, scale=0.5),
+        ControlUnit(None, None, mode="prompt"),
+        ControlUnit(None, None, mask=torch.zeros(1, 1, 8, 8)),
+    ]
+    for unit in units:
+        gligen = _weigh(grounding, unit)["cross_attention_kwargs"]["gligen"]
+        assert set(gligen) == {"boxes", "positive_embeddings", "masks"}
+        assert torch.equal(gligen["boxes"], boxes) and torch.equal(gligen["masks"], masks)
+        assert torch.equal(gligen["positive_embeddings"], embeddings)
 
 
 def test_a_grounding_unit_refuses_settings_it_cannot_apply():
@@ -166,11 +180,9 @@ def test_a_grounding_unit_refuses_settings_it_cannot_apply():
     from lightning_modules.backbone import build_tiny_backbone
 
     gligen = GligenAdapter.from_unet(build_tiny_backbone().unet)
-    grounding = {
-        "boxes": torch.zeros(1, 30, 4),
-        "phrase_embeddings": torch.zeros(1, 30, 32),
-        "masks": torch.zeros(1, 30),
-    }
+    grounding = GroundingCondition(
+        boxes=torch.zeros(1, 30, 4), masks=torch.zeros(1, 30), phrase_embeddings=torch.zeros(1, 30, 32)
+    )
     for options, named in [
         ({"scale": 0.5}, "scale=0.5"),
         ({"mode": "prompt"}, "mode=prompt"),
@@ -197,14 +209,14 @@ GLIGEN_PHRASES = ["red circle", "blue square"]
 GLIGEN_BOXES = [[0.05, 0.1, 0.45, 0.5], [0.5, 0.45, 0.95, 0.9]]
 
 
-def gligen_grounding(backbone, batch: int = len(PROMPTS), slots: int = 30) -> dict:
+def gligen_grounding(backbone, batch: int = len(PROMPTS), slots: int = 30) -> GroundingCondition:
     """GLIGEN_PHRASES in GLIGEN_BOXES for each of ``batch`` prompts, padded to ``slots`` as diffusers' pipeline."""
     boxes, masks = torch.zeros(batch, slots, 4), torch.zeros(batch, slots)
     boxes[:, : len(GLIGEN_BOXES)] = torch.tensor(GLIGEN_BOXES)
     masks[:, : len(GLIGEN_BOXES)] = 1.0
     embeddings = torch.zeros(batch, slots, backbone.unet.config.cross_attention_dim)
     embeddings[:, : len(GLIGEN_PHRASES)] = backbone.encode_phrases(GLIGEN_PHRASES)
-    return {"boxes": boxes, "phrase_embeddings": embeddings, "masks": masks}
+    return GroundingCondition(boxes=boxes, masks=masks, phrase_embeddings=embeddings)
 
 
 def trained_gligen(seed: int):
@@ -256,11 +268,20 @@ def test_one_gligen_equals_diffusers_gligen_pipeline(beta):
 
 
 def test_gligen_control_mode_gives_the_unconditional_half_null_grounding():
+    """What the UNet gets under guidance is, value for value, the adapter's own output for the condition on the
+    conditional half, and for the null condition (every slot empty) on the unconditional half in control mode."""
     backbone, adapter = trained_gligen(seed=0)
     condition = gligen_grounding(backbone)
-    for mode, unconditional_masks in [("control", torch.zeros(2, 30)), ("balanced", condition["masks"])]:
+    latents, hidden = torch.randn(2, 4, 16, 16), backbone.encode_prompts(PROMPTS)
+    inputs = {"noisy_latents": latents, "timesteps": torch.tensor(500), "encoder_hidden_states": hidden}
+    own = adapter(condition, **inputs)["cross_attention_kwargs"]["gligen"]
+    null = adapter(adapter.drop_condition(condition, torch.ones(2, dtype=bool)), **inputs)
+    null = null["cross_attention_kwargs"]["gligen"]
+    assert null["masks"].sum() == 0 and own["masks"].sum() == 2 * len(GLIGEN_BOXES)
+    for mode, unconditional in [("control", null), ("balanced", own)]:
         gligen = unit_kwargs(backbone, ControlUnit(adapter, condition, mode=mode))["cross_attention_kwargs"]["gligen"]
-        assert gligen["masks"].shape == (4, 30)
-        torch.testing.assert_close(gligen["masks"][:2], unconditional_masks)
-        torch.testing.assert_close(gligen["masks"][2:], condition["masks"])
-        torch.testing.assert_close(gligen["boxes"][2:], condition["boxes"])
+        assert set(gligen) == set(own)
+        for key, value in gligen.items():
+            assert value.shape[0] == 4, key
+            assert torch.equal(value[:2], unconditional[key]), (mode, key)
+            assert torch.equal(value[2:], own[key]), (mode, key)

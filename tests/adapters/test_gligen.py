@@ -3,6 +3,7 @@ grounding and scheduled sampling, and `ctrlkit train adapter=gligen condition=bo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,20 +13,21 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from PIL import Image
 
-from adapters import AdapterFormatError, sample_latents
+from adapters import AdapterFormatError, GroundingCondition, sample_latents
 from adapters.gligen import GligenAdapter, is_gligen_parameter
 from lightning_modules.backbone import build_tiny_backbone
 from lightning_modules.callbacks.samples import BOX_COLOUR
 from lightning_modules.commands.train import train
 
 
-def grounding(batch=2, slots=30, width=64, seed=0) -> dict:
+def grounding(batch=2, slots=30, width=64, seed=0) -> GroundingCondition:
     generator = torch.Generator().manual_seed(seed)
     corners = torch.rand(batch, slots, 2, generator=generator) * 0.5
     boxes = torch.cat([corners, corners + 0.2 + 0.3 * torch.rand(batch, slots, 2, generator=generator)], dim=-1)
     masks = torch.zeros(batch, slots)
     masks[:, :3] = 1.0
-    return {"boxes": boxes, "phrase_embeddings": torch.randn(batch, slots, width, generator=generator), "masks": masks}
+    embeddings = torch.randn(batch, slots, width, generator=generator)
+    return GroundingCondition(boxes=boxes, masks=masks, phrase_embeddings=embeddings)
 
 
 def unet_output(unet, adapter=None, condition=None, seed=0):
@@ -127,9 +129,9 @@ def test_exported_unet_loads_in_diffusers_gated_and_matches_ours(tiny_backbone, 
     exported = UNet2DConditionModel.from_pretrained(tmp_path / "gligen" / "unet")
     assert exported.config.attention_type == "gated"
     gligen = {
-        "boxes": condition["boxes"],
-        "positive_embeddings": condition["phrase_embeddings"],
-        "masks": condition["masks"],
+        "boxes": condition.boxes,
+        "positive_embeddings": condition.phrase_embeddings,
+        "masks": condition.masks,
     }
     generator = torch.Generator().manual_seed(0)
     latents, states = torch.randn(2, 4, 16, 16, generator=generator), torch.randn(2, 32, 64, generator=generator)
@@ -143,10 +145,10 @@ def test_null_grounding_is_every_slot_empty(tiny_backbone):
     open_gates(adapter)
     condition = grounding()
     dropped = adapter.drop_condition(condition, torch.tensor([True, False]))
-    assert dropped["masks"][0].sum() == 0 and torch.equal(dropped["masks"][1], condition["masks"][1])
-    empty = {**condition, "masks": torch.zeros_like(condition["masks"])}
+    assert dropped.masks[0].sum() == 0 and torch.equal(dropped.masks[1], condition.masks[1])
+    empty = dataclasses.replace(condition, masks=torch.zeros_like(condition.masks))
     # an empty slot is the learnt null tokens whatever its box and phrase say
-    moved = {**empty, "boxes": torch.rand_like(empty["boxes"]), "phrase_embeddings": torch.randn(2, 30, 64)}
+    moved = dataclasses.replace(empty, boxes=torch.rand_like(empty.boxes), phrase_embeddings=torch.randn(2, 30, 64))
     unet = tiny_backbone.unet
     torch.testing.assert_close(unet_output(unet, adapter, empty), unet_output(unet, adapter, moved))
 

@@ -14,7 +14,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
-from adapters import AdapterFormatError, ControlNetAdapter
+from adapters import AdapterFormatError, ControlNetAdapter, GroundingCondition
 from adapters.composition import Composition, ControlUnit
 from adapters.gligen import GligenAdapter
 from adapters.gligen_masked import BoxMaskedGligenAdapter, token_grid
@@ -31,7 +31,7 @@ TOP_LEFT, BOTTOM_RIGHT = [0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]
 RIGHT_EDGE = [0.75, 0.5, 1.0, 1.0]
 
 
-def grounding(boxes: list[list[float]], slots: int = 30, batch: int = 2, seed: int = 0) -> dict:
+def grounding(boxes: list[list[float]], slots: int = 30, batch: int = 2, seed: int = 0) -> GroundingCondition:
     """``boxes`` real in every image, the other slots padded with random boxes and phrases (as noise to ignore)."""
     generator = torch.Generator().manual_seed(seed)
     corners = torch.rand(batch, slots, 2, generator=generator) * 0.5
@@ -40,11 +40,15 @@ def grounding(boxes: list[list[float]], slots: int = 30, batch: int = 2, seed: i
     masks = torch.zeros(batch, slots)
     masks[:, : len(boxes)] = 1.0
     embeddings = torch.randn(batch, slots, 64, generator=generator)
-    return {"boxes": padded_boxes, "phrase_embeddings": embeddings, "masks": masks}
+    return GroundingCondition(boxes=padded_boxes, masks=masks, phrase_embeddings=embeddings)
 
 
-def real_slots_only(condition: dict, count: int) -> dict:
-    return {key: value[:, :count] for key, value in condition.items()}
+def real_slots_only(condition: GroundingCondition, count: int) -> GroundingCondition:
+    return GroundingCondition(
+        boxes=condition.boxes[:, :count],
+        masks=condition.masks[:, :count],
+        phrase_embeddings=condition.phrase_embeddings[:, :count],
+    )
 
 
 def open_gates(adapter: GligenAdapter, seed: int = 1) -> None:
@@ -103,7 +107,7 @@ def test_outside_every_box_a_visual_token_ignores_the_grounding(tiny_backbone, l
         fuser.register_forward_hook(lambda module, args, _: calls.append((module, *args))) for fuser in adapter.fusers
     ]
     first = grounding([TOP_LEFT, RIGHT_EDGE])
-    other_phrases = {**first, "phrase_embeddings": first["phrase_embeddings"] + torch.randn(2, 30, 64)}
+    other_phrases = first.with_embeddings(first.phrase_embeddings + torch.randn(2, 30, 64))
     unet_output(adapter, first, latent_size)
     unet_output(adapter, other_phrases, latent_size)
     for hook in hooks:
@@ -167,7 +171,7 @@ def test_guided_and_composed_rows_equal_single_calls(tiny_backbone):
     generator = torch.Generator().manual_seed(2)
     edges = (torch.rand(2, 3, 64, 64, generator=generator) > 0.9).float()
     boxes = grounding([TOP_LEFT], batch=2)
-    boxes["boxes"][1, 0] = torch.tensor(BOTTOM_RIGHT)  # each image its own box
+    boxes.boxes[1, 0] = torch.tensor(BOTTOM_RIGHT)  # each image its own box
     latents = torch.randn(2, 4, 16, 16, generator=generator)
     prompts, empty = torch.randn(2, 32, 64, generator=generator), torch.randn(2, 32, 64, generator=generator)
 
@@ -179,7 +183,7 @@ def test_guided_and_composed_rows_equal_single_calls(tiny_backbone):
 
     guided = run(edges, boxes, torch.cat([latents, latents]), torch.cat([empty, prompts]), guided=True)
     for item in range(2):
-        one = {key: value[item : item + 1] for key, value in boxes.items()}
+        one = boxes[item]
         latent, edge_map = latents[item : item + 1], edges[item : item + 1]
         conditional = run(edge_map, one, latent, prompts[item : item + 1], guided=False)
         null = adapter.drop_condition(one, torch.tensor([True]))
@@ -187,7 +191,7 @@ def test_guided_and_composed_rows_equal_single_calls(tiny_backbone):
         torch.testing.assert_close(guided[2 + item], conditional[0], rtol=0, atol=1e-5)
         torch.testing.assert_close(guided[item], unconditional[0], rtol=0, atol=1e-5)
     # the rows can tell the images' boxes apart: image 0 with image 1's box is another result
-    swapped = {key: value[1:2] for key, value in boxes.items()}
+    swapped = boxes[1]
     assert (run(edges[:1], swapped, latents[:1], prompts[:1], guided=False)[0] - guided[2]).abs().max() > 1e-3
 
 
@@ -225,9 +229,9 @@ def test_save_and_from_pretrained_round_trip(tiny_backbone, tmp_path):
     generator = torch.Generator().manual_seed(0)
     latents, states = torch.randn(2, 4, 16, 16, generator=generator), torch.randn(2, 32, 64, generator=generator)
     gligen = {
-        "boxes": condition["boxes"],
-        "positive_embeddings": condition["phrase_embeddings"],
-        "masks": condition["masks"],
+        "boxes": condition.boxes,
+        "positive_embeddings": condition.phrase_embeddings,
+        "masks": condition.masks,
     }
     with torch.no_grad():
         unmasked = exported(latents, 400, states, cross_attention_kwargs={"gligen": gligen}).sample

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from adapters.gligen import GligenAdapter
+from adapters.grounding import GroundingCondition
 from adapters.t2i_adapter import T2IAdapterAdapter
 from lightning_modules.errors import CtrlkitError
 from lightning_modules.system import AdapterTrainingSystem, ConditionDropout
@@ -48,14 +49,16 @@ def test_the_system_reads_the_recipe_and_the_earlier_name(tiny_backbone):
 def test_dropped_conditions_reach_the_adapter_as_null_conditions(tiny_backbone):
     adapter = GligenAdapter.from_unet(tiny_backbone.unet)
     seen = []
-    adapter.register_forward_pre_hook(lambda module, args: seen.append(args[0]["masks"].clone()))
+    adapter.register_forward_pre_hook(lambda module, args: seen.append(args[0].masks.clone()))
     system = AdapterTrainingSystem(tiny_backbone, adapter, condition_dropout={"condition": 1.0})
     masks = torch.zeros(2, 30)
     masks[:, :2] = 1
     batch = {
         "pixel_values": torch.zeros(2, 3, 64, 64),
         "prompt": ["a red circle on a blue background"] * 2,
-        "condition": {"boxes": torch.rand(2, 30, 4), "masks": masks, "phrases": [["red circle"] + [""] * 29] * 2},
+        "condition": GroundingCondition(
+            boxes=torch.rand(2, 30, 4), masks=masks, phrases=[["red circle"] + [""] * 29] * 2
+        ),
     }
     system.compute_loss(batch)
     system.compute_loss(batch, dropout=system.condition_dropout)
@@ -78,11 +81,11 @@ def test_validation_logs_how_much_the_condition_lowers_the_loss(tiny_backbone):
     batch = {
         "pixel_values": torch.rand(2, 3, 64, 64) * 2 - 1,
         "prompt": ["a red circle and a blue square on a white background"] * 2,
-        "condition": {
-            "boxes": torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.4, 0.4, 0.9, 0.9]] + [[0.0] * 4] * 28).expand(2, 30, 4),
-            "masks": masks,
-            "phrases": [["red circle", "blue square"] + [""] * 28] * 2,
-        },
+        "condition": GroundingCondition(
+            boxes=torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.4, 0.4, 0.9, 0.9]] + [[0.0] * 4] * 28).expand(2, 30, 4),
+            masks=masks,
+            phrases=[["red circle", "blue square"] + [""] * 28] * 2,
+        ),
     }
     system.validation_step(dict(batch), 0)
     assert logged["val/condition_gain"] == 0.0 and logged["val/loss_without_condition"] == logged["val/loss"]

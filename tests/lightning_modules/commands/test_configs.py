@@ -76,8 +76,8 @@ def test_every_option_composes_and_its_light_parts_instantiate(make_train_config
     if cfg.condition.kind == "image":
         assert condition.shape[1] == cfg.condition.channels
     else:
-        assert condition["boxes"].shape == (1, cfg.adapter.build.max_objects, 4)
-        assert len(condition["phrases"][0]) == cfg.adapter.build.max_objects
+        assert condition.boxes.shape == (1, cfg.adapter.build.max_objects, 4)
+        assert len(condition.phrases[0]) == cfg.adapter.build.max_objects
     with open_dict(cfg):
         cfg.trainer.accelerator = "cpu"
     assert instantiate(cfg.trainer).max_steps == cfg.trainer.max_steps or cfg.trainer.get("fast_dev_run")
