@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import torch
 
+from conditions.ranges import unit_to_uint8
 from conditions.resize import Resize, fit_map, resize_short_side, resize_to
 
 
@@ -24,7 +25,7 @@ def to_uint8_hwc(image: np.ndarray | torch.Tensor) -> np.ndarray:
         if image.ndim != 3 or image.shape[0] not in (1, 3):
             raise ValueError(f"expected a (C,H,W) tensor with C in (1, 3), got shape {tuple(image.shape)}")
         if image.dtype != torch.uint8:
-            image = (image.clamp(0, 1) * 255).round().to(torch.uint8)
+            image = unit_to_uint8(image)
         image = image.permute(1, 2, 0).cpu().numpy()
     if not isinstance(image, np.ndarray):
         raise TypeError(f"expected a numpy array or torch tensor, got {type(image).__name__}")

@@ -124,3 +124,23 @@ class ShapesBoxesExtractor(ConditionExtractor):
 
     def from_scene(self, scene: ShapeScene) -> dict:
         return pad_grounding(shapes_grounding(scene), self.max_boxes)
+
+
+BOX_COLOUR = (255, 0, 255)  # magenta: in no shapes palette, so boxes stay visible on any scene
+
+
+def draw_boxes(images: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+    """Outline each image's boxes (normalised xyxy, (B, N, 4); slots with mask 0 skipped) in ``BOX_COLOUR`` on
+    images (B, 3, H, W) in [0, 1], with ``torchvision.utils.draw_bounding_boxes``; returns new images."""
+    from torchvision.utils import draw_bounding_boxes
+
+    from conditions.ranges import unit_to_uint8
+
+    height, width = images.shape[-2:]
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+    masks = torch.ones(boxes.shape[:2]) if masks is None else masks
+    drawn = []
+    for image, image_boxes, image_masks in zip(unit_to_uint8(images.cpu()), boxes.cpu(), masks.cpu()):
+        present = image_boxes[image_masks > 0].float() * scale - torch.tensor([0.0, 0.0, 1.0, 1.0])  # last pixel in
+        drawn.append(draw_bounding_boxes(image, present, colors=[BOX_COLOUR] * len(present), width=1))
+    return torch.stack(drawn).float() / 255

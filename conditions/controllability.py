@@ -30,7 +30,7 @@ import numpy as np
 from conditions.base import ConditionExtractor
 from conditions.boxes import GroundingRecord
 from conditions.map_metrics import aligned_rmse, edge_f1, map_ssim, palette_labels, segmentation_miou
-from conditions.metrics import colour_mask, largest_component, mask_iou, named_box_ious, score_shapes_image
+from conditions.metrics import box_iou, colour_mask, largest_component, mask_iou, named_box_ious, score_shapes_image
 from conditions.shapes import ShapeScene
 
 
@@ -165,7 +165,6 @@ def shapes_boxes(image: np.ndarray, scene: ShapeScene) -> list[tuple[np.ndarray,
 
 def named_object_ious(found: GroundingRecord, given: GroundingRecord) -> list[float]:
     """Per given (box, phrase): the best IoU of a found box with the same phrase, 0.0 when none was found."""
-    from conditions.map_metrics import box_iou
 
     return [
         max((box_iou(box, target) for box, label in zip(found.boxes, found.phrases) if label == phrase), default=0.0)

@@ -13,6 +13,8 @@ from torchmetrics.functional.classification import binary_f1_score
 from torchmetrics.functional.image import structural_similarity_index_measure
 from torchmetrics.functional.segmentation import mean_iou
 
+from conditions.metrics import box_iou
+
 
 def edge_f1(predicted: np.ndarray, target: np.ndarray) -> float:
     """Pixel-exact F1 of two HxW boolean edge maps (ControlNet++'s ``BinaryF1Score`` on Canny edges): an edge one
@@ -91,14 +93,6 @@ def keypoint_pck(predicted: list[list[Keypoint]], reference: list[list[Keypoint]
         correct += hits(predicted[best])
         available.remove(best)
     return correct / total
-
-
-def box_iou(predicted: np.ndarray, target: np.ndarray) -> float:
-    """IoU of two xyxy boxes (any consistent units); 0.0 when they do not overlap."""
-    from torchmetrics.functional.detection import intersection_over_union
-
-    pair = [torch.as_tensor(np.asarray(b, np.float32)).reshape(1, 4) for b in (predicted, target)]
-    return float(intersection_over_union(pair[0], pair[1], aggregate=True))
 
 
 def average_precision(

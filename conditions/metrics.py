@@ -105,8 +105,9 @@ def mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
     return (xs.min() / width, ys.min() / height, (xs.max() + 1) / width, (ys.max() + 1) / height)
 
 
-def box_iou(a: tuple[float, ...] | None, b: tuple[float, ...] | None) -> float:
-    """Intersection over union of two xyxy boxes; 0.0 when either is missing."""
+def box_iou(a, b) -> float:
+    """Intersection over union of two xyxy boxes (tuples or arrays, any consistent units); 0.0 when either is
+    missing or they do not overlap."""
     if a is None or b is None:
         return 0.0
     width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))

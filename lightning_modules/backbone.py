@@ -21,6 +21,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from adapters.grounding import GroundingCondition
 from adapters.ldm_layout import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
 from adapters.sampling import make_scheduler, sample_latents
+from conditions.ranges import signed_to_unit
 from conditions.shapes import VOCABULARY
 from conditions.weights import UnsafeWeightsError, unsafe_pickle_message
 from lightning_modules.errors import CtrlkitError
@@ -98,10 +99,10 @@ class Backbone(nn.Module):
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images (B, 3, H, W) in [0, 1]."""
         if self.vae is None:
-            return (latents / 2 + 0.5).clamp(0, 1)
+            return signed_to_unit(latents)
         with torch.autocast(latents.device.type, enabled=False):
             images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return signed_to_unit(images.float())
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:

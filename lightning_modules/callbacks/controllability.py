@@ -280,36 +280,27 @@ def draw_curve(
     jump_metric: str = "mask_iou",
     size=(480, 300),
 ) -> None:
-    """A PNG of the scores against step: ``jump_metric`` in blue, ``mask_iou`` / ``caption_accuracy`` (when they are
-    not it) in green / orange, the base model's ``jump_metric`` as a grey dashed line and the control step as a red
-    line. Scores with another range (depth RMSE, 0..255) are divided by it. Drawn with PIL, no plotting library."""
-    from PIL import Image, ImageDraw
+    """A PNG (``size`` pixels) of the scores against step, drawn with matplotlib: ``jump_metric``, and
+    ``mask_iou`` / ``caption_accuracy`` when they are not it, the base model's ``jump_metric`` as a dashed line and
+    the control step as a vertical line. Scores with another range (depth RMSE, 0..255) are divided by it."""
+    import matplotlib
 
-    width, height = size
-    left, right, top, bottom = 44, 12, 24, 30
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    last_step = max(point["step"] for point in curve) or 1
+    matplotlib.use("Agg")  # files only: no display, whatever backend the user has configured
+    from matplotlib.figure import Figure
 
-    def xy(step: float, value: float) -> tuple[float, float]:
-        return (left + (width - left - right) * step / last_step, top + (height - top - bottom) * (1 - value))
-
-    draw.rectangle([xy(0, 1), xy(last_step, 0)], outline="black")
-    for value in (0.0, 0.25, 0.5, 0.75, 1.0):
-        draw.text((4, xy(0, value)[1] - 6), f"{value:.2f}", fill="black")
-    draw.text((left, height - bottom + 8), "step 0", fill="black")
-    draw.text((width - right - 60, height - bottom + 8), f"step {last_step}", fill="black")
-    scale = METRICS[jump_metric].scale
-    base_y = xy(0, min(base[jump_metric] / scale, 1.0))[1]
-    for x in range(left, width - right, 12):  # dashed base line
-        draw.line([(x, base_y), (min(x + 6, width - right), base_y)], fill="grey")
+    dpi = 100
+    figure = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi, layout="constrained")
+    axes = figure.add_subplot()
+    for key, colour in {jump_metric: "tab:blue", "mask_iou": "tab:green", "caption_accuracy": "tab:orange"}.items():
+        points = [(point["step"], point[key] / METRICS[key].scale) for point in curve if key in point]
+        if points:
+            steps, values = zip(*points)
+            axes.plot(steps, values, color=colour, marker=".", label=key)
+    if jump_metric in base:
+        axes.axhline(base[jump_metric] / METRICS[jump_metric].scale, color="grey", linestyle="--", label="base")
     if control_step is not None:
-        draw.line([xy(control_step, 0), xy(control_step, 1)], fill="red")
-    series = {jump_metric: "blue", "mask_iou": "green", "caption_accuracy": "orange"}
-    for key, colour in series.items():
-        points = [xy(p["step"], min(p[key] / METRICS[key].scale, 1.0)) for p in curve if key in p]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-    others = ", ".join(f"{key} ({colour})" for key, colour in list(series.items())[1:] if key != jump_metric)
-    draw.text((left + 4, 4), f"{jump_metric} (blue), {others}, base (grey), control (red)", fill="black")
-    image.save(path)
+        axes.axvline(control_step, color="tab:red", label=f"control at {control_step}")
+    axes.set(xlabel="step", ylabel="score (fraction of its range)", ylim=(0, 1.02))
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small", loc="lower right")
+    figure.savefig(path)

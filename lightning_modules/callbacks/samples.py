@@ -8,13 +8,13 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
-from PIL import Image, ImageDraw
 from torchvision.utils import make_grid, save_image
 
 from adapters.grounding import GroundingCondition
+from conditions.boxes import draw_boxes
+from conditions.ranges import signed_to_unit
 
 log = logging.getLogger(__name__)
 
@@ -34,25 +34,6 @@ def generate_in_eval_mode(pl_module: pl.LightningModule, batch: dict, sampling: 
         )
     finally:
         pl_module.train(was_training)
-
-
-BOX_COLOUR = (255, 0, 255)  # magenta: in no shapes palette, so boxes stay visible on any scene
-
-
-def draw_boxes(images: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Outline each image's boxes (normalised xyxy, (B, N, 4); slots with mask 0 skipped) on images (B, 3, H, W)
-    in [0, 1]; returns new images."""
-    drawn = []
-    for image, image_boxes, image_masks in zip(images, boxes.cpu(), masks.cpu()):
-        array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-        canvas = Image.fromarray(np.ascontiguousarray(array))
-        draw = ImageDraw.Draw(canvas)
-        height, width = array.shape[:2]
-        for (x0, y0, x1, y1), present in zip(image_boxes.tolist(), image_masks.tolist()):
-            if present > 0:
-                draw.rectangle([x0 * width, y0 * height, x1 * width - 1, y1 * height - 1], outline=BOX_COLOUR)
-        drawn.append(torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255)
-    return torch.stack(drawn)
 
 
 @functools.singledispatch
@@ -164,7 +145,7 @@ class SampleGridCallback(pl.Callback):
             return
         batch = trainer.datamodule.fixed_batch(self.num_samples)
         samples = generate_in_eval_mode(pl_module, batch, self.sampling).cpu()
-        target = (batch["pixel_values"] / 2 + 0.5).clamp(0, 1)
+        target = signed_to_unit(batch["pixel_values"])
         columns = grid_columns(batch["condition"], samples, target)
         rows = torch.stack(columns, dim=1).flatten(0, 1)  # row-major: cond, sample, target
         grid = make_grid(rows, nrow=3, padding=2, pad_value=1.0)

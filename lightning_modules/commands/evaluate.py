@@ -36,6 +36,7 @@ from conditions.controllability import (
 )
 from conditions.image_quality import image_quality, load_quality_models
 from conditions.map_metrics import average_precision
+from conditions.ranges import signed_to_unit, unit_to_uint8
 from lightning_modules.backbone import prepare_condition
 from lightning_modules.callbacks.controllability import evaluation_samples
 from lightning_modules.commands.config_checks import check_settings, check_train_config, load_condition_config
@@ -182,11 +183,11 @@ def run_evaluate(cfg: DictConfig) -> dict:
     detector = _box_detector(cfg, units)
     rows, detections = _score(units, batches, images, cfg, detector)
     metric = _primary(units)
-    real = torch.cat([(batch[0]["pixel_values"] / 2 + 0.5).clamp(0, 1) for batch in batches])
+    real = torch.cat([signed_to_unit(batch[0]["pixel_values"]) for batch in batches])
     prompts = [row["prompt"] for row in rows if row["model"] == "adapter"]
     quality = image_quality(
-        _to_uint8(real),
-        {model: _to_uint8(torch.cat(images[model])) for model in MODELS},
+        unit_to_uint8(real),
+        {model: unit_to_uint8(torch.cat(images[model])) for model in MODELS},
         prompts,
         cfg.quality.inception_weights,
         cfg.quality.clip_model,
@@ -312,7 +313,3 @@ def _sample_all(backbone, units, batches: list[list[dict]], sampling: dict, cfg:
 
 def _mean_of(rows: list[dict], model: str) -> dict[str, float]:
     return mean_scores([{k: v for k, v in row.items() if metric_of(k)} for row in rows if row["model"] == model])
-
-
-def _to_uint8(images: torch.Tensor) -> torch.Tensor:
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8)

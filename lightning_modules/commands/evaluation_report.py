@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from torchvision.utils import make_grid, save_image
 
 from conditions.controllability import metric_of
+from conditions.ranges import signed_to_unit
 from lightning_modules.callbacks.samples import condition_picture
 
 MODELS = ("base", "adapter")
@@ -51,7 +52,7 @@ def write_grid(rows, images, batches, metric: str, cfg: DictConfig, path: Path) 
     for row in chosen["best"] + chosen["worst"]:
         batch_number, offset = divmod(row["item"], cfg.batch_size)
         unit_batches = batches[batch_number]
-        reference = (unit_batches[0]["pixel_values"][offset] / 2 + 0.5).clamp(0, 1)
+        reference = signed_to_unit(unit_batches[0]["pixel_values"][offset])
         base = sample_image(images, batches, "base", row["seed"], row["item"], cfg.batch_size)
         adapter = sample_image(images, batches, "adapter", row["seed"], row["item"], cfg.batch_size)
         tiles += [*condition_tiles(unit_batches, offset, tuple(reference.shape[-2:])), base, adapter, reference]

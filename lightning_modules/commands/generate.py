@@ -18,14 +18,16 @@ import yaml
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
+from torchvision.utils import make_grid
 
 from adapters import make_scheduler, sample_latents
 from adapters.composition import Composition, ControlUnit
 from adapters.grounding import GroundingCondition
 from adapters.registry import load_adapters
 from conditions import read_image
-from conditions.boxes import GroundingRecord, pad_grounding
+from conditions.boxes import GroundingRecord, draw_boxes, pad_grounding
 from conditions.io import check_writable_dir
+from conditions.ranges import images_to_numpy, uint8_to_unit
 from conditions.resize import fit_map
 from lightning_modules.backbone import Backbone
 from lightning_modules.commands.config_checks import check_settings, load_condition_config
@@ -60,9 +62,7 @@ def condition_map(spec: dict, size: tuple[int, int]) -> np.ndarray:
 
 def to_condition_tensor(condition: np.ndarray, channels: int, batch: int) -> torch.Tensor:
     """HxWxC uint8 -> (batch, channels, H, W) float in [0, 1]; grey maps fill RGB, RGB maps give one channel."""
-    tensor = torch.from_numpy(np.array(condition)).float().div(255.0)
-    tensor = tensor[..., None] if tensor.ndim == 2 else tensor
-    tensor = tensor.permute(2, 0, 1)
+    tensor = uint8_to_unit(condition)
     tensor = tensor[:channels] if tensor.shape[0] >= channels else tensor[:1].expand(channels, -1, -1)
     return tensor.unsqueeze(0).expand(batch, -1, -1, -1).contiguous()
 
@@ -122,20 +122,18 @@ def grounding_condition(spec: dict, adapter, backbone: Backbone, size: tuple[int
     except ValueError as error:
         raise CtrlkitError(f"unit {spec['adapter']}: {error}") from error
     condition = backbone.embed_grounding(GroundingCondition.from_slots(**slots).expand(batch))
-    drawn = np.zeros((*size, 3), dtype=np.uint8)
-    for x0, y0, x1, y1 in np.array(spec["boxes"], dtype=np.float32):
-        corners = (int(x0 * size[1]), int(y0 * size[0])), (int(x1 * size[1]) - 1, int(y1 * size[0]) - 1)
-        cv2.rectangle(drawn, *corners, (255, 0, 255), 1)
+    boxes = torch.tensor(spec["boxes"], dtype=torch.float32)[None]
+    drawn = images_to_numpy(draw_boxes(torch.zeros(1, 3, *size), boxes))[0]
     return condition, drawn
 
 
 def save_grid(maps: list[np.ndarray], images: np.ndarray, path: Path) -> None:
-    """One row per prompt: each unit's condition map, then the generated image."""
-    rows = []
-    for image in images:
-        tiles = [np.repeat(m, 3, axis=-1) if m.shape[-1] == 1 else m[..., :3] for m in maps] + [image]
-        rows.append(np.concatenate(tiles, axis=1))
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    """One row per prompt: each unit's condition map, then the generated image (uint8 HxWx3 tiles, no padding)."""
+    conditions = [torch.from_numpy(np.ascontiguousarray(m)).permute(2, 0, 1) for m in maps]
+    conditions = [c.expand(3, -1, -1) if c.shape[0] == 1 else c[:3] for c in conditions]
+    tiles = [tile for image in images for tile in (*conditions, torch.from_numpy(image).permute(2, 0, 1))]
+    grid = make_grid(tiles, nrow=len(maps) + 1, padding=0)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
 
 def run_generate(cfg: DictConfig) -> list[Path]:
@@ -163,7 +161,7 @@ def run_generate(cfg: DictConfig) -> list[Path]:
         num_inference_steps=cfg.num_inference_steps,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
-    images = (backbone.decode_latents(latents) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    images = images_to_numpy(backbone.decode_latents(latents))
 
     output = Path(cfg.output_dir)
     output.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from adapters.sampling import sample_latents
 from conditions.metrics import score_shapes_image
+from conditions.ranges import images_to_numpy
 from conditions.shapes import render_scene
 from lightning_modules.backbone import Backbone, build_tiny_backbone
 
@@ -114,7 +115,7 @@ def caption_accuracy(backbone: Backbone, scenes: list, guidance_scale: float, st
         num_inference_steps=steps,
         generator=torch.Generator().manual_seed(seed),
     )
-    images = (backbone.decode_latents(latents) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    images = images_to_numpy(backbone.decode_latents(latents))
     scores = [
         score_shapes_image(image, scene.objects[0].colour, scene.objects[0].shape, scene.background)
         for image, scene in zip(images, scenes)

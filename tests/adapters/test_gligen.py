@@ -15,8 +15,8 @@ from PIL import Image
 
 from adapters import AdapterFormatError, GroundingCondition, sample_latents
 from adapters.gligen import GligenAdapter, is_gligen_parameter
+from conditions.boxes import BOX_COLOUR
 from lightning_modules.backbone import build_tiny_backbone
-from lightning_modules.callbacks.samples import BOX_COLOUR
 from lightning_modules.commands.train import train
 
 

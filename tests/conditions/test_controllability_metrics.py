@@ -23,13 +23,13 @@ from conditions.detected_boxes import DetectedBoxes
 from conditions.map_metrics import (
     aligned_rmse,
     average_precision,
-    box_iou,
     edge_f1,
     keypoint_pck,
     map_ssim,
     palette_labels,
     segmentation_miou,
 )
+from conditions.metrics import box_iou
 from conditions.shapes import render_scene
 from conditions.shapes_truth import ShapesTruthExtractor
 
