@@ -11,20 +11,15 @@ logged as ``val/control_step`` (-1 at the end when control never appeared).
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from adapters.grounding import GroundingCondition
-from conditions.boxes import GroundingRecord
 from conditions.controllability import (
     METRICS,
-    EvalSample,
     mean_scores,
     primary_metric,
     scene_scores,
@@ -32,59 +27,10 @@ from conditions.controllability import (
 )
 from conditions.io import write_atomically
 from lightning_modules.callbacks.samples import generate_in_eval_mode
+from lightning_modules.condition_views import evaluation_samples
 from lightning_modules.data.common import collate
 
 log = logging.getLogger(__name__)
-
-
-def to_uint8_images(batch: torch.Tensor, low: float = 0.0) -> np.ndarray:
-    """(B, C, H, W) float in [low, 1] -> (B, H, W, C) uint8."""
-    scaled = (batch.float() - low) / (1.0 - low)
-    return (scaled.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
-
-def evaluation_samples(dataset, batch: dict, generated: torch.Tensor, condition=None) -> list[EvalSample]:
-    """Pair generated images (B, 3, H, W) in [0, 1] with the batch's conditions, images and (shapes) scenes.
-    ``condition``: this batch's condition from another unit's dataset (a composition), instead of the batch's."""
-    condition = batch["condition"] if condition is None else condition
-    conditions, groundings = condition_fields(condition)
-    references = to_uint8_images(batch["pixel_values"], low=-1.0)
-    has_scenes = hasattr(dataset, "scene")
-    return [
-        EvalSample(
-            generated=image,
-            condition=condition,
-            reference=reference,
-            scene=dataset.scene(int(index)) if has_scenes else None,
-            grounding=grounding,
-        )
-        for image, condition, reference, index, grounding in zip(
-            to_uint8_images(generated), conditions, references, batch["index"], groundings
-        )
-    ]
-
-
-@functools.singledispatch
-def condition_fields(condition) -> tuple[list, list]:
-    """A batch's condition -> per item (``EvalSample.condition``, ``EvalSample.grounding``): a map's uint8 image
-    and no grounding, or no map and the grounding record (boxes + phrases have no map: scene scores and detectors
-    score them)."""
-    raise TypeError(f"a condition is a map tensor or a GroundingCondition, got {type(condition).__name__}")
-
-
-@condition_fields.register
-def _map_fields(condition: torch.Tensor) -> tuple[list, list]:
-    return list(to_uint8_images(condition)), [None] * len(condition)
-
-
-@condition_fields.register
-def _grounding_fields(condition: GroundingCondition) -> tuple[list, list]:
-    return [None] * len(condition), grounding_records(condition)
-
-
-def grounding_records(condition: GroundingCondition) -> list[GroundingRecord]:
-    """A batch's padded grounding -> the filled slots of each image as a record."""
-    return [GroundingRecord(boxes.cpu().numpy(), phrases) for boxes, phrases in condition.filled_slots()]
 
 
 class ControllabilityCallback(pl.Callback):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import shutil
@@ -13,8 +12,8 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from adapters.grounding import GroundingCondition
-from conditions.boxes import draw_boxes
 from conditions.ranges import signed_to_unit
+from lightning_modules.condition_views import grid_columns
 
 log = logging.getLogger(__name__)
 
@@ -34,52 +33,6 @@ def generate_in_eval_mode(pl_module: pl.LightningModule, batch: dict, sampling: 
         )
     finally:
         pl_module.train(was_training)
-
-
-@functools.singledispatch
-def condition_picture(condition, canvas: torch.Tensor) -> torch.Tensor:
-    """A batch's condition as pictures (B, 3, H, W) in [0, 1]: a map as it is (grey maps in RGB), grounding as
-    its boxes drawn on ``canvas`` (B, 3, H, W) in [0, 1], which a map ignores."""
-    raise TypeError(f"a condition is a map tensor or a GroundingCondition, got {type(condition).__name__}")
-
-
-@condition_picture.register
-def _map_picture(condition: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
-    if condition.shape[1] == 1:
-        condition = condition.expand(-1, 3, -1, -1)
-    return condition[:, :3].float()
-
-
-@condition_picture.register
-def _grounding_picture(condition: GroundingCondition, canvas: torch.Tensor) -> torch.Tensor:
-    return draw_boxes(canvas, condition.boxes, condition.masks)
-
-
-@functools.singledispatch
-def with_condition_drawn(condition, images: torch.Tensor) -> torch.Tensor:
-    """Images (B, 3, H, W) in [0, 1] with what of the condition can be drawn on them: a map nothing, grounding
-    its boxes."""
-    raise TypeError(f"a condition is a map tensor or a GroundingCondition, got {type(condition).__name__}")
-
-
-@with_condition_drawn.register
-def _map_on_images(condition: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    return images
-
-
-@with_condition_drawn.register
-def _grounding_on_images(condition: GroundingCondition, images: torch.Tensor) -> torch.Tensor:
-    return draw_boxes(images, condition.boxes, condition.masks)
-
-
-def grid_columns(condition, samples: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor]:
-    """The grid's columns, each (B, 3, H, W) in [0, 1]: a map condition | sample | target, or, for grounding
-    conditions, the boxes on grey | sample with the boxes | target with the boxes."""
-    return [
-        condition_picture(condition, torch.full_like(samples, 0.5)),
-        with_condition_drawn(condition, samples),
-        with_condition_drawn(condition, target),
-    ]
 
 
 class SampleGridCallback(pl.Callback):

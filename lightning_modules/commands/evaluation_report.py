@@ -17,7 +17,7 @@ from torchvision.utils import make_grid, save_image
 
 from conditions.controllability import metric_of
 from conditions.ranges import signed_to_unit
-from lightning_modules.callbacks.samples import condition_picture
+from lightning_modules.condition_views import condition_picture
 
 MODELS = ("base", "adapter")
 

@@ -21,7 +21,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from adapters import make_scheduler, sample_latents
-from adapters.composition import Composition, ControlUnit
+from adapters.composition import Composition
 from adapters.grounding import GroundingCondition
 from adapters.registry import load_adapters
 from conditions import read_image
@@ -31,7 +31,7 @@ from conditions.ranges import images_to_numpy, uint8_to_unit
 from conditions.resize import fit_map
 from lightning_modules.backbone import Backbone
 from lightning_modules.commands.config_checks import check_settings, load_condition_config
-from lightning_modules.commands.unit_checks import unit_specs
+from lightning_modules.commands.unit_checks import unit_from_spec, unit_specs
 from lightning_modules.errors import CtrlkitError
 
 log = logging.getLogger(__name__)
@@ -67,12 +67,6 @@ def to_condition_tensor(condition: np.ndarray, channels: int, batch: int) -> tor
     return tensor.unsqueeze(0).expand(batch, -1, -1, -1).contiguous()
 
 
-def read_mask(path: str, size: tuple[int, int]) -> torch.Tensor:
-    """A region image -> (1, 1, H, W) in [0, 1] (white: the unit acts there)."""
-    grey = fit_map(read_image(path), size, "crop_and_resize", cv2.INTER_AREA).mean(axis=-1)
-    return torch.from_numpy(grey / 255.0).float()[None, None]
-
-
 def build_units(specs: list[dict], backbone: Backbone, size: tuple[int, int], batch: int) -> tuple[list, list]:
     """Unit specs (checked by ``unit_checks.unit_specs``) -> ControlUnits and the condition maps (for the grid)."""
     units, maps = [], []
@@ -90,26 +84,6 @@ def build_units(specs: list[dict], backbone: Backbone, size: tuple[int, int], ba
         )
         maps.append(drawn if drawn.ndim == 3 else drawn[..., None])
     return units, maps
-
-
-def unit_from_spec(spec: dict, adapter, condition, size: tuple[int, int], name: str) -> ControlUnit:
-    """A ``ControlUnit`` with the spec's scale (1), start/end (the adapter's window: all steps, or GLIGEN's
-    scheduled sampling), mode (the adapter's guidance_mode) and mask (an image path); a setting the unit cannot
-    take is a one-line error naming the unit."""
-    start, end = adapter.sampling_window
-    try:
-        return ControlUnit(
-            adapter,
-            condition,
-            scale=float(spec.get("scale", 1.0)),
-            start=float(spec.get("start", start)),
-            end=float(spec.get("end", end)),
-            mode=spec.get("mode"),
-            mask=read_mask(spec["mask"], size) if spec.get("mask") else None,
-            name=name,
-        )
-    except ValueError as error:
-        raise CtrlkitError(str(error)) from error
 
 
 def grounding_condition(spec: dict, adapter, backbone: Backbone, size: tuple[int, int], batch: int):

@@ -1,4 +1,5 @@
-"""Composition units as ``ctrlkit generate`` and ``ctrlkit evaluate`` read them, checked before any model loads.
+"""Composition units as ``ctrlkit generate`` and ``ctrlkit evaluate`` read them, checked before any model loads,
+and built into ``ControlUnit``s once their adapters are loaded.
 
 A unit is a mapping (from ``composition=<yaml>``'s ``units:`` list, or ``units=[...]`` on the command line) with
 an adapter and how it is applied. Every field is checked here, and each error is one line naming the file (or the
@@ -11,10 +12,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import cv2
+import torch
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from adapters.composition import MODES
+from adapters.composition import MODES, ControlUnit
+from conditions import read_image
+from conditions.resize import fit_map
 from lightning_modules.commands.config_checks import group_options
 from lightning_modules.errors import CtrlkitError
 
@@ -151,3 +156,29 @@ def _check_grounding(spec: dict, where: str) -> None:
     for number, phrase in enumerate(phrases):
         if not isinstance(phrase, str) or not phrase.strip():
             raise CtrlkitError(f"{where}: phrases[{number}]={phrase!r}; allowed: a non-empty string")
+
+
+def read_mask(path: str, size: tuple[int, int]) -> torch.Tensor:
+    """A region image -> (1, 1, H, W) in [0, 1] (white: the unit acts there)."""
+    grey = fit_map(read_image(path), size, "crop_and_resize", cv2.INTER_AREA).mean(axis=-1)
+    return torch.from_numpy(grey / 255.0).float()[None, None]
+
+
+def unit_from_spec(spec: dict, adapter, condition, size: tuple[int, int], name: str) -> ControlUnit:
+    """A ``ControlUnit`` with the spec's scale (1), start/end (the adapter's window: all steps, or GLIGEN's
+    scheduled sampling), mode (the adapter's guidance_mode) and mask (an image path); a setting the unit cannot
+    take is a one-line error naming the unit."""
+    start, end = adapter.sampling_window
+    try:
+        return ControlUnit(
+            adapter,
+            condition,
+            scale=float(spec.get("scale", 1.0)),
+            start=float(spec.get("start", start)),
+            end=float(spec.get("end", end)),
+            mode=spec.get("mode"),
+            mask=read_mask(spec["mask"], size) if spec.get("mask") else None,
+            name=name,
+        )
+    except ValueError as error:
+        raise CtrlkitError(str(error)) from error

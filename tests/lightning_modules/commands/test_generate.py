@@ -192,7 +192,7 @@ def test_controlnet_t2i_and_gligen_compose_and_each_unit_matters(tmp_path, saved
 
 def test_unit_from_spec_defaults_and_one_line_errors(tiny_backbone):
     from adapters.gligen import GligenAdapter
-    from lightning_modules.commands.generate import unit_from_spec
+    from lightning_modules.commands.unit_checks import unit_from_spec
 
     gligen = GligenAdapter.from_unet(tiny_backbone.unet)
     unit = unit_from_spec({}, gligen, {}, (64, 64), "boxes")
