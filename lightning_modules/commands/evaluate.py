@@ -141,35 +141,12 @@ def generate(backbone, units: list[EvalUnit] | None, conditions: list, prompts: 
 def run_evaluate(cfg: DictConfig) -> dict:
     """Evaluate the adapter (or composition) and the base model; returns the metrics.json content."""
     started = time.perf_counter()
-    check_settings("evaluate", cfg)
-    units, trained = evaluation_units(cfg)
-    with open_dict(cfg):
-        if trained is not None:
-            cfg.model = trained.model
-            log.info("model from the run config of %s", units[0].folder)
-        if len(units) == 1 and cfg.get("adapter_path") and trained is not None:
-            cfg.adapter, cfg.condition = trained.adapter, trained.condition
-        scene_objects = [unit.condition.scene_objects for unit in units if "scene_objects" in unit.condition]
-        if len(units) > 1 and scene_objects and "num_objects" in cfg.data:
-            cfg.data.num_objects = scene_objects[0]  # the scenes a grounding unit was trained on (GLIGEN: 1-3)
-    check_train_config(cfg)
+    units = configure(cfg)
     # before any sampling: a missing or refused weights file is said now, and its metrics read "unavailable: ..."
     quality_models = load_quality_models(cfg.quality.inception_weights, cfg.quality.clip_model, cfg.device)
     torch.manual_seed(cfg.seed)
     backbone = instantiate(cfg.model, _convert_="all").to(cfg.device)
-    for unit in units:
-        unit.extractor = instantiate(unit.condition.extractor, _convert_="all")
-        slots = _grounding_slots(unit.folder)
-        if slots and hasattr(unit.extractor, "max_boxes"):
-            unit.extractor.max_boxes = slots  # pad grounding to the slots the GLIGEN adapter was built with
-        unit.dataset = instantiate(cfg.data, extractor=unit.extractor, _convert_="all").val_dataset
-    dataset = units[0].dataset
-    count = min(cfg.num_samples, len(dataset))
-    starts = range(0, count, cfg.batch_size)
-    batches = [
-        [collate([unit.dataset[i] for i in range(first, min(first + cfg.batch_size, count))]) for unit in units]
-        for first in starts
-    ]  # batches[b][k]: batch b read with unit k's extractor
+    batches, count = read_batches(cfg, units)
     sampling = {**OmegaConf.to_container(cfg.sampling), "image_size": tuple(batches[0][0]["pixel_values"].shape[-2:])}
 
     # Base first: loading an adapter may change the base UNet (an unlocked decoder, gated attention layers).
@@ -215,6 +192,40 @@ def run_evaluate(cfg: DictConfig) -> dict:
     log_wandb(cfg, rows, images, batches, summary)
     print(report(summary, output_dir, time.perf_counter() - started))
     return summary
+
+
+def configure(cfg: DictConfig) -> list[EvalUnit]:
+    """The checked settings and units; the model, adapter and condition of the trained run where there is one."""
+    check_settings("evaluate", cfg)
+    units, trained = evaluation_units(cfg)
+    with open_dict(cfg):
+        if trained is not None:
+            cfg.model = trained.model
+            log.info("model from the run config of %s", units[0].folder)
+        if len(units) == 1 and cfg.get("adapter_path") and trained is not None:
+            cfg.adapter, cfg.condition = trained.adapter, trained.condition
+        scene_objects = [unit.condition.scene_objects for unit in units if "scene_objects" in unit.condition]
+        if len(units) > 1 and scene_objects and "num_objects" in cfg.data:
+            cfg.data.num_objects = scene_objects[0]  # the scenes a grounding unit was trained on (GLIGEN: 1-3)
+    check_train_config(cfg)
+    return units
+
+
+def read_batches(cfg: DictConfig, units: list[EvalUnit]) -> tuple[list[list[dict]], int]:
+    """Each unit's extractor and validation set, and the evaluation items as batches: ``batches[b][k]`` is batch
+    ``b`` read with unit ``k``'s extractor (the same images and prompts, each unit's condition); and the count."""
+    for unit in units:
+        unit.extractor = instantiate(unit.condition.extractor, _convert_="all")
+        slots = _grounding_slots(unit.folder)
+        if slots and hasattr(unit.extractor, "max_boxes"):
+            unit.extractor.max_boxes = slots  # pad grounding to the slots the GLIGEN adapter was built with
+        unit.dataset = instantiate(cfg.data, extractor=unit.extractor, _convert_="all").val_dataset
+    count = min(cfg.num_samples, len(units[0].dataset))
+    batches = [
+        [collate([unit.dataset[i] for i in range(first, min(first + cfg.batch_size, count))]) for unit in units]
+        for first in range(0, count, cfg.batch_size)
+    ]
+    return batches, count
 
 
 def _grounding_slots(folder: Path) -> int | None:

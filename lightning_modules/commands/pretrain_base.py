@@ -149,7 +149,11 @@ def train_denoiser(
     generator: torch.Generator,
     samples_dir: Path,
 ) -> tuple[Backbone, list[dict]]:
-    """Stage 2: UNet + text encoder on cached latents; returns the EMA backbone and the validation history."""
+    """Stage 2: UNet + text encoder on cached latents; returns the EMA backbone and the validation history.
+
+    Long on purpose: the whole loop (batch, noise, loss, step, EMA, validation, samples) in one function, as DiT's
+    train.py reads in one sitting; split, its order of random draws (which the shipped model depends on) would
+    hide across helpers."""
     unet, text_encoder = backbone.unet, backbone.text_encoder
     unet.train().requires_grad_(True)
     text_encoder.train().requires_grad_(True)
