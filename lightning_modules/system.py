@@ -8,12 +8,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from diffusers.optimization import get_constant_schedule
 
 from adapters.base import ConditioningAdapter
 from adapters.grounding import GroundingCondition
@@ -65,18 +68,25 @@ class ConditionDropout:
         return both | text_only, both | condition_only
 
 
+# the optimizer of a system built without one (conf/optimizer/adamw.yaml's values)
+default_optimizer = partial(torch.optim.AdamW, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+
+
 class AdapterTrainingSystem(pl.LightningModule):
     """Trains ``adapter`` on the frozen ``backbone``.
 
     Args:
         backbone: frozen VAE, text encoder, UNet and noise scheduler.
         adapter: built from ``backbone.unet``; only its parameters reach the optimizer.
-        learning_rate: AdamW learning rate of the adapter (``adapter.learning_rate`` in the config).
-        weight_decay, adam_betas: AdamW settings.
-        lr_warmup_steps: linear warm-up from 0, then constant.
+        learning_rate: the learning rate of the adapter's param groups (``adapter.learning_rate`` in the config);
+            ``adapter.param_groups`` may give a group its own.
+        optimizer: a partial that takes the param groups and returns the optimizer (the ``optimizer`` config group,
+            ``_partial_: true``); None: AdamW with betas (0.9, 0.999), eps 1e-8, weight decay 0.01.
+        lr_scheduler: Lightning's lr_scheduler config whose ``scheduler`` is a partial that takes the optimizer (the
+            ``lr_scheduler`` config group), e.g. ``{"scheduler": partial(...), "interval": "step"}``; None: a
+            constant learning rate, stepped per optimizer step.
         condition_dropout: ``{text, condition, both}`` probabilities (``ConditionDropout``), so classifier-free
             guidance works with the adapter; the adapter config sets its method's recipe.
-        prompt_dropout: if set, overrides ``condition_dropout.text`` (the setting's earlier name).
         timestep_sampling: "uniform", or "cubic" (t = (1 - u^3) T, T2I-Adapter's bias towards early, noisy steps).
         cache_latents: keep each training item's VAE posterior (mean, std) after its first encoding, keyed by the
             batch's ``index``, and sample from it later (the frozen VAE gives the same posterior every epoch).
@@ -100,11 +110,9 @@ class AdapterTrainingSystem(pl.LightningModule):
         backbone: Backbone,
         adapter: ConditioningAdapter,
         learning_rate: float = 1e-4,
-        weight_decay: float = 1e-2,
-        adam_betas: tuple[float, float] = (0.9, 0.999),
-        lr_warmup_steps: int = 0,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        lr_scheduler: dict | None = None,
         condition_dropout: dict | ConditionDropout | None = None,
-        prompt_dropout: float | None = None,
         timestep_sampling: str = "uniform",
         cache_latents: bool = False,
         cache_text_embeddings: bool = True,
@@ -121,18 +129,19 @@ class AdapterTrainingSystem(pl.LightningModule):
             )
         dropout = condition_dropout if condition_dropout is not None else {"text": 0.5}
         dropout = dict(vars(dropout)) if isinstance(dropout, ConditionDropout) else dict(dropout)
-        if prompt_dropout is not None:
-            if not 0.0 <= prompt_dropout <= 1.0:
-                raise CtrlkitError(f"system.prompt_dropout={prompt_dropout} must be in [0, 1]")
-            dropout["text"] = prompt_dropout
         unknown = set(dropout) - {"text", "condition", "both"}
         if unknown:
             raise CtrlkitError(
                 f"system.condition_dropout has unknown keys {sorted(unknown)}; use text, condition, both"
             )
         self.condition_dropout = ConditionDropout(**dropout)
-        # The modules are not hyperparameters: keeping them out of hparams keeps them out of the checkpoint pickle.
-        self.save_hyperparameters(ignore=["backbone", "adapter"])
+        # The modules are not hyperparameters: keeping them out of hparams keeps them out of the checkpoint pickle;
+        # nor are the optimizer and scheduler partials (functions do not load with weights_only=True; config.yaml
+        # records them).
+        self.save_hyperparameters(ignore=["backbone", "adapter", "optimizer", "lr_scheduler"])
+        self.optimizer_factory = optimizer if optimizer is not None else default_optimizer
+        self.lr_scheduler_config = dict(lr_scheduler) if lr_scheduler is not None else {"interval": "step"}
+        self.lr_scheduler_config.setdefault("scheduler", get_constant_schedule)
         self.backbone = backbone
         self.adapter = adapter
         # Checkpoints hold the adapter only; on_load_checkpoint checks those keys itself.
@@ -375,14 +384,11 @@ class AdapterTrainingSystem(pl.LightningModule):
         self.log("val/condition_gain", without - loss, batch_size=size)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(
-            self.adapter.param_groups(self.hparams.learning_rate),
-            weight_decay=self.hparams.weight_decay,
-            betas=tuple(self.hparams.adam_betas),
-        )
-        warmup = max(int(self.hparams.lr_warmup_steps), 0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        """The configured optimizer over the adapter's param groups (each with its learning rate) and the
+        configured schedule, stepped as its config says (``interval: step``: after every optimizer step)."""
+        optimizer = self.optimizer_factory(self.adapter.param_groups(self.hparams.learning_rate))
+        scheduler = {**self.lr_scheduler_config, "scheduler": self.lr_scheduler_config["scheduler"](optimizer)}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     # ------------------------------------------------------------------ checkpoints hold the adapter only
 

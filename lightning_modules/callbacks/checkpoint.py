@@ -8,7 +8,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from lightning_modules.checkpoints import checkpoint_files
+from lightning_modules.errors import CtrlkitError
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +17,8 @@ class AdapterCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` for runs that get killed: the newest ``keep_last`` periodic checkpoints, ``last.ckpt``
     (always the state at the end of training) and ``best.ckpt`` (the best ``best_metric`` so far).
 
+    Only Lightning's public API: the periodic checkpoints are ``ModelCheckpoint``'s top ``keep_last`` by
+    ``step`` (the newest), ``last.ckpt`` is brought up to date in ``on_train_end`` with ``trainer.save_checkpoint``.
     Files are written atomically by the trainer's ``AtomicCheckpointIO`` and overwritten in place when a resumed run
     reaches a step again (no ``-v1`` copies). ``best_metric`` (by default the condition's score, from the
     controllability callback) arrives through ``consider_best`` when it is measured, so ``best.ckpt`` holds the
@@ -40,37 +42,46 @@ class AdapterCheckpoint(ModelCheckpoint):
         best_mode: str = "max",
         **kwargs,
     ) -> None:
-        kwargs.setdefault("enable_version_counter", False)
-        super().__init__(*args, **kwargs)
+        for taken in ("monitor", "mode", "save_top_k"):
+            if taken in kwargs:
+                raise CtrlkitError(
+                    f"callbacks.model_checkpoint.{taken} is set by ctrlkit (the periodic checkpoints are the newest "
+                    "by step); use keep_last for how many are kept and best_metric/best_mode for best.ckpt"
+                )
         if best_mode not in ("max", "min"):
-            raise ValueError(f"best_mode must be 'max' or 'min', got '{best_mode}'")
+            raise CtrlkitError(f"callbacks.model_checkpoint.best_mode must be 'max' or 'min', got '{best_mode}'")
+        kwargs.setdefault("enable_version_counter", False)
+        # the periodic checkpoints are Lightning's top-k by step: the newest ``keep_last`` (-1: all)
+        super().__init__(*args, monitor="step", mode="max", save_top_k=keep_last, **kwargs)
         self.keep_last = keep_last
         self.best_metric = best_metric
         self.best_mode = best_mode
         self.best_score: float | None = None
         self.best_step: int | None = None
         self.best_key: str | None = None  # the score best.ckpt was picked by (``auto`` resolved)
+        # the step of the newest periodic/last checkpoint this process wrote (best.ckpt writes are not counted)
+        self.written_step: int | None = None
+        self.writing_best = False
 
     def end_of_run_done(self, trainer: pl.Trainer) -> bool:
-        return not self.save_last or self.dirpath is None or (Path(self.dirpath) / "last.ckpt").is_file()
+        return not self.save_last or self.dirpath is None or self.last_path().is_file()
+
+    def last_path(self) -> Path:
+        return Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # Lightning writes last.ckpt together with every periodic checkpoint: the step of the newest write is the
+        # step last.ckpt holds
+        if not self.writing_best:
+            self.written_step = int(checkpoint["global_step"])
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning writes ``last`` at the end only when no ``last`` was saved before, so a run stopped by
-        # ``max_steps`` after a periodic save would keep a stale ``last.ckpt``.
-        if self.save_last and self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        super()._save_checkpoint(trainer, filepath)
-        self._remove_old_periodic(trainer)
-
-    def _remove_old_periodic(self, trainer: pl.Trainer) -> None:
-        if self.keep_last < 0 or not trainer.is_global_zero or self.dirpath is None:
+        # ``max_steps`` after a periodic save would keep a stale ``last.ckpt``: write it unless it is current.
+        if not self.save_last or self.dirpath is None or self.written_step == trainer.global_step:
             return
-        special = {f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}", f"{self.BEST_NAME}{self.FILE_EXTENSION}"}
-        periodic = [path for path in checkpoint_files(Path(self.dirpath)) if path.name not in special]
-        for path in periodic[self.keep_last :]:
-            trainer.strategy.remove_checkpoint(path)
+        self.last_model_path = str(self.last_path())
+        trainer.save_checkpoint(self.last_model_path, weights_only=self.save_weights_only)
 
     def consider_best(
         self, trainer: pl.Trainer, metric: str, score: float, *, primary: bool = False, higher_is_better: bool = True
@@ -85,7 +96,12 @@ class AdapterCheckpoint(ModelCheckpoint):
         if not better:
             return
         self.best_score, self.best_step, self.best_key = float(score), trainer.global_step, metric
-        trainer.save_checkpoint(str(Path(self.dirpath) / f"{self.BEST_NAME}{self.FILE_EXTENSION}"), weights_only=False)
+        self.writing_best = True
+        try:
+            path = Path(self.dirpath) / f"{self.BEST_NAME}{self.FILE_EXTENSION}"
+            trainer.save_checkpoint(str(path), weights_only=False)
+        finally:
+            self.writing_best = False
         log.info("best %s=%.4f at step %d -> %s", metric, score, trainer.global_step, self.dirpath)
 
     def state_dict(self) -> dict:

@@ -214,10 +214,6 @@ class ControllabilityCallback(pl.Callback):
         self.control_step = state_dict.get("control_step")
 
 
-# The name this callback had when it scored shapes only (configs written before keep working).
-ShapesControllabilityCallback = ControllabilityCallback
-
-
 def draw_curve(
     curve: list[dict],
     base: dict,

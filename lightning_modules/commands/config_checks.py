@@ -80,11 +80,20 @@ def check_override_keys(config_name: str, overrides: list[str], conf_dir: Path =
         if isinstance(parent, DictConfig) and leaf not in parent.keys():
             keys = ", ".join(sorted(str(k) for k in parent.keys() if not str(k).startswith("_")))
             where = f"{parent_key} takes" if parent_key else f"ctrlkit's {config_name} config has"
-            raise CtrlkitError(f"unknown key '{key}'; {where}: {keys} (add a new key with +{key}=...)")
+            moved = f" ({key} is now {MOVED_KEYS[key]})" if key in MOVED_KEYS else ""
+            raise CtrlkitError(f"unknown key '{key}'{moved}; {where}: {keys} (add a new key with +{key}=...)")
     try:
         return _compose(config_name, overrides, conf_dir, raise_errors=True)
     except Exception as error:  # Hydra's and OmegaConf's composition errors, as one line
         raise CtrlkitError(f"override not accepted: {one_line(error)}") from error
+
+
+# keys whose settings moved to a config group of their own (0.1: the optimizer and LR schedule groups)
+MOVED_KEYS = {
+    "system.weight_decay": "optimizer.weight_decay",
+    "system.adam_betas": "optimizer.betas",
+    "system.lr_warmup_steps": "lr_scheduler.scheduler.num_warmup_steps",
+}
 
 
 def _is_group(key: str, conf_dir: Path) -> bool:
@@ -181,7 +190,8 @@ _SIMPLE_TYPES = {bool: "bool", int: "int", float: "float", str: "str", type(None
 
 def _target_nodes(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
     """(dotted path, node) of every config node that Hydra instantiates."""
-    paths = ["model", "condition.extractor", "data", "system", "adapter.build", "trainer"]
+    paths = ["model", "condition.extractor", "data", "system", "optimizer", "lr_scheduler.scheduler", "adapter.build"]
+    paths += ["trainer"]
     paths += [f"{group}.{name}" for group in ("callbacks", "logger") for name in (cfg.get(group) or {})]
     found = []
     for path in paths:
@@ -192,7 +202,10 @@ def _target_nodes(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
 
 
 def check_node_against_signature(path: str, node: DictConfig) -> None:
-    """Unknown keys and wrongly typed values of one ``_target_`` node, judged by the target's signature."""
+    """Unknown keys and wrongly typed values of one ``_target_`` node, judged by the target's signature.
+
+    A ``_partial_: true`` node is called later by ctrlkit with its first argument (the optimizer's param groups,
+    the scheduler's optimizer): setting that argument in the config is an error too."""
     from hydra.utils import get_object
 
     try:
@@ -204,6 +217,11 @@ def check_node_against_signature(path: str, node: DictConfig) -> None:
         return
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     allowed = sorted(name for name in parameters if name not in ("self", "cls", "args", "kwargs"))
+    if node.get("_partial_", False):
+        given = next((name for name in parameters if name not in ("self", "cls")), None)
+        if given is not None and given in node:
+            raise CtrlkitError(f"{path}.{given} is given by ctrlkit when it calls {path}; remove it from the config")
+        allowed = [name for name in allowed if name != given]
     for key in node.keys():
         key = str(key)
         if key.startswith("_"):
@@ -272,7 +290,7 @@ def _fits(value, kind) -> bool:
 
 # ------------------------------------------------------------------ values
 
-PROBABILITY_KEYS = ("system.prompt_dropout",)
+PROBABILITY_KEYS = tuple(f"system.condition_dropout.{name}" for name in ("text", "condition", "both"))
 ON_ERROR = ("skip", "raise")
 
 
@@ -281,8 +299,15 @@ def check_values(cfg: DictConfig) -> None:
     for key in PROBABILITY_KEYS:
         value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, int | float) and not 0.0 <= value <= 1.0:
-            raise CtrlkitError(f"{key}={value} is a probability; allowed: a number in [0, 1]")
-    for key in ("adapter.learning_rate", "system.weight_decay"):
+            parent_key, _, leaf = key.rpartition(".")
+            parent, _, name = parent_key.rpartition(".")
+            named = _set_by(OmegaConf.select(cfg, parent), name, parent_key)  # the adapter's recipe, usually
+            raise CtrlkitError(f"{named.split(' ')[0]}.{leaf}={value} is a probability; allowed: a number in [0, 1]")
+    if OmegaConf.select(cfg, "optimizer.lr", default=None) is not None:
+        raise CtrlkitError(
+            "optimizer.lr is not used: each param group's learning rate is the adapter's; set adapter.learning_rate"
+        )
+    for key in ("adapter.learning_rate", "optimizer.weight_decay"):
         value = OmegaConf.select(cfg, key, default=None)
         positive = key.endswith("learning_rate")
         if isinstance(value, int | float) and not isinstance(value, bool):
@@ -295,6 +320,9 @@ def check_values(cfg: DictConfig) -> None:
     on_error = OmegaConf.select(cfg, "data.on_error", default=None)
     if on_error is not None and on_error not in ON_ERROR:
         raise CtrlkitError(f"data.on_error='{on_error}'; choose one of: {', '.join(ON_ERROR)}")
+    warmup = OmegaConf.select(cfg, "lr_scheduler.scheduler.num_warmup_steps", default=None)
+    if isinstance(warmup, int) and warmup < 0:
+        raise CtrlkitError(f"lr_scheduler.scheduler.num_warmup_steps={warmup} must be >= 0; allowed: an integer >= 0")
     max_nonfinite = OmegaConf.select(cfg, "system.max_nonfinite_steps", default=None)
     if isinstance(max_nonfinite, int) and max_nonfinite < 1:
         raise CtrlkitError(f"system.max_nonfinite_steps={max_nonfinite} must be >= 1; allowed: an integer >= 1")

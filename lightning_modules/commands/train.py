@@ -149,10 +149,15 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 
 
 def _finish_wandb(loggers: list) -> None:
-    """Close W&B runs so the next job of a sweep (same process) starts a new run instead of reusing this one."""
-    for logger in loggers:
-        if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
-            logger.experiment.finish()
+    """Close the W&B run so the next job of a sweep (same process) starts a new run instead of reusing this one.
+    ``wandb.run`` is the process's active run (the one ``WandbLogger`` started), None when no run was started;
+    ``logger.experiment`` would start one."""
+    if not any(type(logger).__name__ == "WandbLogger" for logger in loggers):
+        return
+    import wandb
+
+    if wandb.run is not None:
+        wandb.run.finish()
 
 
 def _summary(objects: dict, output_dir: Path, seconds: float) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,7 +173,6 @@ class FileDataModule(ConditionedDataModule):
         seed: the shuffling seed (``${seed}``).
         max_image_pixels: the largest image (width x height, checked from the file header) decoded; larger ones are
             bad data (skipped or raised per ``on_error``), so a decompression bomb never reaches the decoder.
-        skip_invalid: deprecated spelling of ``on_error`` (true = skip, false = raise).
     """
 
     LAYOUTS = {
@@ -194,7 +192,6 @@ class FileDataModule(ConditionedDataModule):
         num_workers: int = 0,
         on_error: str = "skip",
         seed: int = 0,
-        skip_invalid: bool | None = None,
         image_column: str = "file_name",
         caption_column: str = "text",
         conditioning_image_column: str = "conditioning_image",
@@ -211,11 +208,6 @@ class FileDataModule(ConditionedDataModule):
             raise CtrlkitError(f"data.batch_size must be >= 1, got {batch_size}")
         if not Path(root).is_dir():
             raise CtrlkitError(f"data.root {root} is not a folder")
-        if skip_invalid is not None:
-            warnings.warn(
-                "data.skip_invalid is deprecated; use data.on_error=skip|raise", DeprecationWarning, stacklevel=2
-            )
-            on_error = "skip" if skip_invalid else "raise"
         check_on_error(on_error)
         self.on_error = on_error
         self.shuffle_seed = seed

@@ -36,12 +36,10 @@ def test_bad_recipes_are_named():
         ConditionDropout(text=0.6, condition=0.6)
 
 
-def test_the_system_reads_the_recipe_and_the_earlier_name(tiny_backbone):
+def test_the_system_reads_the_recipe(tiny_backbone):
     adapter = T2IAdapterAdapter.from_unet(tiny_backbone.unet, vae_scale_factor=4)
     system = AdapterTrainingSystem(tiny_backbone, adapter, condition_dropout={"text": 0.2, "condition": 0.3})
     assert system.condition_dropout == ConditionDropout(text=0.2, condition=0.3)
-    system = AdapterTrainingSystem(tiny_backbone, adapter, condition_dropout={"text": 0.2}, prompt_dropout=0.7)
-    assert system.condition_dropout.text == 0.7
     with pytest.raises(CtrlkitError, match=r"unknown keys \['txt'\]"):
         AdapterTrainingSystem(tiny_backbone, adapter, condition_dropout={"txt": 0.2})
 

@@ -25,10 +25,29 @@ from conditions import (
     read_image,
 )
 from lightning_modules.data.files import FileDataModule
-from lightning_modules.errors import CtrlkitError
+from lightning_modules.errors import USER_ERRORS, CtrlkitError
 
 TIMEOUT_S = 30
-CLEAR_ERRORS = (ImageDecodeError, CtrlkitError, ValueError)
+
+
+def assert_clear_error(error: BaseException, *named: object) -> None:
+    """``error`` is one ctrlkit reports as one line (``USER_ERRORS``: ``CtrlkitError`` and the packages' own error
+    classes, not a bare ``ValueError`` from numpy, OpenCV or torch) and its one-line message names ``named``."""
+    assert isinstance(error, USER_ERRORS), f"{type(error).__name__} is not one of ctrlkit's errors: {error!r}"
+    message = str(error).strip()
+    assert message and "\n" not in message, repr(error)
+    missing = [str(value) for value in named if str(value) not in message]
+    assert not missing, f"the message does not name {missing}: {message}"
+
+
+def test_only_our_errors_naming_the_problem_are_clear():
+    """The judge itself: a bare ValueError (numpy's broadcast error, say) or a message that does not name the
+    offending value fails it."""
+    with pytest.raises(AssertionError, match="not one of ctrlkit's errors"):
+        assert_clear_error(ValueError("operands could not be broadcast together with shapes (1,700) (3,)"), 1, 700)
+    with pytest.raises(AssertionError, match="does not name"):
+        assert_clear_error(CtrlkitError("the image is too small"), 1, 700)
+    assert_clear_error(CtrlkitError("the image is 1x700 px; extractors need at least 2x2"), 1, 700)
 
 
 def within_timeout(function, *args):
@@ -80,13 +99,13 @@ def check_extraction(extractor, path: Path) -> None:
     try:
         image = within_timeout(read_image, path)
     except ImageDecodeError as error:
-        assert str(path) in str(error) and "\n" not in str(error)
+        assert_clear_error(error, path)
         return
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
     try:
         condition = within_timeout(extractor, image)
-    except CLEAR_ERRORS as error:
-        assert str(error) and "\n" not in str(error).strip(), repr(error)
+    except Exception as error:  # noqa: BLE001 -- judged here: only a clear error naming the image's size passes
+        assert_clear_error(error, *image.shape[:2])
         return
     assert condition.shape == (extractor.channels, *image.shape[:2])
     assert condition.dtype == torch.float32 and 0 <= condition.min() and condition.max() <= 1

@@ -150,8 +150,11 @@ def test_nan_steps_in_a_row_stop_the_run_and_keep_the_last_checkpoint(make_train
         ("+data.colour=red", r"unknown key 'data.colour'; data takes: .*batch_size"),
         ("data.batch_size=two", r"data.batch_size='two' has the wrong type; allowed: int"),
         ("system.cache_latents=maybe", r"system.cache_latents='maybe' has the wrong type; allowed: bool"),
-        ("system.prompt_dropout=1.5", r"system.prompt_dropout=1.5 is a probability; allowed: a number in \[0, 1\]"),
-        ("system.prompt_dropout=-0.1", r"system.prompt_dropout=-0.1 is a probability"),
+        (
+            "adapter.condition_dropout.text=1.5",
+            r"adapter.condition_dropout.text=1.5 is a probability; allowed: a number in \[0, 1\]",
+        ),
+        ("adapter.condition_dropout.both=-0.1", r"adapter.condition_dropout.both=-0.1 is a probability"),
         ("data.batch_size=0", r"data.batch_size=0 must be >= 1; allowed: an integer >= 1"),
         ("data.image_size=72", r"data.image_size=72 must be a positive multiple of 16 .*VAE factor 4.*e.g. (64|80)"),
         ("adapter.build.conditioning_channels=1", r"conditioning_channels=1 does not match condition.channels=3"),

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf, open_dict
 
 from conditions import CannyExtractor, HEDExtractor
 from conditions.shapes_truth import ShapesTruthExtractor
-from lightning_modules.callbacks.controllability import ControllabilityCallback, ShapesControllabilityCallback
+from lightning_modules.callbacks.controllability import ControllabilityCallback
 from lightning_modules.commands.config_checks import CONF_DIR
 from lightning_modules.commands.train import train
 from tests.helpers.wandb_records import read_history
@@ -25,9 +25,7 @@ class RecordingLogger:
 
 
 def test_control_step_is_the_first_jump_over_the_base(tmp_path):
-    callback = ShapesControllabilityCallback(
-        output_file=str(tmp_path / "c.json"), every_n_steps=10, jump_threshold=0.25
-    )
+    callback = ControllabilityCallback(output_file=str(tmp_path / "c.json"), every_n_steps=10, jump_threshold=0.25)
     ious = iter([0.1, 0.15, 0.3, 0.5, 0.9])  # base, then steps 0, 10, 20, 30
     callback.evaluate = lambda module, dataset, use_adapter=True: {
         "mask_iou": next(ious),
@@ -58,7 +56,7 @@ def test_control_step_is_the_first_jump_over_the_base(tmp_path):
 
 
 def test_turns_itself_off_without_ground_truth(tmp_path):
-    callback = ShapesControllabilityCallback(output_file=str(tmp_path / "c.json"))
+    callback = ControllabilityCallback(output_file=str(tmp_path / "c.json"))
     trainer = SimpleNamespace(
         global_step=0, is_global_zero=True, loggers=[], datamodule=SimpleNamespace(val_dataset=object())
     )

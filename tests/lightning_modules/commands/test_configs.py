@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import instantiate
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from lightning_modules.commands.config_checks import CONF_DIR, check_group_overrides, check_train_config, group_options
 from lightning_modules.errors import CtrlkitError
@@ -17,6 +19,8 @@ GROUPS = [
     "condition",
     "data",
     "system",
+    "optimizer",
+    "lr_scheduler",
     "trainer",
     "logger",
     "callbacks",
@@ -83,6 +87,12 @@ def test_every_option_composes_and_its_light_parts_instantiate(make_train_config
     assert instantiate(cfg.trainer).max_steps == cfg.trainer.max_steps or cfg.trainer.get("fast_dev_run")
     for callback in (cfg.callbacks or {}).values():
         instantiate(callback)
+    # the optimizer and schedule partials take what the training system hands them
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    optimizer = instantiate(cfg.optimizer)([{"params": [parameter], "lr": 1e-3}])
+    assert optimizer.param_groups[0]["lr"] == 1e-3
+    lr_scheduler = instantiate(cfg.lr_scheduler)
+    assert lr_scheduler["interval"] == "step" and lr_scheduler["scheduler"](optimizer).get_last_lr()
 
 
 def test_unknown_option_names_the_group_and_the_choices():
@@ -126,8 +136,16 @@ def test_missing_extractor_weights_dir_is_named(make_train_config):
         check_train_config(cfg)
 
 
-def test_conf_dir_is_this_repository():
-    assert (CONF_DIR / "train.yaml").is_file()
+def test_conf_dir_is_this_repository(make_train_config):
+    """The commands compose this checkout's configs, not those of another copy of ctrlkit on the path: CONF_DIR is
+    the conf/ beside these tests, and a composed config holds what its yaml files here say."""
+    here = Path(__file__).resolve().parents[3] / "conf"
+    assert CONF_DIR.resolve() == here
+    cfg = make_train_config()
+    for group, option in (("system", "default"), ("optimizer", "adamw"), ("lr_scheduler", "constant")):
+        written = OmegaConf.load(here / group / f"{option}.yaml")
+        composed = OmegaConf.to_container(cfg[group], resolve=False)
+        assert composed == OmegaConf.to_container(written, resolve=False), group
 
 
 @pytest.mark.parametrize(
@@ -143,3 +161,62 @@ def test_the_base_model_recipe_sets_adapter_rate_and_timesteps(
     # a direct override still wins over the recipe
     cfg = make_train_config(f"model={model}", "adapter.learning_rate=3e-4", "system.timestep_sampling=uniform")
     assert cfg.system.learning_rate == 3e-4 and cfg.system.timestep_sampling == "uniform"
+
+
+# ------------------------------------------------------------------ optimizer and lr_scheduler groups
+
+
+def build_system(cfg, backbone, **build):
+    adapter = instantiate(cfg.adapter.build, _convert_="all", **build)(backbone.unet, vae_scale_factor=4)
+    return instantiate(cfg.system, backbone=backbone, adapter=adapter, _convert_="all")
+
+
+def test_the_default_optimizer_and_schedule_are_the_recipe_of_before(make_train_config, tiny_backbone):
+    """optimizer=adamw lr_scheduler=constant: AdamW(betas 0.9/0.999, eps 1e-8, weight decay 0.01) at the adapter's
+    learning rate, constant, stepped per optimizer step -- what configure_optimizers hard-coded before."""
+    system = build_system(make_train_config(), tiny_backbone)
+    configured = system.configure_optimizers()
+    optimizer, lr_scheduler = configured["optimizer"], configured["lr_scheduler"]
+    before = torch.optim.AdamW(system.adapter.param_groups(1e-3), weight_decay=0.01, betas=(0.9, 0.999))
+    assert type(optimizer) is torch.optim.AdamW
+    settings = [{k: v for k, v in g.items() if k not in ("params", "initial_lr")} for g in optimizer.param_groups]
+    assert settings == [{k: v for k, v in g.items() if k != "params"} for g in before.param_groups]
+    assert lr_scheduler["interval"] == "step" and lr_scheduler["frequency"] == 1
+    for _ in range(5):
+        optimizer.step()
+        lr_scheduler["scheduler"].step()
+        assert lr_scheduler["scheduler"].get_last_lr() == [1e-3]
+    assert "optimizer" not in system.hparams  # a partial would not load with weights_only=True
+
+
+def test_param_groups_keep_their_own_rates_under_any_optimizer(make_train_config, tiny_backbone):
+    cfg = make_train_config("optimizer=sgd", "lr_scheduler=cosine_warmup", "adapter.learning_rate=1e-4")
+    system = build_system(cfg, tiny_backbone, unlock_unet_decoder=True, decoder_learning_rate=2e-6)
+    configured = system.configure_optimizers()
+    assert type(configured["optimizer"]) is torch.optim.SGD
+    assert [group["initial_lr"] for group in configured["optimizer"].param_groups] == [1e-4, 2e-6]
+    assert configured["lr_scheduler"]["scheduler"].get_last_lr() == [0.0, 0.0]  # warm-up from 0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+optimizer.lr=1e-2", r"optimizer.lr is not used: .* set adapter.learning_rate"),
+        ("+optimizer.params=[]", r"optimizer.params is given by ctrlkit when it calls optimizer"),
+        ("+lr_scheduler.scheduler.optimizer=x", r"lr_scheduler.scheduler.optimizer is given by ctrlkit"),
+        ("+optimizer.weight_decy=0", r"unknown key 'optimizer.weight_decy'; optimizer takes: .*weight_decay"),
+        ("optimizer.weight_decay=-1", r"optimizer.weight_decay=-1 is out of range; allowed: a finite number >= 0"),
+        ("optimizer.betas=fast", r"optimizer.betas='fast' has the wrong type; allowed: list"),
+        ("lr_scheduler.scheduler.num_warmup_steps=-2", r"num_warmup_steps=-2 must be >= 0"),
+    ],
+)
+def test_bad_optimizer_and_schedule_settings_are_named(make_train_config, override, message):
+    with pytest.raises(CtrlkitError, match=message):
+        check_train_config(make_train_config(override))
+
+
+def test_moved_system_keys_name_their_new_place():
+    from lightning_modules.commands.config_checks import check_override_keys
+
+    with pytest.raises(CtrlkitError, match=r"system.weight_decay is now optimizer.weight_decay"):
+        check_override_keys("train", ["system.weight_decay=0.1"])

@@ -58,9 +58,6 @@ def test_bad_line_names_file_and_line_or_is_skipped_and_counted(tmp_path, caplog
     datamodule = FileDataModule(str(root), CannyExtractor(), image_size=16, val_size=1)  # on_error=skip
     assert len(datamodule.train_dataset) + len(datamodule.val_dataset) == 4 and datamodule.skipped_lines == 1
     assert "skipped 1 invalid line(s)" in caplog.text and "prompt.json line 3" in caplog.text
-    with pytest.warns(DeprecationWarning, match="skip_invalid"):  # the old spelling still works
-        old = FileDataModule(str(root), CannyExtractor(), image_size=16, val_size=1, skip_invalid=True)
-    assert old.on_error == "skip" and old.skipped_lines == 1
 
 
 def test_undecodable_image_names_the_line(tmp_path):
