@@ -77,3 +77,20 @@ def test_attention_runs_through_sdpa(tiny_backbone):
 
     tiny_backbone.unet.set_attn_processor(AttnProcessor())  # the slow path: found and named
     assert check_sdpa_attention({"unet": tiny_backbone.unet}) == {"unet": {"AttnProcessor"}}
+
+
+def test_optimizer_groups_build_what_they_name(make_train_config):
+    from hydra.utils import instantiate
+
+    from lightning_modules.optimizers import adamw
+
+    parameter = torch.nn.Parameter(torch.zeros(3))
+    optimizer = instantiate(make_train_config().optimizer)([{"params": [parameter], "lr": 1e-3}])
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["weight_decay"] == 0.01
+    assert not optimizer.defaults["fused"]  # on a CPU: the plain implementation, as torch's default
+    assert adamw([{"params": [parameter], "lr": 1e-3}]).defaults["betas"] == (0.9, 0.999)
+
+
+def test_8bit_adam_says_what_it_needs(make_train_config):
+    with pytest.raises(CtrlkitError, match=r"optimizer=adamw8bit (needs bitsandbytes|keeps 8-bit states on a CUDA)"):
+        train(make_train_config("optimizer=adamw8bit", "trainer.max_steps=1"))
