@@ -40,6 +40,13 @@ def _rename_head(rest: str, names: dict[str, str]) -> str:
     return rest
 
 
+def _layer_key(blocks: str, index: int, kind: str, rest: str) -> str:
+    """A down/up block layer's LDM key: its resnet at ``<blocks>.<index>.0``, its attention at ``.1``."""
+    if kind == "resnets":
+        return f"{blocks}.{index}.0.{_rename_head(rest, _UNET_RESNET)}"
+    return f"{blocks}.{index}.1.{rest}"
+
+
 def unet_key_to_ldm(key: str, layers_per_block: int, up_block_types: tuple[str, ...]) -> str:
     """One ``UNet2DConditionModel`` key -> its ``openaimodel.UNetModel`` key (without ``model.diffusion_model.``).
 
@@ -52,12 +59,7 @@ def unet_key_to_ldm(key: str, layers_per_block: int, up_block_types: tuple[str, 
             return ldm_name + key[len(name) :]
     if match := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
         block, kind, layer, rest = int(match[1]), match[2], int(match[3]), match[4]
-        index = 1 + block * per_down + layer
-        return (
-            f"input_blocks.{index}.0.{_rename_head(rest, _UNET_RESNET)}"
-            if kind == "resnets"
-            else (f"input_blocks.{index}.1.{rest}")
-        )
+        return _layer_key("input_blocks", 1 + block * per_down + layer, kind, rest)
     if match := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
         return f"input_blocks.{1 + int(match[1]) * per_down + layers_per_block}.0.op.{match[2]}"
     if match := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
@@ -66,12 +68,7 @@ def unet_key_to_ldm(key: str, layers_per_block: int, up_block_types: tuple[str, 
         return f"middle_block.1.{match[1]}"
     if match := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
         block, kind, layer, rest = int(match[1]), match[2], int(match[3]), match[4]
-        index = block * per_up + layer
-        return (
-            f"output_blocks.{index}.0.{_rename_head(rest, _UNET_RESNET)}"
-            if kind == "resnets"
-            else (f"output_blocks.{index}.1.{rest}")
-        )
+        return _layer_key("output_blocks", block * per_up + layer, kind, rest)
     if match := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
         block = int(match[1])
         # the upsampler follows the resnet (and the attention, in cross-attention blocks) of the block's last layer

@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 from omegaconf import OmegaConf, open_dict
+from PIL import Image
 
 from conditions import CannyExtractor, HEDExtractor
 from conditions.shapes_truth import ShapesTruthExtractor
-from lightning_modules.callbacks.controllability import ControllabilityCallback
+from lightning_modules.callbacks.controllability import ControllabilityCallback, draw_curve
 from lightning_modules.commands.config_checks import CONF_DIR
 from lightning_modules.commands.train import train
 from tests.helpers.wandb_records import read_history
@@ -52,7 +54,9 @@ def test_control_step_is_the_first_jump_over_the_base(tmp_path):
     summary = json.loads((tmp_path / "c.json").read_text())
     assert summary["control_step"] == 20 and summary["final"]["mask_iou"] == 0.9
     assert summary["base_without_adapter"]["mask_iou"] == 0.1
-    assert (tmp_path / "c.png").is_file()
+    curve = np.asarray(Image.open(tmp_path / "c.png").convert("RGB")).astype(int)
+    assert curve.shape == (300, 480, 3)  # draw_curve's default size
+    assert (curve.std(axis=(0, 1)) > 10).all()  # drawn on, not a blank page
 
 
 def test_turns_itself_off_without_ground_truth(tmp_path):
@@ -151,3 +155,14 @@ def test_an_unknown_jump_metric_is_named(tmp_path):
 
     with pytest.raises(ValueError, match=r"unknown jump_metric 'fid'; choose one of: canny_f1"):
         ControllabilityCallback(output_file=str(tmp_path / "c.json"), jump_metric="fid")
+
+
+def test_draw_curve_draws_each_series(tmp_path):
+    """The curve PNG has the requested size, the jump metric, mask IoU and the control step in their colours."""
+    curve = [{"step": step, "depth_rmse": 200.0 - step, "mask_iou": step / 100} for step in (0, 50, 100)]
+    draw_curve(curve, {"depth_rmse": 180.0}, 50, tmp_path / "d.png", "depth_rmse", size=(400, 250))
+    pixels = np.asarray(Image.open(tmp_path / "d.png").convert("RGB")).astype(int)
+    assert pixels.shape == (250, 400, 3)
+    colours = {"tab:blue": (31, 119, 180), "tab:green": (44, 160, 44), "tab:red": (214, 39, 40)}
+    for name, colour in colours.items():
+        assert (np.abs(pixels - colour).sum(-1) < 30).sum() > 20, name
