@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypedDict
@@ -160,7 +161,11 @@ class ConditioningAdapter(nn.Module, ABC):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.save_weights(directory)
-        marker = {"family": self.family, "class": f"{type(self).__module__}:{type(self).__qualname__}"}
+        module = type(self).__module__
+        if module == "__main__":  # run as `python -m package.module`: the name another process can import
+            spec = getattr(sys.modules["__main__"], "__spec__", None)
+            module = spec.name if spec is not None else module
+        marker = {"family": self.family, "class": f"{module}:{type(self).__qualname__}"}
         (directory / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
 
     def trainable_parameters(self) -> list[nn.Parameter]:

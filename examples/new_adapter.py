@@ -1,6 +1,6 @@
 """A new adapter family in a file of your own: it registers itself, saves, and loads back by the registry.
 
-Run:  python examples/new_adapter.py
+Run:  python -m examples.new_adapter   (as a module, so the marker names it `examples.new_adapter:PooledConvAdapter`)
 Prints the registered families (yours among them), the marker written into the saved folder, and "round trip
 exact: True". The same folder loads in `ctrlkit generate units=[{adapter: <folder>, condition_image: ...}]`
 with no edit to ctrlkit, as long as this module is importable (its `module:Class` is in the marker).
