@@ -73,3 +73,29 @@ def check_sdpa_attention(modules: dict[str, nn.Module]) -> dict[str, set[str]]:
     for name, found in slow.items():
         logging.getLogger(__name__).warning("%s attention without SDPA: %s", name, ", ".join(sorted(found)))
     return slow
+
+
+def compile_repeated_blocks(module: nn.Module) -> int:
+    """``torch.compile`` each down/mid/up block of every diffusers UNet-like model inside ``module`` (the UNet, a
+    ControlNet's encoder copy), in place: the repeated blocks hold nearly all the compute, and compiling them one by
+    one keeps compile time short and tolerates the Python between them. Returns the number of blocks compiled."""
+    compiled = 0
+    for submodule in module.modules():
+        blocks = [*getattr(submodule, "down_blocks", []), *getattr(submodule, "up_blocks", [])]
+        middle = getattr(submodule, "mid_block", None)
+        for block in [*blocks, *([middle] if middle is not None else [])]:
+            if isinstance(block, nn.Module):
+                block.compile()
+                compiled += 1
+    return compiled
+
+
+def allow_tf32(device: torch.device) -> bool:
+    """TF32 matrix products and convolutions on CUDA GPUs that have them (Ampere and later): float32 training at
+    tensor-core speed, with a 10-bit mantissa in the products (PyTorch's default keeps them off). No effect
+    elsewhere; returns whether it was turned on."""
+    if device.type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True

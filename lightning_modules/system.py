@@ -26,9 +26,11 @@ from lightning_modules.errors import CtrlkitError, NonFiniteLossError
 from lightning_modules.feature_cache import FeatureCache, module_fingerprint, tensor_key_bytes
 from lightning_modules.precision import (
     MIXED_PRECISION_DTYPES,
+    allow_tf32,
     cast_frozen,
     check_sdpa_attention,
     check_trainable_fp32,
+    compile_repeated_blocks,
 )
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,8 @@ class AdapterTrainingSystem(pl.LightningModule):
             Items are looked up there before they are encoded, behind the in-memory caches.
         gradient_checkpointing: recompute activations in the backward pass, in the UNet (gradients flow through it to
             every adapter) and in the adapter's diffusers models: less memory for ~30% more compute.
+        compile: ``torch.compile`` the repeated blocks of the UNet and of the adapter's diffusers models.
+        tf32: TF32 matrix products on CUDA GPUs that have them (no effect on a CPU).
         seed: seeds the training generator that draws every random number of a training step (posterior sample,
             noise, timesteps, prompt dropout). Its state is saved in checkpoints with the global RNG states, so a
             resumed run draws exactly what the uninterrupted run would have.
@@ -119,6 +123,8 @@ class AdapterTrainingSystem(pl.LightningModule):
         cache_limit: int = 50_000,
         cache_dir: str | None = None,
         gradient_checkpointing: bool = False,
+        compile: bool = False,
+        tf32: bool = True,
         seed: int = 0,
         max_nonfinite_steps: int = 5,
     ) -> None:
@@ -166,6 +172,11 @@ class AdapterTrainingSystem(pl.LightningModule):
             inside = self.adapter.enable_gradient_checkpointing()
             log.info("gradient checkpointing in the UNet%s", " and the adapter" if inside else "")
         check_sdpa_attention({"unet": self.backbone.unet, "adapter": self.adapter})
+        if self.hparams.tf32 and allow_tf32(self.device):
+            log.info("TF32 matrix products on")
+        if self.hparams.compile:
+            blocks = compile_repeated_blocks(self.backbone.unet) + compile_repeated_blocks(self.adapter)
+            log.info("torch.compile: %d UNet and adapter blocks (compiled on their first step)", blocks)
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
         optimizer.zero_grad(set_to_none=True)  # frees the gradients between steps instead of zero-filling them

@@ -94,3 +94,52 @@ def test_optimizer_groups_build_what_they_name(make_train_config):
 def test_8bit_adam_says_what_it_needs(make_train_config):
     with pytest.raises(CtrlkitError, match=r"optimizer=adamw8bit (needs bitsandbytes|keeps 8-bit states on a CUDA)"):
         train(make_train_config("optimizer=adamw8bit", "trainer.max_steps=1"))
+
+
+@pytest.mark.slow
+def test_sd15_architecture_controlnet_trains_a_step_in_bf16_with_checkpointing(make_train_config):
+    """SD1.5 at full size (random weights, no download), 128x128, batch 1, bf16-mixed + gradient checkpointing:
+    one step on this CPU (about 75 s and 8.5 GB), and the ControlNet's weights stay fp32."""
+    cfg = make_train_config(
+        "model=sd15_random",
+        "data.image_size=128",
+        "data.batch_size=1",
+        "data.val_size=1",
+        "trainer.precision=bf16-mixed",
+        "system.gradient_checkpointing=true",
+        "trainer.max_steps=1",
+        "+trainer.limit_val_batches=0",
+        "callbacks.sample_grid.every_n_steps=0",
+        "callbacks.sample_grid.num_samples=1",
+        "callbacks.sample_grid.num_inference_steps=1",
+        "callbacks.controllability.every_n_steps=0",
+        "callbacks.controllability.num_samples=1",
+        "callbacks.controllability.num_inference_steps=1",
+    )
+    metrics, objects = train(cfg)
+    system = objects["system"]
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert all(p.dtype == torch.float32 for p in system.adapter.parameters() if p.requires_grad)
+    assert system.backbone.unet.dtype == torch.bfloat16 and system.backbone.unet.is_gradient_checkpointing
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_the_same_output(tiny_backbone):
+    """``system.compile``: the UNet's and the ControlNet's blocks compiled one by one, the same prediction."""
+    from adapters import ControlNetAdapter
+    from lightning_modules.precision import compile_repeated_blocks
+
+    adapter = ControlNetAdapter.from_unet(tiny_backbone.unet, vae_scale_factor=4)
+    generator = torch.Generator().manual_seed(0)
+    latents, states = torch.randn(2, 4, 16, 16, generator=generator), torch.randn(2, 32, 64, generator=generator)
+    condition = torch.rand(2, 3, 64, 64, generator=generator)
+
+    def predict():
+        with torch.no_grad():
+            timestep = torch.tensor(500)
+            kwargs = adapter(condition, noisy_latents=latents, timesteps=timestep, encoder_hidden_states=states)
+            return tiny_backbone.unet(latents, 500, states, **kwargs).sample
+
+    expected = predict()
+    assert compile_repeated_blocks(tiny_backbone.unet) == 7 and compile_repeated_blocks(adapter) == 4
+    assert torch.allclose(predict(), expected, atol=1e-5)
