@@ -12,6 +12,7 @@ from adapters.grounding import GroundingCondition
 from conditions.boxes import GroundingRecord, draw_boxes
 from conditions.controllability import EvalSample
 from conditions.ranges import images_to_numpy, signed_to_unit
+from lightning_modules.feature_cache import tensor_key_bytes
 
 
 def evaluation_samples(dataset, batch: dict, generated: torch.Tensor, condition=None) -> list[EvalSample]:
@@ -102,3 +103,19 @@ def grid_columns(condition, samples: torch.Tensor, target: torch.Tensor) -> list
         with_condition_drawn(condition, samples),
         with_condition_drawn(condition, target),
     ]
+
+
+@functools.singledispatch
+def condition_key_bytes(condition) -> bytes:
+    """A batch's condition as bytes for a cache key: a map's values, or grounding's boxes, slots and phrases."""
+    raise TypeError(f"a condition is a map tensor or a GroundingCondition, got {type(condition).__name__}")
+
+
+@condition_key_bytes.register
+def _map_key(condition: torch.Tensor) -> bytes:
+    return tensor_key_bytes(condition)
+
+
+@condition_key_bytes.register
+def _grounding_key(condition: GroundingCondition) -> bytes:
+    return tensor_key_bytes(condition.boxes) + tensor_key_bytes(condition.masks) + repr(condition.phrases).encode()

@@ -27,8 +27,9 @@ from conditions.controllability import (
 )
 from conditions.io import write_atomically
 from lightning_modules.callbacks.samples import generate_in_eval_mode
-from lightning_modules.condition_views import evaluation_samples
+from lightning_modules.condition_views import condition_key_bytes, evaluation_samples
 from lightning_modules.data.common import collate
+from lightning_modules.feature_cache import FeatureCache, module_fingerprint, tensor_key_bytes
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class ControllabilityCallback(pl.Callback):
         output_file: JSON written at the end: base and final scores, the curve, the control step (and a PNG beside).
         jump_metric: the score whose jump marks control; None: the condition's own (e.g. ``canny_f1``), or
             ``mask_iou`` for a condition without a re-extraction metric on ``shapes``.
+        base_cache_dir: a folder where the base model's scores are kept for later runs (``base_scores``); None: off.
         jump_threshold: fraction of the gap between the base score and a perfect score that counts as
             "control appeared" (0.2: an IoU of 0.1 without the adapter must reach 0.28).
         num_inference_steps, guidance_scale, scheduler, seed: the sampler, fixed across evaluations.
@@ -56,6 +58,7 @@ class ControllabilityCallback(pl.Callback):
         seed: int = 0,
         jump_metric: str | None = None,
         jump_threshold: float = 0.2,
+        base_cache_dir: str | None = None,
     ) -> None:
         if jump_metric is not None and jump_metric not in METRICS:
             raise ValueError(f"unknown jump_metric '{jump_metric}'; choose one of: {', '.join(METRICS)}")
@@ -70,6 +73,7 @@ class ControllabilityCallback(pl.Callback):
         }
         self.jump_metric = jump_metric
         self.jump_threshold = jump_threshold
+        self.base_cache_dir = Path(base_cache_dir) if base_cache_dir else None
         self.enabled = True
         self.base: dict | None = None
         self.truth: dict | None = None
@@ -83,6 +87,33 @@ class ControllabilityCallback(pl.Callback):
         batch = collate([dataset[index] for index in range(count)])
         images = generate_in_eval_mode(pl_module, batch, self.sampling, use_adapter=use_adapter)
         return mean_scores(score_samples(dataset.extractor, evaluation_samples(dataset, batch, images)))
+
+    def base_scores(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataset) -> dict:
+        """The base model's scores on the validation items, from ``base_cache_dir`` when an earlier run scored the
+        same thing: they depend only on the frozen model's weights, the items, the sampler and the precision (the
+        key hashes all of them), so a short run does not spend its first minute scoring the base again."""
+        if self.base_cache_dir is None:
+            return self.evaluate(pl_module, dataset, use_adapter=False)
+        count = min(self.num_samples, len(dataset))
+        batch = collate([dataset[index] for index in range(count)])
+        extractor = getattr(dataset, "extractor", None)
+        key = FeatureCache.key(
+            module_fingerprint(pl_module.backbone),
+            tensor_key_bytes(batch["pixel_values"]),
+            condition_key_bytes(batch["condition"]),
+            json.dumps([list(batch["prompt"]), self.sampling, str(trainer.precision)], sort_keys=True),
+            json.dumps(extractor.settings() if hasattr(extractor, "settings") else None, sort_keys=True, default=str),
+        )
+        path = self.base_cache_dir / f"{key}.json"
+        try:
+            scores = json.loads(path.read_text())
+            log.info("base model scores from the cache %s", path)
+            return scores
+        except (OSError, ValueError):
+            scores = self.evaluate(pl_module, dataset, use_adapter=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, json.dumps(scores))
+        return scores
 
     def resolve_jump_metric(self, dataset) -> str | None:
         """The configured ``jump_metric``, else the condition's primary score, else ``mask_iou`` on shapes."""
@@ -107,7 +138,7 @@ class ControllabilityCallback(pl.Callback):
             log.warning("controllability is off: condition '%s' has no re-extraction metric and no scene", name)
             return False
         if self.base is None:
-            self.base = self.evaluate(pl_module, dataset, use_adapter=False)
+            self.base = self.base_scores(trainer, pl_module, dataset)
             log.info("base model without adapter: %s", self.base)
         if self.truth is None and callable(getattr(dataset, "scene", None)):
             # the scenes' own images: the ceiling of each score (occlusion and shared colours keep box IoU below 1)

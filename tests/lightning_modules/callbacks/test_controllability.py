@@ -166,3 +166,31 @@ def test_draw_curve_draws_each_series(tmp_path):
     colours = {"tab:blue": (31, 119, 180), "tab:green": (44, 160, 44), "tab:red": (214, 39, 40)}
     for name, colour in colours.items():
         assert (np.abs(pixels - colour).sum(-1) < 30).sum() > 20, name
+
+
+def test_base_scores_come_from_the_cache_in_a_second_run(make_train_config, tmp_path, monkeypatch):
+    """The base model is scored once per (weights, items, sampler, precision); a change of any misses."""
+    evaluations = []
+    evaluate = ControllabilityCallback.evaluate
+
+    def counting(self, pl_module, dataset, use_adapter=True):
+        evaluations.append(use_adapter)
+        return evaluate(self, pl_module, dataset, use_adapter)
+
+    monkeypatch.setattr(ControllabilityCallback, "evaluate", counting)
+
+    def run(name: str, *overrides: str) -> dict:
+        cfg = make_train_config(
+            f"callbacks.controllability.base_cache_dir={tmp_path / 'base_scores'}", "trainer.max_steps=1", *overrides
+        )
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / name)
+        evaluations.clear()
+        train(cfg)
+        return json.loads((tmp_path / name / "controllability.json").read_text())["base_without_adapter"]
+
+    first = run("first")
+    assert evaluations.count(False) == 1 and len(list((tmp_path / "base_scores").glob("*.json"))) == 1
+    assert run("second") == first and evaluations.count(False) == 0  # read back, not scored
+    run("other_sampler", "callbacks.controllability.num_inference_steps=3")
+    assert evaluations.count(False) == 1 and len(list((tmp_path / "base_scores").glob("*.json"))) == 2
