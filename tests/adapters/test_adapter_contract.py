@@ -282,3 +282,18 @@ def test_a_new_adapter_trains_exports_and_generates_without_editing_lightning_mo
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "generated" / "image_000.png").is_file()
     assert "1x1-conv test adapter, ctrlkit adapter folder" in done.stderr + done.stdout
+
+
+def test_a_broken_marker_is_a_one_line_error_naming_the_file(tmp_path):
+    from adapters.base import AdapterFormatError
+
+    (tmp_path / "garbled").mkdir()
+    (tmp_path / "garbled" / MARKER_NAME).write_text("{not json")
+    with pytest.raises(AdapterFormatError, match=r"garbled/ctrlkit_adapter.json is not readable JSON"):
+        load_adapter(tmp_path / "garbled", build_tiny_backbone().unet)
+    (tmp_path / "gone").mkdir()
+    (tmp_path / "gone" / MARKER_NAME).write_text(json.dumps({"family": "gone", "class": "no_such_module:Adapter"}))
+    with pytest.raises(AdapterFormatError, match=r"names class no_such_module:Adapter, which cannot be imported"):
+        load_adapter(tmp_path / "gone", build_tiny_backbone().unet)
+    with pytest.raises(AdapterFormatError, match=r"adapter .*absent not found"):
+        load_adapter(tmp_path / "absent", build_tiny_backbone().unet)
