@@ -33,6 +33,7 @@ FAST_OVERRIDES = [
     "callbacks.controllability.num_samples=2",
     "callbacks.controllability.num_inference_steps=2",
     "callbacks.controllability.base_cache_dir=null",  # each test scores its own base model
+    "callbacks.sample_grid.base_cache_dir=null",
     "callbacks.progress_bar.refresh_rate=0",
     "+trainer.enable_model_summary=false",
 ]

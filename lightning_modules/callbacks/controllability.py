@@ -26,10 +26,10 @@ from conditions.controllability import (
     score_samples,
 )
 from conditions.io import write_atomically
+from lightning_modules.callbacks.base_model import adapter_is_inert, base_model_key
 from lightning_modules.callbacks.samples import generate_in_eval_mode
-from lightning_modules.condition_views import condition_key_bytes, evaluation_samples
+from lightning_modules.condition_views import evaluation_samples
 from lightning_modules.data.common import collate
-from lightning_modules.feature_cache import FeatureCache, module_fingerprint, tensor_key_bytes
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,13 @@ class ControllabilityCallback(pl.Callback):
         self.control_step: int | None = None
 
     @torch.no_grad()
+    def validation_batch(self, dataset) -> dict:
+        """The first ``num_samples`` validation items, the same at every evaluation."""
+        return collate([dataset[index] for index in range(min(self.num_samples, len(dataset)))])
+
     def evaluate(self, pl_module: pl.LightningModule, dataset, use_adapter: bool = True) -> dict:
         """Mean scores of images generated for the first ``num_samples`` validation items."""
-        count = min(self.num_samples, len(dataset))
-        batch = collate([dataset[index] for index in range(count)])
+        batch = self.validation_batch(dataset)
         images = generate_in_eval_mode(pl_module, batch, self.sampling, use_adapter=use_adapter)
         return mean_scores(score_samples(dataset.extractor, evaluation_samples(dataset, batch, images)))
 
@@ -94,16 +97,10 @@ class ControllabilityCallback(pl.Callback):
         key hashes all of them), so a short run does not spend its first minute scoring the base again."""
         if self.base_cache_dir is None:
             return self.evaluate(pl_module, dataset, use_adapter=False)
-        count = min(self.num_samples, len(dataset))
-        batch = collate([dataset[index] for index in range(count)])
+        batch = self.validation_batch(dataset)
         extractor = getattr(dataset, "extractor", None)
-        key = FeatureCache.key(
-            module_fingerprint(pl_module.backbone),
-            tensor_key_bytes(batch["pixel_values"]),
-            condition_key_bytes(batch["condition"]),
-            json.dumps([list(batch["prompt"]), self.sampling, str(trainer.precision)], sort_keys=True),
-            json.dumps(extractor.settings() if hasattr(extractor, "settings") else None, sort_keys=True, default=str),
-        )
+        settings = extractor.settings() if hasattr(extractor, "settings") else None
+        key = base_model_key(trainer, pl_module, batch, self.sampling, settings)
         path = self.base_cache_dir / f"{key}.json"
         try:
             scores = json.loads(path.read_text())
@@ -206,7 +203,13 @@ class ControllabilityCallback(pl.Callback):
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or (self.curve and self.curve[-1]["step"] == trainer.global_step):
             return
-        scores = self.evaluate(pl_module, trainer.datamodule.val_dataset)
+        dataset = trainer.datamodule.val_dataset
+        if trainer.global_step == 0 and adapter_is_inert(pl_module, self.validation_batch(dataset)):
+            # a zero-initialized adapter's samples are the base model's, bit for bit: its scores too
+            log.info("step 0: the adapter leaves the UNet unchanged (zero-initialized): scores = the base model's")
+            scores = dict(self.base)
+        else:
+            scores = self.evaluate(pl_module, dataset)
         self.curve.append({"step": trainer.global_step, **scores})
         metrics = {f"val/{key}": value for key, value in scores.items()}
         metrics.update({f"val/{key}_base": value for key, value in self.base.items()})

@@ -13,6 +13,7 @@ from torchvision.utils import make_grid, save_image
 
 from adapters.grounding import GroundingCondition
 from conditions.ranges import signed_to_unit
+from lightning_modules.callbacks.base_model import adapter_is_inert, base_model_key, read_base_images, write_base_images
 from lightning_modules.condition_views import grid_columns
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ class SampleGridCallback(pl.Callback):
         num_samples: rows of the grid (validation items).
         num_inference_steps, guidance_scale, scheduler: the sampler (scheduler: ddim | euler | dpmpp | unipc).
         seed: the noise seed, the same at every step so grids are comparable.
+        base_cache_dir: where the base model's step-0 samples are kept for later runs (used while the adapter
+            leaves the UNet unchanged, see ``callbacks.base_model``); None: always generated.
     """
 
     def __init__(
@@ -59,8 +62,10 @@ class SampleGridCallback(pl.Callback):
         guidance_scale: float = 5.0,
         scheduler: str = "unipc",
         seed: int = 0,
+        base_cache_dir: str | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.base_cache_dir = Path(base_cache_dir) if base_cache_dir else None
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.sampling = {
@@ -91,13 +96,29 @@ class SampleGridCallback(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sample(trainer, pl_module)
 
+    def base_samples(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: dict) -> torch.Tensor | None:
+        """The step-0 samples from ``base_cache_dir`` when the adapter leaves the UNet unchanged (zero-initialized:
+        its samples are the base model's), generated without the adapter and kept there on a miss; else None."""
+        if self.base_cache_dir is None or not adapter_is_inert(pl_module, batch):
+            return None
+        key = base_model_key(trainer, pl_module, batch, self.sampling, "sample_grid")
+        samples = read_base_images(self.base_cache_dir, key)
+        if samples is None:
+            samples = generate_in_eval_mode(pl_module, batch, self.sampling, use_adapter=False).cpu()
+            write_base_images(self.base_cache_dir, key, samples)
+        else:
+            log.info("step 0: the adapter leaves the UNet unchanged; the base model's samples from the cache")
+        return samples
+
     @torch.no_grad()
     def _sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
         if step == self.last_step or trainer.sanity_checking or not trainer.is_global_zero:
             return
         batch = trainer.datamodule.fixed_batch(self.num_samples)
-        samples = generate_in_eval_mode(pl_module, batch, self.sampling).cpu()
+        samples = self.base_samples(trainer, pl_module, batch) if step == 0 else None
+        if samples is None:
+            samples = generate_in_eval_mode(pl_module, batch, self.sampling).cpu()
         target = signed_to_unit(batch["pixel_values"])
         columns = grid_columns(batch["condition"], samples, target)
         rows = torch.stack(columns, dim=1).flatten(0, 1)  # row-major: cond, sample, target
