@@ -13,7 +13,12 @@ from torchvision.utils import make_grid, save_image
 
 from adapters.grounding import GroundingCondition
 from conditions.ranges import signed_to_unit
-from lightning_modules.callbacks.base_model import adapter_is_inert, base_model_key, read_base_images, write_base_images
+from lightning_modules.callbacks.base_model import (
+    adapter_is_inert,
+    base_model_key,
+    read_base_images,
+    write_base_images,
+)
 from lightning_modules.condition_views import grid_columns
 
 log = logging.getLogger(__name__)
