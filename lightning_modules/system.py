@@ -37,6 +37,18 @@ log = logging.getLogger(__name__)
 TIMESTEP_SAMPLINGS = ("uniform", "cubic")
 
 
+@dataclass
+class TrainingInputs:
+    """What the adapter and the UNet take in a training step: noisy latents (B, 4, h, w), timesteps (B,), text
+    embeddings (B, L, D), the prepared condition, and the target of the prediction (B, 4, h, w)."""
+
+    noisy_latents: torch.Tensor
+    timesteps: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+    condition: Any
+    target: torch.Tensor
+
+
 @dataclass(frozen=True)
 class ConditionDropout:
     """Condition dropout for classifier-free guidance, one recipe for every adapter: each training item drops its
@@ -299,6 +311,17 @@ class AdapterTrainingSystem(pl.LightningModule):
     ):
         """MSE between the UNet's prediction (with the adapter's kwargs) and the scheduler's target; ``dropout``
         drops texts and conditions of some items (training only)."""
+        return self.prediction_loss(self.training_inputs(batch, dropout, generator, use_latent_cache))
+
+    def training_inputs(
+        self,
+        batch: dict,
+        dropout: ConditionDropout | None = None,
+        generator: torch.Generator | None = None,
+        use_latent_cache: bool = False,
+    ) -> TrainingInputs:
+        """Everything of a step before the adapter and the UNet run: latents (from the posterior cache where
+        possible), noise, timesteps, text embeddings, the prepared condition, dropout and the target."""
         if use_latent_cache:
             latents = self.training_latents(batch, generator=generator)
         else:
@@ -313,14 +336,6 @@ class AdapterTrainingSystem(pl.LightningModule):
             prompts = ["" if drop else prompt for prompt, drop in zip(prompts, drop_text.tolist())]
             if drop_condition.any():
                 condition = self.adapter.drop_condition(condition, drop_condition.to(self.device))
-        encoder_hidden_states = self.text_embeddings(prompts)
-        unet_kwargs = self.adapter(
-            condition,
-            noisy_latents=noisy_latents,
-            timesteps=timesteps,
-            encoder_hidden_states=encoder_hidden_states,
-        )
-        model_pred = self.backbone.unet(noisy_latents, timesteps, encoder_hidden_states, **unet_kwargs).sample
         prediction_type = self.backbone.noise_scheduler.config.prediction_type
         if prediction_type == "epsilon":
             target = noise
@@ -330,7 +345,20 @@ class AdapterTrainingSystem(pl.LightningModule):
             raise CtrlkitError(
                 f"unsupported prediction_type '{prediction_type}'; ctrlkit trains epsilon or v_prediction"
             )
-        return F.mse_loss(model_pred.float(), target.float())
+        return TrainingInputs(noisy_latents, timesteps, self.text_embeddings(prompts), condition, target)
+
+    def prediction_loss(self, inputs: TrainingInputs) -> torch.Tensor:
+        """The adapter's kwargs, the UNet's prediction and its MSE to the target (computed in fp32)."""
+        unet_kwargs = self.adapter(
+            inputs.condition,
+            noisy_latents=inputs.noisy_latents,
+            timesteps=inputs.timesteps,
+            encoder_hidden_states=inputs.encoder_hidden_states,
+        )
+        model_pred = self.backbone.unet(
+            inputs.noisy_latents, inputs.timesteps, inputs.encoder_hidden_states, **unet_kwargs
+        ).sample
+        return F.mse_loss(model_pred.float(), inputs.target.float())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         """The loss of one batch, or None (no update) for a batch of only bad items or a non-finite loss."""

@@ -51,9 +51,8 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run
 
 
-def test_killed_run_resumes_to_identical_weights(uninterrupted, tmp_path):
-    killed = tmp_path / "killed"
-    marker = tmp_path / "reached"
+def kill_after_step_3(killed: Path, marker: Path, run: list[str]) -> None:
+    """Run ``ctrlkit train`` with ``run`` in a subprocess and SIGKILL it after its step 3 (checkpoint at step 2)."""
     # same thread count as this process: CPU kernels round the same way
     # (tests/helpers on the path itself: an unrelated site-packages `tests` package can shadow ours)
     helpers = REPO / "tests" / "helpers"
@@ -64,7 +63,7 @@ def test_killed_run_resumes_to_identical_weights(uninterrupted, tmp_path):
         "lightning_modules.commands.cli",
         "train",
         *FAST_OVERRIDES,
-        *RUN,
+        *run,
         f"hydra.run.dir={killed}",
     ]
     # from step 3 on, each step pauses: the kill lands after the step-2 checkpoint, with step 3 done and lost
@@ -87,6 +86,11 @@ def test_killed_run_resumes_to_identical_weights(uninterrupted, tmp_path):
     assert process.returncode == -signal.SIGKILL
     assert marker.read_text() == "3"
     assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+def test_killed_run_resumes_to_identical_weights(uninterrupted, tmp_path):
+    killed = tmp_path / "killed"
+    kill_after_step_3(killed, tmp_path / "reached", RUN)
 
     _, objects = train(compose_train_config(killed, [*RUN, "resume=auto"]))
     assert objects["trainer"].global_step == 6
