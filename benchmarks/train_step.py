@@ -1,6 +1,6 @@
 """Our training step against diffusers' training loops, on the shipped tiny model, one thread, in one process.
 
-Run by hand:  python benchmarks/train_step.py [--rounds 21] [--batch-size 16] [--families controlnet t2i_adapter gligen]
+Run by hand:  python benchmarks/train_step.py [--rounds 21] [--batch-size 16] [--families controlnet gligen ...]
 
 For each adapter family, two steps on the same batch, from the same adapter weights (copied), with the same
 optimizer settings and gradient clipping (1.0, as both Lightning's default here and diffusers' scripts do):
@@ -117,7 +117,10 @@ def diffusers_loop(family: str, system, batch, clip: float):
         else:  # GLIGEN: phrases through the text encoder every step, no cache
             grounding = backbone.embed_grounding(condition, None)
             kwargs = adapter(
-                grounding, noisy_latents=noisy_latents, timesteps=timesteps, encoder_hidden_states=encoder_hidden_states
+                grounding,
+                noisy_latents=noisy_latents,
+                timesteps=timesteps,
+                encoder_hidden_states=encoder_hidden_states,
             )
         model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, **kwargs, return_dict=False)[0]
         loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
