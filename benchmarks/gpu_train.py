@@ -20,12 +20,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.real_size import sd15_step, sdxl_step, time_steps  # noqa: E402
 
-SD15 = [  # (label, loop, precision, checkpointing, optimizer, compile, batch)
+SD15 = [  # (label, loop, precision, checkpointing, optimizer, compile or channels_last, batch)
     ("fp32", "ours", "fp32", False, "adamw", False, 8),
     ("bf16", "ours", "bf16", False, "adamw", False, 8),
     ("bf16 + checkpointing", "ours", "bf16", True, "adamw", False, 8),
     ("bf16 + checkpointing + 8-bit Adam (batch 1)", "ours", "bf16", True, "adamw8bit", False, 1),
     ("bf16 + compile", "ours", "bf16", False, "adamw", True, 8),
+    ("bf16 + channels_last", "ours", "bf16", False, "adamw", "channels_last", 8),
     ("diffusers loop, bf16", "diffusers", "bf16", False, "adamw", False, 8),
     ("diffusers loop, 12 GB flags (fp16, ckpt, 8-bit, batch 1)", "diffusers", "fp16", True, "adamw8bit", False, 1),
 ]
@@ -61,7 +62,7 @@ def main() -> None:
     rows = {}
     for label, loop, precision, checkpointing, optimizer, compiled, batch in SD15:
         config = {"loop": loop, "precision": precision, "checkpointing": checkpointing, "optimizer": optimizer}
-        config.update(compile=compiled, batch=batch, size=512)
+        config.update(compile=compiled is True, channels_last=compiled == "channels_last", batch=batch, size=512)
         result = measure(sd15_step, config, args.repeats)
         rows[label] = result
         print(f"{label:58} " + (f"{result[0]:10.2f} {result[1]:9.2f}" if isinstance(result, tuple) else result))

@@ -12,7 +12,7 @@ modules and batch:
   low-memory flags when asked (gradient checkpointing, 8-bit Adam, ``set_to_none``).
 
 A configuration is a dict: loop, precision ("fp32" / "bf16" / "fp16"), checkpointing, optimizer ("adamw" /
-"adamw8bit"), compile, batch, size, architecture ("sd15" / "sdxl").
+"adamw8bit"), compile, channels_last, batch, size, architecture ("sd15" / "sdxl").
 """
 
 from __future__ import annotations
@@ -101,6 +101,9 @@ def sd15_step(config: dict, device: str):
             )[0]
             return F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
 
+    if config.get("channels_last"):  # NHWC convolutions: faster on tensor cores, measured per GPU (CPU: 4% slower)
+        for module in (backbone.unet, adapter, backbone.vae):
+            module.to(memory_format=torch.channels_last)
     if config.get("compile"):
         for block in (*backbone.unet.down_blocks, backbone.unet.mid_block, *backbone.unet.up_blocks):
             block.compile()  # the repeated blocks: short compile time, most of the compute

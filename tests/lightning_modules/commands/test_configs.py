@@ -203,6 +203,18 @@ def test_param_groups_keep_their_own_rates_under_any_optimizer(make_train_config
     assert configured["lr_scheduler"]["scheduler"].get_last_lr() == [0.0, 0.0]  # warm-up from 0
 
 
+def test_constant_with_warmup_rises_linearly_then_holds(make_train_config, tiny_backbone):
+    cfg = make_train_config("lr_scheduler=constant_with_warmup", "lr_scheduler.scheduler.num_warmup_steps=4")
+    configured = build_system(cfg, tiny_backbone).configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(6):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
