@@ -282,6 +282,24 @@ class AdapterTrainingSystem(pl.LightningModule):
             self._fingerprints[part] = module_fingerprint(getattr(self.backbone, part))
         return self._fingerprints[part]
 
+    def fill_feature_cache(
+        self, pixel_values: torch.Tensor | None, prompts: list[str], prompts_done: set[str]
+    ) -> None:
+        """Put in the disk cache what a training run reads from it for these items (``ctrlkit cache``), through
+        the methods training uses, so the keys are the same: each item's VAE posterior (one item per VAE call) when
+        ``cache_latents`` is on and ``pixel_values`` are given, and the embedding of each prompt not in
+        ``prompts_done`` when ``cache_text_embeddings`` is on -- with the empty prompt (text dropout's caption,
+        sampling's negative prompt)."""
+        if self.feature_cache is None:
+            raise CtrlkitError("system.cache_dir is null: there is no feature cache to fill")
+        if pixel_values is not None and self.hparams.cache_latents and self.backbone.vae is not None:
+            for row in range(pixel_values.shape[0]):
+                self.item_posterior(pixel_values[row : row + 1])
+        if self.hparams.cache_text_embeddings:
+            for prompt in sorted({"", *prompts} - prompts_done):
+                self.prompt_embedding(prompt)
+                prompts_done.add(prompt)
+
     def on_train_end(self) -> None:
         if self.feature_cache is not None:
             counts = self.feature_cache.counts.by_kind.get("vae_posterior", [0, 0])

@@ -29,6 +29,8 @@ USAGE = """usage: ctrlkit <command> [hydra overrides ...]
 
 commands:
   train            train an adapter on a frozen base model (conf/train.yaml)
+  cache            fill system.cache_dir with what training would encode: VAE posteriors, text embeddings
+                   (conf/cache.yaml: the training config, so give it the training run's overrides)
   evaluate         score an adapter beside the base model: controllability and image quality (conf/evaluate.yaml)
   extract          write condition maps for a folder of images (conf/extract.yaml)
   generate         sample prompts under a composition of adapters (conf/generate.yaml)
@@ -39,6 +41,7 @@ Examples:
   ctrlkit train logger=csv adapter.learning_rate=1e-4
   ctrlkit train -m adapter.learning_rate=1e-4,1e-5 trainer.max_steps=5   (a Hydra sweep)
   ctrlkit train --cfg job                                                  (print the composed config)
+  ctrlkit cache system.cache_dir=outputs/feature_cache                     (then train with the same setting)
   ctrlkit evaluate adapter_path=outputs/train/runs/<run>                     (base vs adapter, metrics.json)
   ctrlkit extract condition=canny input=photos output=photos_canny
   ctrlkit generate composition=examples/composition.yaml
@@ -114,6 +117,13 @@ def train_main(cfg: DictConfig) -> float | None:
     return metrics.get("val/loss")
 
 
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="cache")
+def cache_main(cfg: DictConfig) -> None:
+    from lightning_modules.commands.cache import run_cache
+
+    _run("cache", run_cache, cfg)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="extract")
 def extract_main(cfg: DictConfig) -> None:
     from lightning_modules.commands.extract import run_extract
@@ -144,6 +154,7 @@ def generate_main(cfg: DictConfig) -> None:
 
 COMMANDS = {
     "train": train_main,
+    "cache": cache_main,
     "evaluate": evaluate_main,
     "extract": extract_main,
     "generate": generate_main,
@@ -151,6 +162,7 @@ COMMANDS = {
 }
 CONFIG_NAMES = {
     "train": "train",
+    "cache": "cache",
     "evaluate": "evaluate",
     "extract": "extract",
     "generate": "generate",

@@ -418,6 +418,14 @@ def _setting_rules() -> dict[str, dict[str, tuple[str, object]]]:
             "quality.kid_subset_size": (_INT, 2),
             **{f"sampling.{key}": rule for key, rule in sampling.items()},
         },
+        "cache": {
+            "seed": (_INT, None),
+            **named,
+            "limit": (_INT, 1),
+            "num_workers": (_INT, 0),
+            "batch_size": (_INT, 1),
+            "progress": (_FLAG, None),
+        },
         "extract": {
             "num_workers": (_INT, 0),
             "chunk_size": (_INT, 1),

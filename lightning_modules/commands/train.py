@@ -92,14 +92,8 @@ def _instantiate_group(group: DictConfig | None) -> list:
     ]
 
 
-def train(cfg: DictConfig) -> tuple[dict, dict]:
-    """Train the configured adapter; returns (final metrics, built objects)."""
-    started = time.perf_counter()
-    check_train_config(cfg)
-    ckpt_path = resolve_resume(cfg)
-    check_writable_dir(cfg.paths.output_dir, "the run folder (paths.output_dir)")
-    pl.seed_everything(cfg.seed, workers=True)
-
+def build_system(cfg: DictConfig) -> tuple:
+    """(backbone, datamodule, adapter, system) as a training run builds them (``ctrlkit cache`` builds the same)."""
     log.info("building backbone <%s>", cfg.model._target_)
     backbone = instantiate(cfg.model, _convert_="all")
     backbone.check_image_size(cfg.data.image_size)
@@ -111,6 +105,18 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     )
     # _convert_="all": plain lists in hparams, so checkpoints load with weights_only=True.
     system = instantiate(cfg.system, backbone=backbone, adapter=adapter, _convert_="all")
+    return backbone, datamodule, adapter, system
+
+
+def train(cfg: DictConfig) -> tuple[dict, dict]:
+    """Train the configured adapter; returns (final metrics, built objects)."""
+    started = time.perf_counter()
+    check_train_config(cfg)
+    ckpt_path = resolve_resume(cfg)
+    check_writable_dir(cfg.paths.output_dir, "the run folder (paths.output_dir)")
+    pl.seed_everything(cfg.seed, workers=True)
+
+    backbone, datamodule, adapter, system = build_system(cfg)
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
     # AtomicCheckpointIO: a checkpoint file is complete or absent, never half-written by a killed job
