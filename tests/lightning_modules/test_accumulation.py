@@ -7,7 +7,8 @@ import torch
 from omegaconf import open_dict
 
 from lightning_modules.commands.train import train
-from lightning_modules.system import AdapterTrainingSystem, TrainingInputs
+from lightning_modules.step_inputs import TrainingInputs
+from lightning_modules.system import AdapterTrainingSystem
 from tests.conftest import compose_train_config
 from tests.lightning_modules.test_resume import adapter_weights, assert_identical, kill_after_step_3
 

@@ -9,7 +9,8 @@ from adapters.gligen import GligenAdapter
 from adapters.grounding import GroundingCondition
 from adapters.t2i_adapter import T2IAdapterAdapter
 from lightning_modules.errors import CtrlkitError
-from lightning_modules.system import AdapterTrainingSystem, ConditionDropout
+from lightning_modules.step_inputs import ConditionDropout
+from lightning_modules.system import AdapterTrainingSystem
 
 
 def test_the_three_events_are_exclusive_with_their_probabilities():
