@@ -80,11 +80,11 @@ class ControllabilityCallback(pl.Callback):
         self.curve: list[dict] = []
         self.control_step: int | None = None
 
-    @torch.no_grad()
     def validation_batch(self, dataset) -> dict:
         """The first ``num_samples`` validation items, the same at every evaluation."""
         return collate([dataset[index] for index in range(min(self.num_samples, len(dataset)))])
 
+    @torch.no_grad()
     def evaluate(self, pl_module: pl.LightningModule, dataset, use_adapter: bool = True) -> dict:
         """Mean scores of images generated for the first ``num_samples`` validation items."""
         batch = self.validation_batch(dataset)
@@ -200,11 +200,15 @@ class ControllabilityCallback(pl.Callback):
             f"control ({self.jump_metric}) appeared at step {self.control_step}; written to {self.output_file}"
         )
 
+    def step_is_the_base_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataset) -> bool:
+        """Whether this step's samples are the base model's: step 0 of an adapter that leaves the UNet unchanged."""
+        return trainer.global_step == 0 and adapter_is_inert(pl_module, self.validation_batch(dataset))
+
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or (self.curve and self.curve[-1]["step"] == trainer.global_step):
             return
         dataset = trainer.datamodule.val_dataset
-        if trainer.global_step == 0 and adapter_is_inert(pl_module, self.validation_batch(dataset)):
+        if self.step_is_the_base_model(trainer, pl_module, dataset):
             # a zero-initialized adapter's samples are the base model's, bit for bit: its scores too
             log.info("step 0: the adapter leaves the UNet unchanged (zero-initialized): scores = the base model's")
             scores = dict(self.base)

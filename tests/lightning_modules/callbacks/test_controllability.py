@@ -29,6 +29,7 @@ class RecordingLogger:
 def test_control_step_is_the_first_jump_over_the_base(tmp_path):
     callback = ControllabilityCallback(output_file=str(tmp_path / "c.json"), every_n_steps=10, jump_threshold=0.25)
     ious = iter([0.1, 0.15, 0.3, 0.5, 0.9])  # base, then steps 0, 10, 20, 30
+    callback.step_is_the_base_model = lambda *args: False  # a fake module: step 0 is sampled, not taken from the base
     callback.evaluate = lambda module, dataset, use_adapter=True: {
         "mask_iou": next(ious),
         "box_iou": 0.2,
@@ -71,6 +72,7 @@ def test_turns_itself_off_without_ground_truth(tmp_path):
 def test_no_jump_is_logged_as_minus_one(tmp_path):
     callback = ControllabilityCallback(output_file=str(tmp_path / "c.json"), every_n_steps=10, jump_metric="canny_f1")
     scores = iter([0.2, 0.2, 0.25])
+    callback.step_is_the_base_model = lambda *args: False
     callback.evaluate = lambda module, dataset, use_adapter=True: {"canny_f1": next(scores)}
     logger = RecordingLogger()
     trainer = SimpleNamespace(
@@ -136,6 +138,7 @@ def test_a_configured_jump_metric_decides_the_control_step(tmp_path):
         output_file=str(tmp_path / "c.json"), jump_metric="box_iou", jump_threshold=0.25
     )
     boxes = iter([0.2, 0.3, 0.6])  # base, steps 0 and 10; mask IoU never moves
+    callback.step_is_the_base_model = lambda *args: False
     callback.evaluate = lambda module, dataset, use_adapter=True: {
         "mask_iou": 0.1,
         "box_iou": next(boxes),
