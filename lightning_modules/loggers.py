@@ -27,8 +27,14 @@ def wandb_api_key_configured() -> bool:
         return False
 
 
-def build_wandb_logger(project: str, save_dir: str, mode: str = "auto", **kwargs) -> WandbLogger:
-    """A ``WandbLogger``; ``mode="auto"`` picks online when :func:`wandb_api_key_configured`, else offline."""
+def build_wandb_logger(
+    project: str, save_dir: str, mode: str = "auto", log_adapter: bool = False, **kwargs
+) -> WandbLogger:
+    """A ``WandbLogger``; ``mode="auto"`` picks online when :func:`wandb_api_key_configured`, else offline.
+
+    ``log_adapter``: the exported adapter folder (with its model card) is logged as a ``model`` artifact at the end
+    of training (``ModelCardCallback``). Lightning's ``log_model`` logs the training checkpoints instead, and refuses
+    offline runs; it stays as Lightning defines it."""
     if mode not in WANDB_MODES:
         raise CtrlkitError(f"logger.wandb.mode='{mode}'; choose one of: {', '.join(WANDB_MODES)}")
     if mode == "auto":
@@ -37,7 +43,9 @@ def build_wandb_logger(project: str, save_dir: str, mode: str = "auto", **kwargs
     if kwargs.get("id") is None:
         kwargs["id"] = run_id(save_dir)
         kwargs.setdefault("resume", "allow")
-    return WandbLogger(project=project, save_dir=save_dir, offline=mode == "offline", mode=mode, **kwargs)
+    logger = WandbLogger(project=project, save_dir=save_dir, offline=mode == "offline", mode=mode, **kwargs)
+    logger.log_adapter = bool(log_adapter)  # read by ModelCardCallback
+    return logger
 
 
 def run_id(save_dir: str) -> str:

@@ -46,8 +46,8 @@ def _payloads(data: bytes):
             pending = b""
 
 
-def read_history(run_dir: str | Path, timeout: float = 30.0) -> dict[str, list]:
-    """History key -> list of logged values (JSON-decoded), in logging order.
+def read_records(run_dir: str | Path, timeout: float = 30.0) -> list:
+    """The run's protobuf ``Record``s in writing order (history, artifacts, files, ...).
 
     wandb's core process may still be writing the file when ``run.finish()`` has returned; the file is read again
     until it holds the run's ``exit`` record (or ``timeout`` seconds pass)."""
@@ -60,10 +60,14 @@ def read_history(run_dir: str | Path, timeout: float = 30.0) -> dict[str, list]:
             record.ParseFromString(payload)
             records.append(record)
         if any(record.WhichOneof("record_type") == "exit" for record in records) or time.monotonic() > deadline:
-            break
+            return records
         time.sleep(0.2)
+
+
+def read_history(run_dir: str | Path, timeout: float = 30.0) -> dict[str, list]:
+    """History key -> list of logged values (JSON-decoded), in logging order."""
     history: dict[str, list] = defaultdict(list)
-    for record in records:
+    for record in read_records(run_dir, timeout):
         if record.WhichOneof("record_type") == "history":
             for item in record.history.item:
                 key = item.key or "/".join(item.nested_key)

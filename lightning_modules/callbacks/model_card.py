@@ -1,0 +1,291 @@
+"""A model card (``README.md``, Hugging Face Hub front matter) beside the exported adapter, and the adapter as a
+W&B artifact.
+
+The card holds the run's own figures: base model, adapter, condition and extractor, data, optimizer steps and wall
+time, the controllability table (base model without the adapter vs the adapter at the final step, and the step
+control appeared), the final sample grid (copied into the folder as ``samples.png``) and the command that made it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import shutil
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import yaml
+
+from conditions.io import write_atomically
+
+log = logging.getLogger(__name__)
+
+CARD_NAME = "README.md"
+GRID_NAME = "samples.png"
+
+# adapter config name (conf/adapter/<name>.yaml) prefix -> the family's Hub tag
+FAMILY_TAGS = {"controlnet": "controlnet", "t2i_adapter": "t2i-adapter", "gligen": "gligen"}
+
+HOW_TO_LOAD = {
+    "controlnet": 'from diffusers import ControlNetModel\n\ncontrolnet = ControlNetModel.from_pretrained("{folder}")',
+    "t2i-adapter": 'from diffusers import T2IAdapter\n\nadapter = T2IAdapter.from_pretrained("{folder}")',
+    "gligen": (
+        "from diffusers import UNet2DConditionModel\n\n"
+        '# the whole UNet with its gated layers (attention_type="gated"); gligen.safetensors holds those layers only\n'
+        'unet = UNet2DConditionModel.from_pretrained("{folder}/unet")'
+    ),
+}
+
+
+def adapter_family(adapter_name: str) -> str:
+    """The Hub tag of an adapter config's family: controlnet, t2i-adapter or gligen (the name itself otherwise)."""
+    for prefix, tag in FAMILY_TAGS.items():
+        if adapter_name.startswith(prefix):
+            return tag
+    return adapter_name
+
+
+def hydra_command() -> str | None:
+    """``ctrlkit train <overrides>`` as Hydra received them for this job; None outside a Hydra run."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError, AttributeError):
+        return None
+    return " ".join(["ctrlkit train", *(shlex.quote(str(override)) for override in overrides)])
+
+
+def _settings(node: dict | None, skip: tuple = ("_target_", "_partial_")) -> str:
+    if not isinstance(node, dict):
+        return "-"
+    items = [f"`{key}={value}`" for key, value in node.items() if key not in skip and not isinstance(value, dict)]
+    return ", ".join(items) or "-"
+
+
+def _number(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+class ModelCardCallback(pl.Callback):
+    """Writes ``README.md`` (and ``samples.png``) into the exported adapter folder at the end of training, then
+    logs that folder as a W&B ``model`` artifact when a ``WandbLogger`` built with ``log_adapter=true`` is present.
+
+    It reads the outputs of the export, sample grid and controllability callbacks, so it must come after them in
+    ``conf/callbacks`` (``on_train_end`` runs in that order; ``ResumableEndOfRun`` keeps it). Each file is written
+    through a rename, and the card last: an adapter folder without its card (a run killed in between, or an export
+    redone whole) is an end of run still to do.
+
+    Args:
+        config_file: the run's resolved config (``<run>/config.yaml``), the card's source for settings.
+    """
+
+    def __init__(self, config_file: str) -> None:
+        self.config_file = Path(config_file)
+        self.seconds_before = 0.0  # wall time of earlier sessions of a resumed run (from its checkpoint)
+        self.started: float | None = None
+        self.command: str | None = None
+
+    # -- state: the wall time goes on across resumes
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.started = time.perf_counter()
+        self.command = hydra_command()
+
+    def wall_seconds(self) -> float:
+        return self.seconds_before + (time.perf_counter() - self.started if self.started is not None else 0.0)
+
+    def state_dict(self) -> dict:
+        return {"wall_seconds": self.wall_seconds()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.seconds_before = float(state_dict.get("wall_seconds", 0.0))
+
+    # -- the other callbacks' outputs
+    @staticmethod
+    def _find(trainer: pl.Trainer, name: str):
+        return next((callback for callback in trainer.callbacks if type(callback).__name__ == name), None)
+
+    def adapter_dir(self, trainer: pl.Trainer) -> Path | None:
+        export = self._find(trainer, "ExportAdapterCallback")
+        return export.output_dir if export is not None else None
+
+    def end_of_run_done(self, trainer: pl.Trainer) -> bool:
+        """Whether the exported adapter has its card (``ResumableEndOfRun``); True when nothing is exported."""
+        folder = self.adapter_dir(trainer)
+        return folder is None or (folder / CARD_NAME).is_file()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        folder = self.adapter_dir(trainer)
+        if folder is None or not folder.is_dir():
+            log.warning("no exported adapter folder: no model card written")
+            return
+        grid = self._copy_grid(trainer, folder)
+        card, facts = self.card(trainer, pl_module, folder, grid)
+        write_atomically(folder / CARD_NAME, card)
+        log.info("model card written to %s", folder / CARD_NAME)
+        self._log_artifact(trainer, folder, facts)
+
+    def _copy_grid(self, trainer: pl.Trainer, folder: Path) -> Path | None:
+        grids = self._find(trainer, "SampleGridCallback")
+        source = grids.grid_path(trainer.global_step) if grids is not None else None
+        if source is None or not source.is_file():
+            return None
+        target = folder / GRID_NAME
+        temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        shutil.copyfile(source, temporary)
+        os.replace(temporary, target)
+        return target
+
+    def _controllability(self, trainer: pl.Trainer) -> tuple[dict | None, str]:
+        """(controllability.json of this step, or None; a sentence when it is absent)."""
+        callback = self._find(trainer, "ControllabilityCallback")
+        if callback is None:
+            return None, "The controllability callback was not part of this run: no scores."
+        if not callback.enabled:
+            return None, (
+                "Controllability was off for this run: the condition has no re-extraction metric and the data no "
+                "scene to score against."
+            )
+        try:
+            summary = json.loads(callback.output_file.read_text())
+        except (OSError, ValueError):
+            return None, f"No controllability summary was found at `{callback.output_file}`."
+        if summary.get("final", {}).get("step") != trainer.global_step:
+            return None, f"`{callback.output_file.name}` is not of the final step {trainer.global_step}: not shown."
+        return summary, ""
+
+    # -- the card
+    def card(self, trainer: pl.Trainer, pl_module: pl.LightningModule, folder: Path, grid: Path | None):
+        try:
+            cfg = yaml.safe_load(self.config_file.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            cfg = {}
+        model, adapter_cfg = cfg.get("model") or {}, cfg.get("adapter") or {}
+        condition, data = cfg.get("condition") or {}, cfg.get("data") or {}
+        trainer_cfg = cfg.get("trainer") or {}
+        family = adapter_family(str(adapter_cfg.get("name", "adapter")))
+        title = getattr(getattr(pl_module, "adapter", None), "title", family)
+        base_model = model.get("path") or model.get("_target_", "unknown")
+        condition_name = str(condition.get("name", "unknown"))
+        step = trainer.global_step
+        seconds = self.wall_seconds()
+        summary, missing = self._controllability(trainer)
+        command = self.command or f"ctrlkit train (config: `{self.config_file}`; no Hydra overrides recorded)"
+
+        facts = {
+            "step": step,
+            "wall_seconds": round(seconds, 1),
+            "adapter": adapter_cfg.get("name"),
+            "condition": condition_name,
+            "base_model": str(base_model),
+        }
+        if summary is not None:
+            facts.update(
+                {
+                    "jump_metric": summary["jump_metric"],
+                    "control_step": summary["control_step"],
+                    "base_without_adapter": summary["base_without_adapter"],
+                    "final": {key: value for key, value in summary["final"].items() if key != "step"},
+                }
+            )
+        front = {
+            "license": "other",  # placeholder: the base model's and the data's terms decide it
+            "base_model": str(base_model),
+            "library_name": "diffusers",
+            "tags": ["ctrlkit", family, condition_name, "stable-diffusion", "diffusers"],
+            "ctrlkit": facts,
+        }
+        lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", ""]
+        lines += [
+            f"# {title} ({condition_name}) trained with ctrlkit",
+            "",
+            f"{title} weights for the base model `{base_model}`, conditioned on `{condition_name}`, "
+            f"after {step} optimizer steps ({seconds:.0f} s of wall time). Written by `ctrlkit train`; "
+            "the license above is a placeholder: set the base model's and the data's terms before sharing.",
+            "",
+        ]
+        if grid is not None:
+            lines += [
+                f"![final samples: condition | sample | target]({grid.name})",
+                "",
+                f"Fixed-seed samples at step {step}, one row per validation item: condition | sample | target"
+                + (" (boxes drawn in magenta)." if condition.get("kind") == "grounding" else "."),
+                "",
+            ]
+        else:
+            lines += ["No sample grid of the final step was found.", ""]
+
+        lines += ["## Controllability", ""]
+        if summary is None:
+            lines += [missing, ""]
+        else:
+            base, final = summary["base_without_adapter"] or {}, summary["final"]
+            lines += [
+                f"Scores of images generated for the first {summary.get('num_samples', '?')} validation items "
+                "under their conditions, re-extracted and compared with the condition.",
+                "",
+                f"| score | base without adapter | adapter at step {step} |",
+                "|---|---|---|",
+            ]
+            for key in [key for key in final if key != "step"]:
+                lines.append(f"| {key} | {_number(base.get(key, '-'))} | {_number(final[key])} |")
+            control = summary["control_step"]
+            when = f"appeared at step {control}" if control is not None else "never appeared"
+            threshold = summary.get("jump_threshold")
+            lines += ["", f"Control ({summary['jump_metric']}, {threshold} of the gap to a perfect score) {when}.", ""]
+
+        model_path = f" `{model['path']}`" if model.get("path") else ""
+        lines += [
+            "## Training",
+            "",
+            "| | |",
+            "|---|---|",
+            f"| base model | `{model.get('_target_', '-')}`{model_path} |",
+            f"| adapter | {title} (`adapter={adapter_cfg.get('name', '-')}`): {_settings(adapter_cfg.get('build'))} |",
+            f"| learning rate | {adapter_cfg.get('learning_rate', '-')} |",
+            f"| condition | `{condition_name}` ({condition.get('kind', '-')}), extractor "
+            f"`{(condition.get('extractor') or {}).get('_target_', '-')}`: {_settings(condition.get('extractor'))} |",
+            f"| data | `{data.get('_target_', '-')}`: "
+            f"{_settings({key: value for key, value in data.items() if 'size' in key})} |",
+            f"| optimizer steps | {step} (max_steps {trainer_cfg.get('max_steps', '-')}, "
+            f"accumulate_grad_batches {trainer_cfg.get('accumulate_grad_batches', 1)}) |",
+            f"| precision | {trainer_cfg.get('precision', '-')} |",
+            f"| wall time | {seconds:.0f} s |",
+            "",
+            "Made by:",
+            "",
+            "```bash",
+            command,
+            "```",
+            "",
+            "## Use",
+            "",
+            "```python",
+            HOW_TO_LOAD.get(family, "# see the ctrlkit README for this adapter's format").format(folder=folder.name),
+            "```",
+            "",
+        ]
+        return "\n".join(lines), facts
+
+    # -- W&B
+    def _log_artifact(self, trainer: pl.Trainer, folder: Path, facts: dict) -> None:
+        for logger in trainer.loggers:
+            if type(logger).__name__ != "WandbLogger" or not getattr(logger, "log_adapter", False):
+                continue
+            import wandb
+
+            run = logger.experiment
+            artifact = wandb.Artifact(
+                name=f"adapter-{run.id}",
+                type="model",
+                description=f"{facts.get('adapter')} adapter ({facts.get('condition')}), step {facts['step']}",
+                metadata=facts,
+            )
+            artifact.add_dir(str(folder))
+            run.log_artifact(artifact, aliases=["latest", f"step-{facts['step']}"])
+            log.info("adapter logged to W&B as artifact %s", artifact.name)

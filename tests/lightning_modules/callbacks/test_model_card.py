@@ -1,0 +1,133 @@
+"""The model card beside the exported adapter, and the adapter as a W&B artifact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from wandb.proto import wandb_internal_pb2
+
+from lightning_modules.commands.train import train
+from tests.helpers.wandb_records import read_records
+
+
+def read_card(folder: Path) -> tuple[dict, str]:
+    text = (folder / "README.md").read_text()
+    assert text.startswith("---\n")
+    front, body = text[4:].split("\n---\n", 1)
+    return yaml.safe_load(front), body
+
+
+def table_row(body: str, score: str) -> list[str]:
+    (row,) = [line for line in body.splitlines() if line.startswith(f"| {score} |")]
+    return [cell.strip() for cell in row.strip("|").split("|")]
+
+
+def test_card_holds_the_runs_real_figures(make_train_config):
+    cfg = make_train_config("trainer.max_steps=3", "callbacks.controllability.every_n_steps=2")
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    folder = run / "adapter"
+    front, body = read_card(folder)
+    summary = json.loads((run / "controllability.json").read_text())
+
+    assert front["base_model"] == "lightning_modules.backbone.load_tiny_backbone"
+    assert front["license"] and {"ctrlkit", "controlnet", "canny"} <= set(front["tags"])
+    facts = front["ctrlkit"]
+    assert facts["step"] == 3 == summary["final"]["step"]
+    assert facts["wall_seconds"] > 0
+    assert facts["control_step"] == summary["control_step"]
+    assert facts["base_without_adapter"] == summary["base_without_adapter"]
+    assert facts["final"] == {key: value for key, value in summary["final"].items() if key != "step"}
+    # the table shows the same numbers: base without adapter vs the adapter at the final step
+    assert "| score | base without adapter | adapter at step 3 |" in body
+    for score, value in facts["final"].items():
+        assert table_row(body, score) == [
+            score,
+            f"{summary['base_without_adapter'][score]:.4f}",
+            f"{value:.4f}",
+        ]
+    # the final grid, copied beside the card so the folder is self-contained
+    assert "](samples.png)" in body
+    assert (folder / "samples.png").read_bytes() == (run / "samples" / "step_000003.png").read_bytes()
+    # the command with the run's overrides, and the settings
+    assert "ctrlkit train trainer=cpu logger=none" in body and "trainer.max_steps=3" in body
+    assert "ControlNet" in body and "conditions.canny.CannyExtractor" in body and "`train_size=10000`" in body
+    assert "ControlNetModel.from_pretrained" in body
+
+
+def test_gligen_run_gets_a_card(make_train_config):
+    cfg = make_train_config("adapter=gligen", "condition=boxes", "adapter.build.max_objects=4", "trainer.max_steps=2")
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    front, body = read_card(run / "adapter")
+    summary = json.loads((run / "controllability.json").read_text())
+    assert {"gligen", "boxes"} <= set(front["tags"]) and front["ctrlkit"]["step"] == 2
+    assert summary["jump_metric"] == "box_iou" == front["ctrlkit"]["jump_metric"]
+    assert table_row(body, "box_iou")[1:] == [
+        f"{summary['base_without_adapter']['box_iou']:.4f}",
+        f"{summary['final']['box_iou']:.4f}",
+    ]
+    assert "GLIGEN" in body and "`max_objects=4`" in body and "(samples.png)" in body
+
+
+def test_a_resumed_run_that_redoes_its_end_gets_a_card(make_train_config, tmp_path):
+    import shutil
+
+    cfg = make_train_config("trainer.max_steps=2")
+    train(cfg)
+    finished = Path(cfg.paths.output_dir)
+    expected, _ = read_card(finished / "adapter")
+    for missing in ("card", "export"):  # killed after the export, before its card; or before the export
+        killed = tmp_path / f"killed-{missing}"
+        shutil.copytree(finished, killed)
+        if missing == "card":
+            (killed / "adapter" / "README.md").unlink()
+        else:
+            shutil.rmtree(killed / "adapter")
+        train(make_train_config("trainer.max_steps=2", f"resume={killed}"))
+        front, body = read_card(killed / "adapter")
+        assert front["ctrlkit"]["step"] == 2 and (killed / "adapter" / "samples.png").is_file()
+        assert front["ctrlkit"]["final"] == expected["ctrlkit"]["final"]
+        # the wall time goes on from the checkpoint's (the training session's), not from 0
+        checkpoint = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)
+        (saved,) = [state for key, state in checkpoint["callbacks"].items() if key.startswith("ModelCardCallback")]
+        assert 0 < saved["wall_seconds"] <= front["ctrlkit"]["wall_seconds"]
+        assert f"resume={killed}" in body
+
+
+def test_card_without_controllability_says_so(make_train_config):
+    cfg = make_train_config("trainer.max_steps=1", "~callbacks.controllability")
+    train(cfg)
+    front, body = read_card(Path(cfg.paths.output_dir) / "adapter")
+    assert front["ctrlkit"]["step"] == 1 and "final" not in front["ctrlkit"]
+    assert "The controllability callback was not part of this run: no scores." in body
+
+
+def test_adapter_logged_as_wandb_artifact_offline(make_train_config, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))  # wandb's artifact staging folder (~/.local/share/wandb) in the test
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
+    cfg = make_train_config(
+        "logger=wandb", "logger.wandb.mode=offline", "logger.wandb.log_adapter=true", "trainer.max_steps=2"
+    )
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    (run_dir,) = (run / "wandb").glob("offline-run-*")
+    artifacts = [record.artifact for record in read_records(run_dir) if record.WhichOneof("record_type") == "artifact"]
+    (artifact,) = [artifact for artifact in artifacts if artifact.type == "model"]
+    assert artifact.name == f"adapter-{(run / 'wandb_run_id').read_text().strip()}"
+    assert {"latest", "step-2"} <= set(artifact.aliases)
+    assert json.loads(artifact.metadata)["step"] == 2
+    entries = {entry.path: entry for entry in artifact.manifest.contents}
+    exported = {
+        path.relative_to(run / "adapter").as_posix() for path in (run / "adapter").rglob("*") if path.is_file()
+    }
+    assert {"README.md", "samples.png", "diffusion_pytorch_model.safetensors", "config.json"} <= set(entries)
+    assert set(entries) == exported
+    # the staged copies are the exported files
+    for name in ("README.md", "diffusion_pytorch_model.safetensors"):
+        staged = Path(entries[name].local_path)
+        assert staged.read_bytes() == (run / "adapter" / name).read_bytes()
+    assert isinstance(artifact, wandb_internal_pb2.ArtifactRecord)
