@@ -8,7 +8,8 @@ optimizer settings and gradient clipping (1.0, as both Lightning's default here 
 - ``ours``: the configured experiment's step as ``ctrlkit train`` runs it (``AdapterTrainingSystem.training_inputs``
   then ``prediction_loss``, backward, clip, the configured optimizer and schedule). Its VAE posteriors and prompt
   embeddings come from the system's caches (filled in the warm-up, as after the first epoch or ``ctrlkit cache``);
-  ``ours, cold`` times the first-epoch step, whose items are encoded (one VAE call per item) and not yet cached.
+  ``ours, cold`` times the first-epoch step of a first run, whose items are encoded (one VAE call per item) and not
+  yet cached (``system.cache_dir`` off here: with it, a later run's first epoch reads them from disk).
 - ``diffusers``: the step body of diffusers' ``examples/controlnet/train_controlnet.py`` (ControlNet) and
   ``examples/t2i_adapter/train_t2i_adapter_sdxl.py`` (T2I-Adapter, cubic timesteps), written out: VAE encode and
   text encoder every step. diffusers has no GLIGEN training script: its GLIGEN row is the same loop around our
@@ -48,7 +49,10 @@ def build(family: str, batch_size: int):
     from lightning_modules.commands.cli import CONF_DIR
 
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose("train", overrides=[f"experiment={EXPERIMENTS[family]}", f"data.batch_size={batch_size}"])
+        cfg = compose(
+            "train",
+            overrides=[f"experiment={EXPERIMENTS[family]}", f"data.batch_size={batch_size}", "system.cache_dir=null"],
+        )
     backbone = instantiate(cfg.model)
     adapter = instantiate(cfg.adapter.build)(backbone.unet, vae_scale_factor=backbone.vae_scale_factor)
     system = instantiate(cfg.system, backbone=backbone, adapter=adapter)

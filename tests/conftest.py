@@ -34,6 +34,7 @@ FAST_OVERRIDES = [
     "callbacks.controllability.num_inference_steps=2",
     "callbacks.controllability.base_cache_dir=null",  # each test scores its own base model
     "callbacks.sample_grid.base_cache_dir=null",
+    "system.cache_dir=null",  # each test encodes its own items, unless it sets a folder of its own
     "callbacks.progress_bar.refresh_rate=0",
     "+trainer.enable_model_summary=false",
 ]
