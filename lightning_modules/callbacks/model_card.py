@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 CARD_NAME = "README.md"
 GRID_NAME = "samples.png"
 
-# adapter config name (conf/adapter/<name>.yaml) prefix -> the family's Hub tag
+# adapter family (``ConditioningAdapter.family``, or a conf/adapter/<name>.yaml name) prefix -> the family's Hub tag
 FAMILY_TAGS = {"controlnet": "controlnet", "t2i_adapter": "t2i-adapter", "gligen": "gligen"}
 
 HOW_TO_LOAD = {
@@ -41,7 +41,8 @@ HOW_TO_LOAD = {
 
 
 def adapter_family(adapter_name: str) -> str:
-    """The Hub tag of an adapter config's family: controlnet, t2i-adapter or gligen (the name itself otherwise)."""
+    """The Hub tag of an adapter family or config name: controlnet, t2i-adapter or gligen (the name itself
+    otherwise; gligen_masked is a gligen)."""
     for prefix, tag in FAMILY_TAGS.items():
         if adapter_name.startswith(prefix):
             return tag
@@ -168,7 +169,9 @@ class ModelCardCallback(pl.Callback):
         model, adapter_cfg = cfg.get("model") or {}, cfg.get("adapter") or {}
         condition, data = cfg.get("condition") or {}, cfg.get("data") or {}
         trainer_cfg = cfg.get("trainer") or {}
-        family = adapter_family(str(adapter_cfg.get("name", "adapter")))
+        # the adapter contract's family (a user's adapter registers its own), else the adapter config's name
+        contract_family = getattr(getattr(pl_module, "adapter", None), "family", None)
+        family = adapter_family(str(contract_family or adapter_cfg.get("name", "adapter")))
         title = getattr(getattr(pl_module, "adapter", None), "title", family)
         base_model = model.get("path") or model.get("_target_", "unknown")
         condition_name = str(condition.get("name", "unknown"))
