@@ -26,6 +26,7 @@ from conditions.shapes import VOCABULARY
 from conditions.weights import UnsafeWeightsError, unsafe_pickle_message
 from lightning_modules.errors import CtrlkitError
 from lightning_modules.precision import parse_dtype
+from lightning_modules.step_inputs import Draws, randn
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
@@ -83,13 +84,14 @@ class Backbone(nn.Module):
             posterior = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
         return posterior.mean, posterior.std
 
-    def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None):
-        """A scaled latent sample ``(mean + std * eps) * scaling_factor`` from posterior parameters."""
-        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+    def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, generator: Draws = None):
+        """A scaled latent sample ``(mean + std * eps) * scaling_factor`` from posterior parameters; ``generator``:
+        one, or one per row (``step_inputs.randn``)."""
+        eps = randn(mean.shape, generator, dtype=mean.dtype).to(mean.device)
         return (mean + std * eps) * self.vae.config.scaling_factor
 
     @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_images(self, pixel_values: torch.Tensor, generator: Draws = None) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/f, W/f), sampled from the VAE posterior."""
         if self.vae is None:
             return pixel_values

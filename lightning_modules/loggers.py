@@ -10,7 +10,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from conditions.io import write_atomically
 from lightning_modules.errors import CtrlkitError
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -56,5 +58,7 @@ def run_id(save_dir: str) -> str:
     if path.is_file() and path.read_text().strip():
         return path.read_text().strip()
     new_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id form
-    path.write_text(new_id + "\n")
+    # With several processes only rank zero logs (the others' W&B loggers are inert): only it names the run
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        write_atomically(path, new_id + "\n")
     return new_id

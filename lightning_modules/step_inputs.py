@@ -1,13 +1,63 @@
-"""What a training step draws before the adapter and the UNet run: condition dropout, and the step's inputs."""
+"""What a training step draws before the adapter and the UNet run: condition dropout, the step's inputs, and where
+its random numbers come from (one stream, or one generator per item)."""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lightning_modules.errors import CtrlkitError
+
+# system.draws: ``item`` draws each item's numbers from its own generator, seeded by (seed, epoch, item index): a
+# run's draws do not depend on how items are batched, accumulated or split over processes. ``stream``: one
+# generator for the run, drawn batch by batch (its state is saved in checkpoints).
+DRAWS = ("item", "stream")
+
+# A step's draws come from one generator (batched draws) or from one generator per batch row.
+Draws = torch.Generator | Sequence[torch.Generator] | None
+
+
+def item_generators(seed: int, epoch: int, indices: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per item, seeded by a hash of (seed, epoch, item index): the item gets the same noise,
+    timestep and dropout whichever batch, accumulation step or process carries it, and new ones every epoch."""
+    generators = []
+    for index in indices:
+        digest = hashlib.blake2b(f"{seed}:{epoch}:{int(index)}".encode(), digest_size=8).digest()
+        generators.append(torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1)))
+    return generators
+
+
+def _per_row(generator: Draws, batch_size: int) -> bool:
+    if generator is None or isinstance(generator, torch.Generator):
+        return False
+    if len(generator) != batch_size:
+        raise CtrlkitError(f"{len(generator)} item generators for a batch of {batch_size}")
+    return True
+
+
+def randn(shape: Sequence[int], generator: Draws = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.randn(shape)`` on the CPU; with one generator per row, row i is drawn from generator i."""
+    if not _per_row(generator, shape[0]):
+        return torch.randn(tuple(shape), generator=generator, dtype=dtype)
+    return torch.cat([torch.randn((1, *shape[1:]), generator=row, dtype=dtype) for row in generator])
+
+
+def rand(batch_size: int, generator: Draws = None) -> torch.Tensor:
+    """(B,) uniform in [0, 1): batched, or one number from each row's generator."""
+    if not _per_row(generator, batch_size):
+        return torch.rand(batch_size, generator=generator)
+    return torch.cat([torch.rand(1, generator=row) for row in generator])
+
+
+def randint(high: int, batch_size: int, generator: Draws = None) -> torch.Tensor:
+    """(B,) integers in [0, high): batched, or one from each row's generator."""
+    if not _per_row(generator, batch_size):
+        return torch.randint(0, high, (batch_size,), generator=generator)
+    return torch.cat([torch.randint(0, high, (1,), generator=row) for row in generator])
 
 
 @dataclass
@@ -46,9 +96,9 @@ class ConditionDropout:
                 "must be at most 1 (the three are exclusive)"
             )
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, batch_size: int, generator: Draws = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(drop_text, drop_condition), each (B,) bool."""
-        u = torch.rand(batch_size, generator=generator)
+        u = rand(batch_size, generator)
         both = u < self.both
         text_only = (u >= self.both) & (u < self.both + self.text)
         condition_only = (u >= self.both + self.text) & (u < self.both + self.text + self.condition)

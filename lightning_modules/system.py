@@ -21,6 +21,7 @@ from adapters.base import ConditioningAdapter
 from adapters.grounding import GroundingCondition
 from lightning_modules.backbone import Backbone, prepare_condition
 from lightning_modules.checkpoints import capture_rng_states, restore_rng_states
+from lightning_modules.distributed import all_ranks
 from lightning_modules.errors import CtrlkitError, NonFiniteLossError
 from lightning_modules.feature_cache import FeatureCache, module_fingerprint, tensor_key_bytes
 from lightning_modules.precision import (
@@ -31,10 +32,21 @@ from lightning_modules.precision import (
     check_trainable_fp32,
     compile_repeated_blocks,
 )
-from lightning_modules.step_inputs import ConditionDropout, TrainingInputs
+from lightning_modules.step_inputs import (
+    DRAWS,
+    ConditionDropout,
+    Draws,
+    TrainingInputs,
+    item_generators,
+    rand,
+    randint,
+    randn,
+)
 
 log = logging.getLogger(__name__)
 TIMESTEP_SAMPLINGS = ("uniform", "cubic")
+# seeds validation's per-item draws (system.draws=item): the same noise and timesteps at every validation
+VALIDATION_SEED = 1_000_003
 
 
 # the optimizer of a system built without one (conf/optimizer/adamw.yaml's values)
@@ -72,6 +84,10 @@ class AdapterTrainingSystem(pl.LightningModule):
         seed: seeds the training generator that draws every random number of a training step (posterior sample,
             noise, timesteps, prompt dropout). Its state is saved in checkpoints with the global RNG states, so a
             resumed run draws exactly what the uninterrupted run would have.
+        draws: ``item``: each item's random numbers (posterior sample, noise, timestep, dropout) come from its own
+            generator seeded by (seed, epoch, item index), so the run does not depend on how items are batched,
+            accumulated or split over processes (2 processes x batch 8 train as 1 x batch 16), and a resume on any
+            rank is exact without saving generator states. ``stream``: one generator for the run (``seed``).
         max_nonfinite_steps: a step whose loss is NaN/inf is skipped (no update) and counted; this many in a row
             stop the run with ``NonFiniteLossError`` naming the step (the last checkpoint is left as it was).
     """
@@ -93,9 +109,12 @@ class AdapterTrainingSystem(pl.LightningModule):
         compile: bool = False,
         tf32: bool = True,
         seed: int = 0,
+        draws: str = "item",
         max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
+        if draws not in DRAWS:
+            raise CtrlkitError(f"system.draws='{draws}'; choose one of: {', '.join(DRAWS)}")
         if timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise CtrlkitError(
                 f"system.timestep_sampling='{timestep_sampling}'; choose one of: {', '.join(TIMESTEP_SAMPLINGS)}"
@@ -148,6 +167,13 @@ class AdapterTrainingSystem(pl.LightningModule):
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
         optimizer.zero_grad(set_to_none=True)  # frees the gradients between steps instead of zero-filling them
 
+    def attached_trainer(self) -> pl.Trainer | None:
+        """The trainer running this module; None outside a fit (a test calling a step directly)."""
+        try:
+            return self.trainer
+        except RuntimeError:  # Lightning's public ``trainer`` raises when the module is not attached
+            return None
+
     def precision_context(self):
         """The trainer's autocast (``bf16-mixed`` / ``16-mixed``) for work outside its steps, as callbacks sampling
         images; nothing when the module is not attached to a trainer."""
@@ -176,16 +202,16 @@ class AdapterTrainingSystem(pl.LightningModule):
 
     # ------------------------------------------------------------------ the training step
 
-    def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_timesteps(self, batch_size: int, generator: Draws = None) -> torch.Tensor:
         num_train_timesteps = self.backbone.noise_scheduler.config.num_train_timesteps
         if self.hparams.timestep_sampling == "cubic":
-            u = torch.rand(batch_size, generator=generator)
+            u = rand(batch_size, generator)
             timesteps = ((1 - u**3) * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
         else:
-            timesteps = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
+            timesteps = randint(num_train_timesteps, batch_size, generator)
         return timesteps.to(self.device)
 
-    def training_latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+    def training_latents(self, batch: dict, generator: Draws = None) -> torch.Tensor:
         """Scaled latents of a training batch, from the posterior cache where possible."""
         if not self.hparams.cache_latents or self.backbone.vae is None:
             return self.backbone.encode_images(batch["pixel_values"], generator=generator)
@@ -279,7 +305,7 @@ class AdapterTrainingSystem(pl.LightningModule):
         self,
         batch: dict,
         dropout: ConditionDropout | None = None,
-        generator: torch.Generator | None = None,
+        generator: Draws = None,
         use_latent_cache: bool = False,
     ):
         """MSE between the UNet's prediction (with the adapter's kwargs) and the scheduler's target; ``dropout``
@@ -290,7 +316,7 @@ class AdapterTrainingSystem(pl.LightningModule):
         self,
         batch: dict,
         dropout: ConditionDropout | None = None,
-        generator: torch.Generator | None = None,
+        generator: Draws = None,
         use_latent_cache: bool = False,
     ) -> TrainingInputs:
         """Everything of a step before the adapter and the UNet run: latents (from the posterior cache where
@@ -299,7 +325,7 @@ class AdapterTrainingSystem(pl.LightningModule):
             latents = self.training_latents(batch, generator=generator)
         else:
             latents = self.backbone.encode_images(batch["pixel_values"], generator=generator)
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+        noise = randn(latents.shape, generator, dtype=latents.dtype).to(latents.device)
         timesteps = self.sample_timesteps(latents.shape[0], generator)
         noisy_latents = self.backbone.noise_scheduler.add_noise(latents, noise, timesteps)
         prompts = list(batch["prompt"])
@@ -336,21 +362,34 @@ class AdapterTrainingSystem(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         """The loss of one batch, or None (no update) for a batch of only bad items or a non-finite loss."""
         self.count_skipped_items(batch)
-        if "pixel_values" not in batch:
+        trainer = self.attached_trainer()
+        # with several processes a step is skipped by all or by none (see distributed.all_ranks)
+        if not all_ranks(trainer, "pixel_values" in batch):
             return None
         loss = self.compute_loss(
-            batch,
-            dropout=self.condition_dropout,
-            generator=self.training_generator,
-            use_latent_cache=True,
+            batch, dropout=self.condition_dropout, generator=self.step_draws(batch), use_latent_cache=True
         )
-        if not torch.isfinite(loss):
+        if not all_ranks(trainer, bool(torch.isfinite(loss))):
             return self.skip_nonfinite_step(loss)
         self.nonfinite_in_a_row = 0
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
         for name, value in self.adapter.training_scalars().items():  # written every log_every_n_steps
             self.log(f"train/{name}", value, batch_size=1)
         return loss
+
+    def step_draws(self, batch: dict, validation_batch: int | None = None) -> Draws:
+        """Where a step's random numbers come from (``system.draws``): ``item``: one generator per item, seeded by
+        (seed, epoch, index), so a run trains the same on any number of processes and with any accumulation;
+        ``stream``: the run's training generator (validation: one generator per validation batch)."""
+        if self.hparams.draws == "stream":
+            if validation_batch is not None:
+                return torch.Generator().manual_seed(validation_batch)
+            return self.training_generator
+        if "index" not in batch:
+            raise CtrlkitError("system.draws=item needs items that carry an 'index'; use system.draws=stream")
+        if validation_batch is not None:  # the same draws at every validation: val/loss compares across steps
+            return item_generators(VALIDATION_SEED, 0, batch["index"].tolist())
+        return item_generators(self.hparams.seed, self.current_epoch, batch["index"].tolist())
 
     def count_skipped_items(self, batch: dict) -> None:
         skipped = batch.pop("skipped", [])
@@ -384,16 +423,19 @@ class AdapterTrainingSystem(pl.LightningModule):
         if "pixel_values" not in batch:
             return
         size = len(batch["prompt"])
-        loss = self.compute_loss(batch, generator=torch.Generator().manual_seed(batch_idx))
-        self.log("val/loss", loss, prog_bar=True, batch_size=size)
+        loss = self.compute_loss(batch, generator=self.step_draws(batch, validation_batch=batch_idx))
+        self.log("val/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
         # The same noise and timesteps with every item's condition replaced by the adapter's null condition: how
         # much the condition lowers the loss. It moves before the controllability scores do (a GLIGEN run on the
         # tiny model: a gain after a few hundred steps while box IoU has not moved yet).
         without = self.compute_loss(
-            batch, dropout=ConditionDropout(condition=1.0), generator=torch.Generator().manual_seed(batch_idx)
+            batch,
+            dropout=ConditionDropout(condition=1.0),
+            generator=self.step_draws(batch, validation_batch=batch_idx),
         )
-        self.log("val/loss_without_condition", without, batch_size=size)
-        self.log("val/condition_gain", without - loss, batch_size=size)
+        # sync_dist: with several processes each validates a shard; the logged value is the mean over all of them
+        self.log("val/loss_without_condition", without, batch_size=size, sync_dist=True)
+        self.log("val/condition_gain", without - loss, batch_size=size, sync_dist=True)
 
     def configure_optimizers(self):
         """The configured optimizer over the adapter's param groups (each with its learning rate) and the

@@ -51,6 +51,10 @@ class AdapterCheckpoint(ModelCheckpoint):
         if best_mode not in ("max", "min"):
             raise CtrlkitError(f"callbacks.model_checkpoint.best_mode must be 'max' or 'min', got '{best_mode}'")
         kwargs.setdefault("enable_version_counter", False)
+        # Lightning defers a save due on an epoch's last batch to the end of a validation it expects right after the
+        # epoch; validation here runs every val_check_interval steps, across epochs, so that save would be lost.
+        # The monitored "step" is never stale: save on the training step (every_n_epochs stays 0: no epoch saves).
+        kwargs.setdefault("save_on_train_epoch_end", True)
         # the periodic checkpoints are Lightning's top-k by step: the newest ``keep_last`` (-1: all)
         super().__init__(*args, monitor="step", mode="max", save_top_k=keep_last, **kwargs)
         self.keep_last = keep_last
@@ -102,7 +106,8 @@ class AdapterCheckpoint(ModelCheckpoint):
             trainer.save_checkpoint(str(path), weights_only=False)
         finally:
             self.writing_best = False
-        log.info("best %s=%.4f at step %d -> %s", metric, score, trainer.global_step, self.dirpath)
+        if trainer.is_global_zero:
+            log.info("best %s=%.4f at step %d -> %s", metric, score, trainer.global_step, self.dirpath)
 
     def state_dict(self) -> dict:
         return {

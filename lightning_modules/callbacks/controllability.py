@@ -30,6 +30,7 @@ from lightning_modules.callbacks.base_model import adapter_is_inert, base_model_
 from lightning_modules.callbacks.samples import generate_in_eval_mode
 from lightning_modules.condition_views import evaluation_samples
 from lightning_modules.data.common import collate
+from lightning_modules.distributed import on_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -135,13 +136,15 @@ class ControllabilityCallback(pl.Callback):
             log.warning("controllability is off: condition '%s' has no re-extraction metric and no scene", name)
             return False
         if self.base is None:
-            self.base = self.base_scores(trainer, pl_module, dataset)
-            log.info("base model without adapter: %s", self.base)
+            self.base = on_rank_zero(trainer, lambda: self.base_scores(trainer, pl_module, dataset))
+            if trainer.is_global_zero:
+                log.info("base model without adapter: %s", self.base)
         if self.truth is None and callable(getattr(dataset, "scene", None)):
             # the scenes' own images: the ceiling of each score (occlusion and shared colours keep box IoU below 1)
             scenes = [dataset.scene(index) for index in range(min(self.num_samples, len(dataset)))]
             self.truth = mean_scores([scene_scores(scene.image, scene) for scene in scenes])
-            log.info("the scenes' own images score: %s", self.truth)
+            if trainer.is_global_zero:
+                log.info("the scenes' own images score: %s", self.truth)
         return True
 
     def end_of_run_done(self, trainer: pl.Trainer) -> bool:
@@ -160,12 +163,14 @@ class ControllabilityCallback(pl.Callback):
             self._record(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or not self.enabled:
+        if not self.enabled:
             return
         if not self._prepare(trainer, pl_module):  # cheap once prepared; a resumed run whose loop was skipped is not
             return
         if not self.curve or self.curve[-1]["step"] != trainer.global_step:
             self._record(trainer, pl_module)
+        if not trainer.is_global_zero:  # every process recorded the final scores; one writes them
+            return
         if self.control_step is None:  # say so in every logger, not only by a missing key
             for logger in trainer.loggers:
                 logger.log_metrics({"val/control_step": -1}, step=trainer.global_step)
@@ -205,15 +210,20 @@ class ControllabilityCallback(pl.Callback):
         return trainer.global_step == 0 and adapter_is_inert(pl_module, self.validation_batch(dataset))
 
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or (self.curve and self.curve[-1]["step"] == trainer.global_step):
+        """Score the current weights (rank zero samples; every process gets the scores: the best-checkpoint save
+        that may follow is collective) and log them."""
+        if self.curve and self.curve[-1]["step"] == trainer.global_step:
             return
         dataset = trainer.datamodule.val_dataset
-        if self.step_is_the_base_model(trainer, pl_module, dataset):
-            # a zero-initialized adapter's samples are the base model's, bit for bit: its scores too
-            log.info("step 0: the adapter leaves the UNet unchanged (zero-initialized): scores = the base model's")
-            scores = dict(self.base)
-        else:
-            scores = self.evaluate(pl_module, dataset)
+
+        def score() -> dict:
+            if self.step_is_the_base_model(trainer, pl_module, dataset):
+                # a zero-initialized adapter's samples are the base model's, bit for bit: its scores too
+                log.info("step 0: the adapter leaves the UNet unchanged (zero-initialized): scores = the base model's")
+                return dict(self.base)
+            return self.evaluate(pl_module, dataset)
+
+        scores = on_rank_zero(trainer, score)
         self.curve.append({"step": trainer.global_step, **scores})
         metrics = {f"val/{key}": value for key, value in scores.items()}
         metrics.update({f"val/{key}_base": value for key, value in self.base.items()})
@@ -224,7 +234,7 @@ class ControllabilityCallback(pl.Callback):
             self.control_step = trainer.global_step
             metrics["val/control_step"] = self.control_step
             log.info("control appeared at step %d: %s", self.control_step, scores)
-        for logger in trainer.loggers:
+        for logger in trainer.loggers if trainer.is_global_zero else ():
             logger.log_metrics(metrics, step=trainer.global_step)
         # Other callbacks read scores from callback_metrics; checkpoint callbacks that keep a best checkpoint get
         # the fresh score now, while the module still holds the weights that earned it.

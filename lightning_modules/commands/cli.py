@@ -20,7 +20,12 @@ from lightning_modules.commands.config_checks import (
     one_line,
     run_dir_of,
 )
+from lightning_modules.distributed import install_rank_in_log_records
 from lightning_modules.errors import USER_ERRORS
+
+# [script, subcommand, overrides...] of this process (set by ``main``)
+LAUNCH_ARGV: list[str] = []
+install_rank_in_log_records()  # conf/hydra's log format prints each record's rank when there are several
 
 # OSErrors that are the machine's state, not a bug: reported as one line naming the path
 ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
@@ -113,6 +118,11 @@ def _remove_empty_run_dir() -> None:
 def train_main(cfg: DictConfig) -> float | None:
     from lightning_modules.commands.train import train  # heavy imports only once the config composed
 
+    if LAUNCH_ARGV:
+        # Hydra has read the overrides; Lightning's DDP launcher starts the other processes with
+        # ``sys.argv[0]`` (or ``-m <module>``) + ``sys.argv[1:]``, which must name the subcommand again
+        sys.argv = list(LAUNCH_ARGV)
+
     metrics, _ = _run("train", train, cfg)
     return metrics.get("val/loss")
 
@@ -189,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             check_writable_dir(run_dir, "the run folder (hydra.run.dir)")
     except USER_ERRORS as error:
         _fail(command, error)
+    # what a process launched later (Lightning's DDP runs this command again per extra process) must run
+    LAUNCH_ARGV[:] = [sys.argv[0], command, *overrides]
     sys.argv = [f"ctrlkit {command}", *overrides]
     COMMANDS[command]()
     return 0

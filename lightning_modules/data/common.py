@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torch.utils.data._utils.collate import collate as torch_collate
 from torch.utils.data._utils.collate import default_collate_fn_map
 
@@ -43,18 +43,29 @@ ITEM_ERRORS = (BadDataError, ImageDecodeError)
 
 
 class ResumableSampler(Sampler[int]):
-    """Shuffles like ``RandomSampler`` but from ``(seed, epoch)`` alone, and can start an epoch part-way through.
+    """Shuffles like ``RandomSampler`` but from ``(seed, epoch)`` alone, can start an epoch part-way through, and
+    shards the epoch over ``num_replicas`` processes.
 
     Epoch ``e`` visits ``torch.randperm(n)`` drawn from a generator seeded with ``seed + e`` (Lightning calls
-    ``set_epoch``). ``resume_at = (epoch, items)`` skips that many items of that epoch when it is iterated: a
-    resumed run continues the epoch exactly where the killed one stopped (a checkpoint taken on an epoch's last
-    batch resumes with the next epoch, which is then iterated whole). ``consumed`` counts the epoch's items the
-    training loop has used (the data module advances it per batch; an item fetched ahead is not consumed).
+    ``set_epoch``), cut to a multiple of ``num_replicas``; process ``rank`` takes every ``num_replicas``-th item
+    from position ``rank`` (as ``DistributedSampler`` does), so the processes' k-th batches together hold the
+    items one process would take in its k-th batch of ``num_replicas`` times the size.
+    ``resume_at = (epoch, items)`` skips that many items of that epoch -- counted over all processes, so a run can
+    resume on another number of them -- when it is iterated: a resumed run continues the epoch exactly where the
+    killed one stopped (a checkpoint taken on an epoch's last batch resumes with the next epoch, which is then
+    iterated whole). ``consumed`` counts the epoch's items this process's training loop has used (the data module
+    advances it per batch; an item fetched ahead is not consumed).
     """
 
-    def __init__(self, length: int, seed: int = 0) -> None:
+    def __init__(self, length: int, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        if not 0 <= rank < num_replicas:
+            raise CtrlkitError(f"sampler rank {rank} is not in [0, {num_replicas})")
+        if length < num_replicas:
+            raise CtrlkitError(f"{length} training items cannot be split over {num_replicas} processes")
         self.length = length
         self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
         self.epoch = 0
         self.resume_at: tuple[int, int] | None = None
         self.consumed = 0
@@ -63,31 +74,39 @@ class ResumableSampler(Sampler[int]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.length
+        return self.length // self.num_replicas
+
+    @property
+    def consumed_overall(self) -> int:
+        """Items of this epoch consumed by all processes together (each consumes the same number)."""
+        return self.consumed * self.num_replicas
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.length, generator=generator).tolist()
+        usable = self.length - self.length % self.num_replicas
+        mine = order[self.rank : usable : self.num_replicas]
         start = 0
         if self.resume_at is not None and self.resume_at[0] == self.epoch:
-            start = self.resume_at[1]
+            start = self.resume_at[1] // self.num_replicas
         if self.resume_at is not None and self.resume_at[0] <= self.epoch:
             self.resume_at = None
         self.consumed = start
-        return iter(order[start:])
+        return iter(mine[start:])
 
 
 class ResumableDataLoader(DataLoader):
     """A ``DataLoader`` over a ``ResumableSampler`` whose position Lightning saves in checkpoints and restores
-    (its ``state_dict`` / ``load_state_dict`` make it a stateful loader to Lightning's fit loop)."""
+    (its ``state_dict`` / ``load_state_dict`` make it a stateful loader to Lightning's fit loop). The position is
+    counted over all processes (rank zero writes the checkpoint; every rank reads it)."""
 
     def state_dict(self) -> dict:
-        return {"epoch": self.sampler.epoch, "consumed": self.sampler.consumed, "seed": self.sampler.seed}
+        return {"epoch": self.sampler.epoch, "consumed": self.sampler.consumed_overall, "seed": self.sampler.seed}
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.set_epoch(int(state["epoch"]))
         self.sampler.resume_at = (int(state["epoch"]), int(state["consumed"]))
-        self.sampler.consumed = int(state["consumed"])
+        self.sampler.consumed = int(state["consumed"]) // self.sampler.num_replicas
 
 
 class GuardedDataset(Dataset):
@@ -159,9 +178,17 @@ class ConditionedDataModule(pl.LightningDataModule):
     on_error: str = "skip"
     shuffle_seed: int = 0
 
+    def processes(self) -> tuple[int, int]:
+        """(world size, this process's rank) of the trainer running this module; (1, 0) outside one."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
     def train_sampler(self) -> ResumableSampler:
         if getattr(self, "_train_sampler", None) is None:
-            self._train_sampler = ResumableSampler(len(self.train_dataset), self.shuffle_seed)
+            world_size, rank = self.processes()
+            self._train_sampler = ResumableSampler(len(self.train_dataset), self.shuffle_seed, world_size, rank)
         return self._train_sampler
 
     def train_dataloader(self) -> DataLoader:
@@ -179,9 +206,14 @@ class ConditionedDataModule(pl.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
+        # with several processes each validates its shard (padded by repeating items to equal shards, as
+        # DistributedSampler does), and the system logs the mean over all of them
+        world_size, rank = self.processes()
+        sampler = DistributedSampler(self.val_dataset, world_size, rank, shuffle=False) if world_size > 1 else None
         return DataLoader(
             GuardedDataset(self.val_dataset, self.on_error),
             batch_size=self.batch_size,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate_skipping,
             generator=torch.Generator().manual_seed(self.shuffle_seed),

@@ -7,35 +7,12 @@ import torch
 from omegaconf import open_dict
 
 from lightning_modules.commands.train import train
-from lightning_modules.step_inputs import TrainingInputs
-from lightning_modules.system import AdapterTrainingSystem
 from tests.conftest import compose_train_config
 from tests.lightning_modules.test_resume import adapter_weights, assert_identical, kill_after_step_3
 
 
-def item_seeded_inputs(original):
-    """``training_inputs`` made from one generator per item (seeded by its index), so an item gets the same noise,
-    timestep and dropout whichever batch carries it; batch 16 and 2 x 8 then see the same draws."""
-
-    def inputs(self, batch, dropout=None, generator=None, use_latent_cache=False) -> TrainingInputs:
-        rows = []
-        for row, index in enumerate(batch["index"].tolist()):
-            item = {key: value[row : row + 1] for key, value in batch.items() if key not in ("skipped",)}
-            rows.append(original(self, item, dropout, torch.Generator().manual_seed(index), use_latent_cache))
-        return TrainingInputs(
-            *(torch.cat([getattr(row, name) for row in rows]) for name in ("noisy_latents", "timesteps")),
-            torch.cat([row.encoder_hidden_states for row in rows]),
-            torch.cat([row.condition for row in rows]),
-            torch.cat([row.target for row in rows]),
-        )
-
-    return inputs
-
-
-def test_two_batches_of_8_accumulated_train_as_one_batch_of_16(make_train_config, tmp_path, monkeypatch):
-    monkeypatch.setattr(
-        AdapterTrainingSystem, "training_inputs", item_seeded_inputs(AdapterTrainingSystem.training_inputs)
-    )
+def test_two_batches_of_8_accumulated_train_as_one_batch_of_16(make_train_config, tmp_path):
+    # system.draws=item (the default): an item gets the same noise, timestep and dropout whichever batch carries it
 
     def weights(name: str, *overrides: str) -> torch.Tensor:
         # SGD: an update proportional to the gradient (Adam divides near-zero gradients by their own size, so
@@ -52,9 +29,12 @@ def test_two_batches_of_8_accumulated_train_as_one_batch_of_16(make_train_config
     whole = weights("whole", "data.batch_size=16")
     accumulated = weights("accumulated", "data.batch_size=8", "trainer.accumulate_grad_batches=2")
     single = weights("single", "data.batch_size=8")  # 3 steps of 8: a different run, to show the check can fail
+    # one stream of draws, batch by batch: the items' draws depend on the batching (what system.draws=item removes)
+    stream = weights("stream", "data.batch_size=8", "trainer.accumulate_grad_batches=2", "system.draws=stream")
     # the same sum in another order: float32 rounding only (measured 4e-9; batch 8 without accumulation: 2e-3)
     assert torch.allclose(whole, accumulated, atol=1e-7, rtol=0)
     assert not torch.allclose(whole, single, atol=1e-4, rtol=0)
+    assert not torch.allclose(whole, stream, atol=1e-4, rtol=0)
 
 
 ACCUMULATED_RUN = [

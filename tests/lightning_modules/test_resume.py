@@ -51,41 +51,62 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run
 
 
-def kill_after_step_3(killed: Path, marker: Path, run: list[str]) -> None:
-    """Run ``ctrlkit train`` with ``run`` in a subprocess and SIGKILL it after its step 3 (checkpoint at step 2)."""
+def kill_after_step(
+    killed: Path,
+    marker: Path,
+    run: list[str],
+    step: int = 3,
+    checkpoint_step: int = 2,
+    fast: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> None:
+    """Run ``ctrlkit train`` with ``run`` in a subprocess and SIGKILL it -- with every process it started (DDP) --
+    after its training step ``step``, when its newest checkpoint is the one of ``checkpoint_step``."""
     # same thread count as this process: CPU kernels round the same way
     # (tests/helpers on the path itself: an unrelated site-packages `tests` package can shadow ours)
     helpers = REPO / "tests" / "helpers"
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{helpers}", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO}{os.pathsep}{helpers}",
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+        **(env or {}),
+    }
     command = [
         sys.executable,
         "-m",
         "lightning_modules.commands.cli",
         "train",
-        *FAST_OVERRIDES,
+        *(FAST_OVERRIDES if fast is None else fast),
         *run,
         f"hydra.run.dir={killed}",
     ]
-    # from step 3 on, each step pauses: the kill lands after the step-2 checkpoint, with step 3 done and lost
+    # from `step` on, each step pauses: the kill lands after the checkpoint, with the steps after it done and lost
     command += [
         "+callbacks.pause._target_=slow_steps.SleepFromStep",
-        "+callbacks.pause.step=3",
+        f"+callbacks.pause.step={step}",
         "+callbacks.pause.seconds=60",
         f"+callbacks.pause.marker={marker}",
     ]
-    process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while not marker.exists():
             assert process.poll() is None, process.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "the training subprocess never reached step 3"
+            assert time.monotonic() < deadline, f"the training subprocess never reached step {step}"
             time.sleep(0.2)
     finally:
-        process.send_signal(signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGKILL)  # the launcher and the processes it started (its session)
         process.wait()
     assert process.returncode == -signal.SIGKILL
-    assert marker.read_text() == "3"
-    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert marker.read_text() == str(step)
+    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == checkpoint_step
+
+
+def kill_after_step_3(killed: Path, marker: Path, run: list[str]) -> None:
+    """``kill_after_step`` at step 3, with the checkpoint of step 2."""
+    kill_after_step(killed, marker, run)
 
 
 def test_killed_run_resumes_to_identical_weights(uninterrupted, tmp_path):
@@ -141,6 +162,24 @@ def test_keep_last_removes_older_periodic_checkpoints(make_train_config):
     train(cfg)
     names = sorted(path.name for path in (Path(cfg.paths.output_dir) / "checkpoints").glob("*.ckpt"))
     assert names == ["last.ckpt", "step_000003.ckpt", "step_000004.ckpt"]
+
+
+def test_a_checkpoint_due_on_an_epochs_last_step_is_written(make_train_config):
+    # 12 items in batches of 2: 6 steps an epoch; validation every 4 steps, so none follows the epoch's end (where
+    # Lightning would defer the save to, and lose it)
+    cfg = make_train_config(
+        "trainer.max_steps=8",
+        "data.train_size=12",
+        "trainer.val_check_interval=4",
+        "callbacks.model_checkpoint.every_n_train_steps=3",
+        "callbacks.model_checkpoint.keep_last=-1",
+        "callbacks.model_checkpoint.best_metric=null",
+        "callbacks.controllability.every_n_steps=0",
+        "callbacks.sample_grid.every_n_steps=0",
+    )
+    train(cfg)
+    names = sorted(path.name for path in (Path(cfg.paths.output_dir) / "checkpoints").glob("*.ckpt"))
+    assert names == ["last.ckpt", "step_000003.ckpt", "step_000006.ckpt"]
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
