@@ -80,6 +80,8 @@ def test_validation_logs_how_much_the_condition_lowers_the_loss(tiny_backbone):
     batch = {
         "pixel_values": torch.rand(2, 3, 64, 64) * 2 - 1,
         "prompt": ["a red circle and a blue square on a white background"] * 2,
+        # the items' indices seed their noise and timesteps (system.draws=item)
+        "index": torch.tensor([0, 1]),
         "condition": GroundingCondition(
             boxes=torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.4, 0.4, 0.9, 0.9]] + [[0.0] * 4] * 28).expand(2, 30, 4),
             masks=masks,

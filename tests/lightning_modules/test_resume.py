@@ -216,7 +216,7 @@ def test_best_checkpoint_follows_the_condition_score_and_its_direction(tmp_path)
 
     def scores(checkpoint, reports) -> list[int]:
         saved = []
-        trainer = SimpleNamespace(sanity_checking=False, global_step=0)
+        trainer = SimpleNamespace(sanity_checking=False, global_step=0, is_global_zero=True)
         trainer.save_checkpoint = lambda path, weights_only: saved.append(trainer.global_step)
         for step, (key, score, primary, higher_is_better) in enumerate(reports):
             trainer.global_step = step
