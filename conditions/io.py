@@ -64,6 +64,7 @@ def _decode(source, name: str, max_pixels: int | None) -> np.ndarray:
         raise
     except Exception as error:  # PIL raises many types for bad files (OSError, SyntaxError, DecompressionBombError...)
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = reason.replace(repr(source), repr(name))  # PIL names an in-memory file by its repr
         raise ImageDecodeError(f"cannot decode image {name}: {type(error).__name__}: {reason}") from error
 
 

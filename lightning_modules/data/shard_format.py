@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from conditions import ConditionExtractor, GroundingRecord, pad_grounding
+from conditions import ConditionExtractor, GroundingRecord, ImageDecodeError, pad_grounding
 from conditions.io import MAX_IMAGE_PIXELS, decode_image
 from lightning_modules.data.common import ITEM_ERRORS, item_condition
 from lightning_modules.data.files import pair_tensors, resize_and_centre_crop
@@ -159,7 +159,7 @@ class SampleDecoder:
         prompt = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
         if not prompt:
             raise BadDataError(f"{where}: empty caption")
-        image = decode_image(sample[extension], f"{where} .{extension}", self.max_image_pixels)
+        image = self.image(sample, extension, where)
         if getattr(self.extractor, "kind", "image") == "grounding":
             image = resize_and_centre_crop(image, self.image_size, cv2.INTER_AREA)
             pixel_values = torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1.0)
@@ -171,9 +171,15 @@ class SampleDecoder:
                     raise BadDataError(
                         f"{where}: no .{CONDITION_EXTENSION} map (without maps: data.conditions=extractor)"
                     )
-                condition_map = decode_image(sample[CONDITION_EXTENSION], f"{where} .cond.png", self.max_image_pixels)
+                condition_map = self.image(sample, CONDITION_EXTENSION, where)
             pixel_values, condition = pair_tensors(image, condition_map, self.extractor, self.image_size)
         return {"index": sample_index(sample), "pixel_values": pixel_values, "condition": condition, "prompt": prompt}
+
+    def image(self, sample: dict, extension: str, where: str) -> np.ndarray:
+        try:
+            return decode_image(sample[extension], f".{extension}", self.max_image_pixels)
+        except ImageDecodeError as error:
+            raise ImageDecodeError(f"{where}: {error}") from error
 
     def grounding(self, sample: dict, where: str, image: np.ndarray):
         if self.conditions == "extractor":  # a detector that reads pixels (condition=detected_boxes)

@@ -1,8 +1,8 @@
 """``data=webdataset``: training from tar shards (layout: ``shard_format.py``), each process streaming its own.
 
 One epoch: the shard list is shuffled from ``seed + epoch`` (``shardshuffle``), dealt to the ranks (every
-``world_size``-th shard from ``rank``) and then to each rank's DataLoader workers (``wds.split_by_worker``); each
-worker shuffles its samples in a buffer (``shuffle_buffer``) seeded from (seed, epoch, rank, worker). Every rank
+``world_size``-th shard from ``rank``) and then to each rank's DataLoader workers in the same way; each worker
+shuffles its samples in a buffer (``shuffle_buffer``) seeded from (seed, epoch, rank, worker). Every rank
 yields exactly ``epoch samples // world_size // batch_size`` batches, so the ranks step together: a rank whose
 shards run out first starts them again (a second pass, shuffled anew), one with more stops there. With shards that
 divide evenly over ranks x workers and sample counts that divide by the batch size, every sample is read once per
@@ -45,10 +45,11 @@ from lightning_modules.errors import CtrlkitError
 log = logging.getLogger(__name__)
 
 
-def split_by_rank(src, rank: int, world_size: int):
-    """``wds.split_by_node`` with the rank given: it reads torch.distributed (or $RANK), here the trainer's rank is
-    passed in, so ranks can also be simulated without a process group."""
-    yield from itertools.islice(src, rank, None, world_size)
+def take_share(src, place: int, places: int):
+    """Every ``places``-th item from ``place``: what ``wds.split_by_node`` and ``wds.split_by_worker`` do, with the
+    place given instead of read from torch.distributed / the worker info. Ranks come from the trainer (and tests
+    simulate them without a process group); a worker's place is its role, which a resume rotates."""
+    yield from itertools.islice(src, place, None, places)
 
 
 class ShardStream(IterableDataset):
@@ -90,15 +91,18 @@ class ShardStream(IterableDataset):
     def pipeline(self) -> wds.DataPipeline:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # the DataLoader takes batches from its workers in turn: batch i is worker (i % workers)'s
-        skip = len(range(worker, self.skip_batches, workers)) * self.batch_size
+        # The DataLoader takes batches from its workers in turn, from worker 0: batch i is role (i % workers)'s.
+        # A resume after k batches gives worker w the role (w + k) % workers -- its shards, seed and skip -- so
+        # the new loader's first batch is the one the killed run would have taken next.
+        role = (worker + self.skip_batches) % workers
+        skip = len(range(role, self.skip_batches, workers)) * self.batch_size
         handler = wds.reraise_exception if self.decoder.on_error == "raise" else log_and_continue
-        shuffle_seed = f"{self.seed}:{self.epoch}:{self.repeat}:{self.rank}:{worker}"
+        shuffle_seed = f"{self.seed}:{self.epoch}:{self.repeat}:{self.rank}:{role}"
         return wds.DataPipeline(
             # the same shard order on every rank and worker (seed + epoch), then dealt out
             wds.SimpleShardList(self.urls, seed=self.seed + self.epoch if self.shardshuffle else None),
-            functools.partial(split_by_rank, rank=self.rank, world_size=self.world_size),
-            wds.split_by_worker,
+            functools.partial(take_share, place=self.rank, places=self.world_size),
+            functools.partial(take_share, place=role, places=workers),
             wds.tarfile_to_samples(handler=handler),
             wds.select(self.keep),
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=shuffle_seed)
