@@ -175,6 +175,10 @@ class ShardLoader:
         return {"epoch": self.sampler.epoch, "batches": self.sampler.batches, "world_size": stream.world_size}
 
     def load_state_dict(self, state: dict) -> None:
+        if "batches" not in state:  # a checkpoint of another data module (data=shapes ...): its position is not ours
+            log.warning("the checkpoint's data position is not a shard stream's; the epoch starts from its beginning")
+            self.sampler.set_epoch(int(state.get("epoch", 0)))
+            return
         # on another world size a rank's batches hold another share of the epoch: rescale (approximate)
         batches = int(state["batches"]) * int(state.get("world_size", 1)) // self.stream.world_size
         self.sampler.set_epoch(int(state["epoch"]))
