@@ -141,3 +141,37 @@ def test_shapes_shards_hold_the_shapes_items_and_train_end_to_end(tmp_path, make
         {"epoch": 0, "batches": 3, "world_size": 1}
     ]
     assert os.path.isfile(cfg.paths.output_dir + "/checkpoints/last.ckpt")
+
+
+def test_a_run_resumed_mid_epoch_from_shards_ends_with_identical_weights(tmp_path, webdataset_shards):
+    """6 steps on 16 shapes samples (val 2 left out: 7 batches an epoch, 2 workers), a checkpoint every 2 steps;
+    a run resumed from the step-2 checkpoint -- mid-epoch, its position (epoch 0, 2 batches) in it -- ends with the
+    same adapter weights as the run never stopped."""
+    from lightning_modules.commands.train import train
+    from tests.conftest import compose_train_config
+    from tests.lightning_modules.test_resume import adapter_weights, assert_identical
+
+    run = [
+        "data=webdataset",
+        f"data.urls={webdataset_shards}",
+        "data.num_workers=2",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=2",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "callbacks.controllability.every_n_steps=0",
+        "callbacks.sample_grid.every_n_steps=0",
+    ]
+    whole = tmp_path / "whole"
+    train(compose_train_config(whole, run))
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    step_2 = whole / "checkpoints" / "step_000002.ckpt"
+    (resumed / "checkpoints" / step_2.name).write_bytes(step_2.read_bytes())
+    assert torch.load(step_2, weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 0, "batches": 2, "world_size": 1}
+    ]
+    _, objects = train(compose_train_config(resumed, [*run, "resume=auto"]))
+    assert objects["trainer"].global_step == 6
+    assert_identical(
+        adapter_weights(whole / "checkpoints" / "last.ckpt"), adapter_weights(resumed / "checkpoints" / "last.ckpt")
+    )
