@@ -16,7 +16,8 @@ world size (the position is then rescaled to it) it is approximate: a few sample
 all in that epoch. The next epoch is exact again.
 
 Validation is fixed: the first ``val_size`` good samples of ``val_urls``, or of the training shards in order (then
-every sample read for it is left out of training), decoded once and kept in memory.
+every sample read for it is left out of training), decoded once and kept in memory; shards of shapes scenes also
+redraw their scenes (``ShapesItems``) for controllability's shapes scores.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from conditions import ConditionExtractor
 from conditions.io import MAX_IMAGE_PIXELS
+from conditions.shapes import ShapeScene
 from lightning_modules.data.common import ConditionedDataModule, check_on_error, collate_skipping
 from lightning_modules.data.files import CONDITION_SOURCES
+from lightning_modules.data.shapes import ShapesDataset
 from lightning_modules.data.shard_format import (
     SampleDecoder,
     check_condition,
@@ -200,6 +203,29 @@ class LoadedItems(Dataset):
         return self.items[index]
 
 
+class ShapesItems(LoadedItems):
+    """Validation items of shards written from shapes scenes (``ctrlkit shards source=shapes``): ``scene(index)``
+    redraws the scene of item ``index``, so controllability adds the shapes scores (mask and box IoU, caption
+    accuracy) as on ``data=shapes``."""
+
+    def __init__(self, items: list[dict], extractor: ConditionExtractor, scenes: ShapesDataset) -> None:
+        super().__init__(items, extractor)
+        self.scenes = scenes
+
+    def scene(self, index: int) -> ShapeScene:
+        return self.scenes.scene(index)
+
+
+def validation_dataset(items: list[dict], extractor, manifest: dict | None, image_size: int) -> LoadedItems:
+    """``ShapesItems`` when the manifest says the shards hold shapes scenes drawn at ``image_size``, else
+    ``LoadedItems``."""
+    settings = (manifest or {}).get("settings") or {}
+    if settings.get("source") != "shapes" or settings.get("image_size") != image_size:
+        return LoadedItems(items, extractor)
+    scenes = ShapesDataset(extractor, settings["count"], image_size, settings["seed"], settings["num_objects"])
+    return ShapesItems(items, extractor, scenes)
+
+
 def read_validation(urls: list[str], decoder: SampleDecoder, count: int) -> tuple[list[dict], frozenset]:
     """The first ``count`` good samples of ``urls`` in order, and the (url, key) of every sample read for them."""
     handler = wds.reraise_exception if decoder.on_error == "raise" else log_and_continue
@@ -285,11 +311,11 @@ class WebDataModule(ConditionedDataModule):
         self.shards = resolve_shards(urls)
         check_condition(self.shards.manifest, extractor, conditions)
         self.decoder = SampleDecoder(extractor, image_size, conditions, on_error, max_image_pixels)
-        val_shards = resolve_shards(val_urls).urls if val_urls is not None else self.shards.urls
-        items, read = read_validation(val_shards, self.decoder, val_size)
+        val_shards = resolve_shards(val_urls) if val_urls is not None else self.shards
+        items, read = read_validation(val_shards.urls, self.decoder, val_size)
         if not items:
-            raise CtrlkitError(f"no usable validation sample in {val_shards[0]}: every one read was bad data")
-        self.val_dataset = LoadedItems(items, extractor)
+            raise CtrlkitError(f"no usable validation sample in {val_shards.urls[0]}: every one read was bad data")
+        self.val_dataset = validation_dataset(items, extractor, val_shards.manifest, image_size)
         self.exclude = read if val_urls is None else frozenset()  # validation samples never train
         if epoch_samples is None:
             total = self.shards.samples

@@ -155,6 +155,20 @@ def test_grounding_records_and_the_extractor_on_the_fly(shard_set):
     assert fly["condition"].shape == files["condition"].shape and not torch.equal(fly["condition"], files["condition"])
 
 
+def test_box_controllability_is_off_without_scenes_instead_of_failing(shard_set):
+    from types import SimpleNamespace
+
+    from lightning_modules.callbacks.controllability import ControllabilityCallback
+
+    folder, _, val = shard_set
+    datamodule = WebDataModule(str(folder), ShapesBoxesExtractor(max_boxes=4), val_urls=val, image_size=16)
+    assert not hasattr(datamodule.val_dataset, "scene")  # not shards of shapes scenes: no box_iou to score
+    callback = ControllabilityCallback("unused.json", jump_metric="box_iou")
+    callback.base = {}  # what scoring the base model gives these items
+    trainer = SimpleNamespace(datamodule=datamodule, is_global_zero=True)
+    assert callback._prepare(trainer, None) is False and not callback.enabled
+
+
 def test_urls_as_pattern_list_folder_or_manifest(shard_set):
     folder, urls, _ = shard_set
     pattern = str(folder / "train-{000000..000003}.tar")
