@@ -161,7 +161,12 @@ class ShardLoader:
             stream.skip_batches = start if stream.repeat == 0 else 0
             # new workers each pass: they take this pass's epoch, repeat and skip with their copy of the stream
             loader = DataLoader(
-                stream, batch_size=stream.batch_size, num_workers=self.num_workers, collate_fn=collate_skipping
+                stream,
+                batch_size=stream.batch_size,
+                num_workers=self.num_workers,
+                collate_fn=collate_skipping,
+                # the loader's own generator: starting workers never draws from (and shifts) the global RNG
+                generator=torch.Generator().manual_seed(stream.seed),
             )
             got = 0
             for batch in loader:
