@@ -144,6 +144,8 @@ def test_shapes_shards_hold_the_shapes_items_and_train_end_to_end(tmp_path, make
     assert os.path.isfile(cfg.paths.output_dir + "/checkpoints/last.ckpt")
 
 
+# two training runs (~20-100 s on a loaded 2-core machine); the loader-level resume test in test_webdataset.py is fast
+@pytest.mark.slow
 def test_a_run_resumed_mid_epoch_from_shards_ends_with_identical_weights(tmp_path, webdataset_shards):
     """4 steps on 16 shapes samples (val 2 left out: 7 batches an epoch, 2 workers), a checkpoint every 2 steps;
     a run resumed from the step-2 checkpoint -- mid-epoch, its position (epoch 0, 2 batches) in it -- ends with the
