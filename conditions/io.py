@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import warnings
@@ -34,18 +35,27 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
             corrupt, not an image, anything the decoder raises).
     """
     path = Path(path)
-    limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
     if not path.is_file():
         raise ImageDecodeError(f"image file not found: {path}")
+    return _decode(path, str(path), max_pixels)
+
+
+def decode_image(data: bytes, name: str, max_pixels: int | None = None) -> np.ndarray:
+    """``read_image`` for an encoded image in memory (a tar member); ``name`` names it in errors."""
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(source, name: str, max_pixels: int | None) -> np.ndarray:
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
     try:
         with warnings.catch_warnings():
             # our own limit decides; PIL's bomb warning/error between its limits is not a second opinion we need
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 width, height = image.size
                 if width * height > limit:
                     raise ImageDecodeError(
-                        f"image {path} is {width}x{height} = {width * height} pixels, over the limit of {limit} "
+                        f"image {name} is {width}x{height} = {width * height} pixels, over the limit of {limit} "
                         f"(max_image_pixels); a decompression bomb or an image to shrink first"
                     )
                 image.load()
@@ -54,7 +64,8 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
         raise
     except Exception as error:  # PIL raises many types for bad files (OSError, SyntaxError, DecompressionBombError...)
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ImageDecodeError(f"cannot decode image {path}: {type(error).__name__}: {reason}") from error
+        reason = reason.replace(repr(source), repr(name))  # PIL names an in-memory file by its repr
+        raise ImageDecodeError(f"cannot decode image {name}: {type(error).__name__}: {reason}") from error
 
 
 def _to_rgb_array(image: Image.Image) -> np.ndarray:

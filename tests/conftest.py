@@ -101,6 +101,17 @@ def imagefolder_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def webdataset_shards(tmp_path_factory) -> Path:
+    """16 shapes scenes with canny maps as 4 tar shards and a manifest (``ctrlkit shards source=shapes``)."""
+    from conditions import CannyExtractor
+    from lightning_modules.commands.shards import shapes_source, write_shards
+
+    folder = tmp_path_factory.mktemp("shards")
+    write_shards(shapes_source(CannyExtractor(), count=16), folder, maxcount=4)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def openpose_weights_dir(tmp_path_factory) -> Path:
     """``body_pose_model.pth`` laid out as lllyasviel/Annotators ships it: controlnet_aux ``bodypose_model`` weights
     under the upstream key names (without the block prefix that ``util.transfer`` adds back), seeded random."""

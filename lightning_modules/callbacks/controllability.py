@@ -139,6 +139,10 @@ class ControllabilityCallback(pl.Callback):
             self.base = on_rank_zero(trainer, lambda: self.base_scores(trainer, pl_module, dataset))
             if trainer.is_global_zero:
                 log.info("base model without adapter: %s", self.base)
+        if self.jump_metric not in self.base:  # e.g. box_iou comes from shapes scenes, which these items lack
+            log.warning("controllability is off: the validation items give no %s score", self.jump_metric)
+            self.enabled = False
+            return False
         if self.truth is None and callable(getattr(dataset, "scene", None)):
             # the scenes' own images: the ceiling of each score (occlusion and shared colours keep box IoU below 1)
             scenes = [dataset.scene(index) for index in range(min(self.num_samples, len(dataset)))]

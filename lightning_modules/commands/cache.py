@@ -89,7 +89,12 @@ def run_cache(cfg: DictConfig) -> CacheReport:
 
     datamodule.prepare_data()
     datamodule.setup("fit")
-    dataset = datamodule.train_dataset
+    dataset = getattr(datamodule, "train_dataset", None)
+    if dataset is None:  # data=webdataset streams its shards: there is no item i to encode ahead
+        raise CtrlkitError(
+            f"ctrlkit cache encodes a dataset item by item; {type(datamodule).__name__} streams shards: train with "
+            "system.cache_dir set instead, which fills the cache as training reads the items"
+        )
     count = len(dataset) if cfg.limit is None else min(int(cfg.limit), len(dataset))
     loader = DataLoader(
         GuardedDataset(dataset, datamodule.on_error),

@@ -38,6 +38,7 @@ commands:
                    (conf/cache.yaml: the training config, so give it the training run's overrides)
   evaluate         score an adapter beside the base model: controllability and image quality (conf/evaluate.yaml)
   extract          write condition maps for a folder of images (conf/extract.yaml)
+  shards           write a dataset as tar shards for data=webdataset, with a manifest (conf/shards.yaml)
   generate         sample prompts under a composition of adapters (conf/generate.yaml)
   pretrain-base    train the tiny base model that `model=tiny` ships (conf/pretrain_base.yaml)
 
@@ -49,6 +50,7 @@ Examples:
   ctrlkit cache system.cache_dir=outputs/feature_cache                     (then train with the same setting)
   ctrlkit evaluate adapter_path=outputs/train/runs/<run>                     (base vs adapter, metrics.json)
   ctrlkit extract condition=canny input=photos output=photos_canny
+  ctrlkit shards source=shapes output=shards/shapes                         (train: data=webdataset data.urls=...)
   ctrlkit generate composition=examples/composition.yaml
 """
 
@@ -141,6 +143,13 @@ def extract_main(cfg: DictConfig) -> None:
     _run("extract", run_extract, cfg)
 
 
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="shards")
+def shards_main(cfg: DictConfig) -> None:
+    from lightning_modules.commands.shards import run_shards
+
+    _run("shards", run_shards, cfg)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def evaluate_main(cfg: DictConfig) -> None:
     from lightning_modules.commands.evaluate import run_evaluate
@@ -167,6 +176,7 @@ COMMANDS = {
     "cache": cache_main,
     "evaluate": evaluate_main,
     "extract": extract_main,
+    "shards": shards_main,
     "generate": generate_main,
     "pretrain-base": pretrain_base_main,
 }
@@ -175,6 +185,7 @@ CONFIG_NAMES = {
     "cache": "cache",
     "evaluate": "evaluate",
     "extract": "extract",
+    "shards": "shards",
     "generate": "generate",
     "pretrain-base": "pretrain_base",
 }

@@ -151,7 +151,7 @@ def check_train_config(cfg: DictConfig) -> None:
     for key in ("model.path", "paths.output_dir"):
         if _is_missing(cfg, key):
             raise CtrlkitError(f"{key} is required with model={group_choice(cfg, 'model')}: add {key}=<path>")
-    for key in ("condition.extractor.weights_dir", "condition.extractor.model", "data.root"):
+    for key in ("condition.extractor.weights_dir", "condition.extractor.model", "data.root", "data.urls"):
         if _is_missing(cfg, key):
             raise CtrlkitError(f"{key} is required: add {key}=<path>")
     for path, node in _target_nodes(cfg):
@@ -425,6 +425,15 @@ def _setting_rules() -> dict[str, dict[str, tuple[str, object]]]:
             "num_workers": (_INT, 0),
             "batch_size": (_INT, 1),
             "progress": (_FLAG, None),
+        },
+        "shards": {
+            "maxcount": (_INT, 1),
+            "count": (_INT, 1),
+            "seed": (_INT, None),
+            "image_size": (_INT, 8),
+            "progress": (_FLAG, None),
+            "max_image_pixels": (_INT, 1),
+            "prefix": (_TEXT, None),
         },
         "extract": {
             "num_workers": (_INT, 0),

@@ -106,6 +106,26 @@ def resize_and_centre_crop(image: np.ndarray, size: int, interpolation: int) -> 
     return image[top : top + size, left : left + size].copy()  # a writable array of its own (torch warns otherwise)
 
 
+def pair_tensors(
+    image: np.ndarray, condition_map: np.ndarray | None, extractor: ConditionExtractor, image_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoded pair -> (``pixel_values`` (3, S, S) float in [-1, 1], ``condition`` (C, S, S) float in [0, 1]).
+
+    Both are resized (short side) and centre-cropped to S = ``image_size``; ``condition_map`` (HxWx3 uint8) is the
+    precomputed map, or None to apply ``extractor`` to the resized image (``conditions: extractor``).
+    """
+    image = resize_and_centre_crop(image, image_size, cv2.INTER_AREA)
+    if condition_map is None:
+        condition = extractor(image)
+    else:
+        # nearest: a precomputed map (edges, labels) keeps its values instead of blending them
+        condition_map = resize_and_centre_crop(condition_map, image_size, cv2.INTER_NEAREST)
+        condition_map = condition_map[:, :, : extractor.channels]
+        condition = torch.from_numpy(condition_map).permute(2, 0, 1).float().div(255.0)
+    pixel_values = torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return pixel_values, condition
+
+
 class PairedImageDataset(Dataset):
     """Items: ``pixel_values`` (3, S, S) float in [-1, 1]; ``condition`` (C, S, S) float in [0, 1]; ``prompt`` str.
 
@@ -140,21 +160,13 @@ class PairedImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         try:
-            image = resize_and_centre_crop(
-                read_image(record.image, self.max_image_pixels), self.image_size, cv2.INTER_AREA
-            )
-            if self.conditions == "extractor":
-                condition = self.extractor(image)
-            else:
-                # nearest: a precomputed map (edges, labels) keeps its values instead of blending them
-                condition_map = resize_and_centre_crop(
-                    read_image(record.condition, self.max_image_pixels), self.image_size, cv2.INTER_NEAREST
-                )
-                condition_map = condition_map[:, :, : self.extractor.channels]
-                condition = torch.from_numpy(condition_map).permute(2, 0, 1).float().div(255.0)
+            image = read_image(record.image, self.max_image_pixels)
+            condition_map = None
+            if self.conditions == "files":
+                condition_map = read_image(record.condition, self.max_image_pixels)
         except ImageDecodeError as error:
             raise ImageDecodeError(f"{record.where}: {error}") from error
-        pixel_values = torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1.0)
+        pixel_values, condition = pair_tensors(image, condition_map, self.extractor, self.image_size)
         # index: the key of the training system's latent cache (items are deterministic: resize + centre crop)
         return {"index": index, "pixel_values": pixel_values, "condition": condition, "prompt": record.prompt}
 

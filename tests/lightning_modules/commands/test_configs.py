@@ -37,6 +37,7 @@ REQUIRED = {
     "condition=seg": ["condition.extractor.model={segformer_dir}"],
     "data=fill50k": ["data.root={fill50k_root}"],
     "data=imagefolder": ["data.root={imagefolder_root}"],
+    "data=webdataset": ["data.urls={webdataset_shards}"],
     # a grounding adapter and a grounding condition only come in pairs
     "adapter=gligen": ["condition=boxes"],
     "adapter=gligen_masked": ["condition=boxes"],
