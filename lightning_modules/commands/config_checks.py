@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import math
@@ -33,7 +34,9 @@ def load_condition_config(name: str) -> DictConfig:
 
 
 def check_group_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
-    """Reject ``group=name`` overrides that name no yaml in ``conf/<group>/``, before Hydra composes anything."""
+    """Reject ``group=name`` overrides that name no yaml in ``conf/<group>/`` (for ``hydra/...`` groups: nor a
+    config Hydra or an installed plugin registers), and options whose Hydra plugin is not installed, before Hydra
+    composes anything."""
     for override in overrides:
         key, sep, value = override.lstrip("+~").partition("=")
         if not sep or "." in key or not (conf_dir / key).is_dir():
@@ -41,9 +44,54 @@ def check_group_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> No
         if value.startswith(_SWEEP_FUNCTIONS) or value in ("null", "", "[]"):
             continue
         options = group_options(key, conf_dir)
+        if key.startswith("hydra/"):
+            options = sorted(set(options) | set(_registered_options(key)))
         for name in value.split(","):
             if name.strip() not in options:
                 raise CtrlkitError(f"unknown {key} '{name.strip()}'; choose one of: {', '.join(options)}")
+            check_plugin_installed(key, name.strip())
+
+
+# config options that need a Hydra plugin: (group, option) -> (its distribution, its module); the `launchers` extra
+# of ctrlkit installs all three
+HYDRA_PLUGINS = {
+    ("hydra/launcher", "joblib"): ("hydra-joblib-launcher", "hydra_plugins.hydra_joblib_launcher"),
+    ("hydra/launcher", "submitit_local"): ("hydra-submitit-launcher", "hydra_plugins.hydra_submitit_launcher"),
+    ("hydra/launcher", "submitit_slurm"): ("hydra-submitit-launcher", "hydra_plugins.hydra_submitit_launcher"),
+    ("hydra/sweeper", "optuna"): ("hydra-optuna-sweeper", "hydra_plugins.hydra_optuna_sweeper"),
+    ("hparams_search", "optuna"): ("hydra-optuna-sweeper", "hydra_plugins.hydra_optuna_sweeper"),
+}
+
+
+def module_installed(name: str) -> bool:
+    """Whether ``name`` can be imported (found on the path), without importing it."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a module set to None in sys.modules
+        return False
+
+
+def check_plugin_installed(group: str, option: str) -> None:
+    """``hydra/launcher=joblib`` without hydra-joblib-launcher installed: one line naming the extra to install."""
+    plugin = HYDRA_PLUGINS.get((group, option))
+    if plugin is not None and not module_installed(plugin[1]):
+        raise CtrlkitError(
+            f"{group}={option} needs the Hydra plugin {plugin[0]}, which is not installed: "
+            "pip install 'ctrlkit[launchers]'"
+        )
+
+
+def _registered_options(group: str) -> list[str]:
+    """Options of a ``hydra/...`` group that Hydra itself or an installed plugin registers (``basic``, ``joblib``)."""
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # discovers the installed plugins, which register their configs
+    try:
+        names = ConfigStore.instance().list(group)
+    except OSError:  # no such group in the store
+        return []
+    return [name.removesuffix(".yaml") for name in names if name.endswith(".yaml")]
 
 
 def check_override_keys(config_name: str, overrides: list[str], conf_dir: Path = CONF_DIR) -> DictConfig | None:
@@ -158,6 +206,54 @@ def check_train_config(cfg: DictConfig) -> None:
         check_node_against_signature(path, node)
     check_settings("train", cfg)
     check_values(cfg)
+    check_launch(cfg)
+
+
+def _hydra_node(cfg: DictConfig) -> DictConfig | None:
+    """The run's ``hydra`` config: the composed one (tests, ``return_hydra_config``), else the running app's."""
+    if isinstance(cfg.get("hydra"), DictConfig):
+        return cfg.hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return HydraConfig.get()
+    except ValueError:  # not inside a Hydra app
+        return None
+
+
+def check_launch(cfg: DictConfig) -> None:
+    """What a job's launcher and sweeper ask of the trainer and the metric, before any model loads:
+
+    - ``hydra/launcher=submitit_slurm`` starts ``tasks_per_node`` processes on each of ``nodes`` nodes, and Lightning
+      takes its ranks from SLURM, so ``trainer.devices`` must be ``tasks_per_node`` and ``trainer.num_nodes`` must be
+      ``nodes`` (Lightning would otherwise stop every process with its own error after the job got its nodes).
+    - an Optuna search's ``direction`` must fit ``optimized_metric`` (maximize a score, minimize ``depth_rmse``)."""
+    hydra_cfg = _hydra_node(cfg)
+    if hydra_cfg is None:
+        return
+    launcher = hydra_cfg.get("launcher") or {}
+    if str(launcher.get("_target_", "")).endswith("SlurmLauncher"):
+        tasks, nodes = launcher.get("tasks_per_node"), launcher.get("nodes")
+        asked = {"trainer.devices": (OmegaConf.select(cfg, "trainer.devices", default=1), tasks, "tasks_per_node")}
+        asked["trainer.num_nodes"] = (OmegaConf.select(cfg, "trainer.num_nodes", default=1), nodes, "nodes")
+        for key, (value, slurm, name) in asked.items():
+            if value != slurm:
+                raise CtrlkitError(
+                    f"{key}={value} but hydra/launcher=submitit_slurm starts hydra.launcher.{name}={slurm}: Lightning "
+                    f"takes one process per SLURM task; set {key}={slurm} (with trainer=ddp)"
+                )
+    direction = (hydra_cfg.get("sweeper") or {}).get("direction")
+    metric = cfg.get("optimized_metric")
+    if isinstance(direction, str) and metric is not None:
+        from conditions.controllability import metric_of
+
+        kind = metric_of(str(metric))
+        wanted = None if kind is None else ("maximize" if kind.higher_is_better else "minimize")
+        if wanted is not None and direction != wanted:
+            raise CtrlkitError(
+                f"optimized_metric={metric} is {'higher' if kind.higher_is_better else 'lower'} when better but "
+                f"hydra.sweeper.direction={direction}; set hydra.sweeper.direction={wanted}"
+            )
 
 
 def group_choice(cfg: DictConfig, group: str) -> str:
