@@ -206,7 +206,23 @@ def check_train_config(cfg: DictConfig) -> None:
         check_node_against_signature(path, node)
     check_settings("train", cfg)
     check_values(cfg)
+    check_strategy_installed(cfg)
     check_launch(cfg)
+
+
+# trainer strategies that need a package of their own: the class name -> (package, ctrlkit's extra)
+STRATEGY_PACKAGES = {"DeepSpeedStrategy": ("deepspeed", "deepspeed")}
+
+
+def check_strategy_installed(cfg: DictConfig) -> None:
+    """``trainer=deepspeed`` without the deepspeed package: one line naming the extra to install."""
+    target = str(OmegaConf.select(cfg, "trainer.strategy._target_", default="") or "")
+    package = STRATEGY_PACKAGES.get(target.rpartition(".")[2])
+    if package is not None and not module_installed(package[0]):
+        raise CtrlkitError(
+            f"trainer.strategy {target.rpartition('.')[2]} needs the {package[0]} package, which is not installed: "
+            f"pip install 'ctrlkit[{package[1]}]'"
+        )
 
 
 def _hydra_node(cfg: DictConfig) -> DictConfig | None:
