@@ -18,6 +18,7 @@ from lightning_modules.commands.config_checks import (
     check_group_overrides,
     check_override_keys,
     check_settings,
+    check_sweep_launch,
     one_line,
     run_dir_of,
 )
@@ -52,6 +53,8 @@ Examples:
   ctrlkit train trainer.max_steps=20
   ctrlkit train logger=csv adapter.learning_rate=1e-4
   ctrlkit train -m adapter.learning_rate=1e-4,1e-5 trainer.max_steps=5   (a Hydra sweep)
+  ctrlkit train -m hydra/launcher=joblib adapter.learning_rate=1e-3,3e-4   (its jobs at the same time)
+  ctrlkit train -m hparams_search=optuna hydra.sweeper.n_trials=3        (an Optuna search: best trial)
   ctrlkit train --cfg job                                                  (print the composed config)
   ctrlkit cache system.cache_dir=outputs/feature_cache                     (then train with the same setting)
   ctrlkit evaluate adapter_path=outputs/train/runs/<run>                     (base vs adapter, metrics.json)
@@ -208,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         composed = check_override_keys(CONFIG_NAMES[command], overrides)
         if composed is not None:
             check_settings(command, composed)  # before Hydra builds its job from them (task_name -> job name)
+        elif command == "train" and ("-m" in overrides or "--multirun" in overrides):
+            check_sweep_launch(CONFIG_NAMES[command], overrides)  # e.g. SLURM tasks vs trainer.devices
         run_dir = run_dir_of(composed)
         if run_dir is not None:
             check_writable_dir(run_dir, "the run folder (hydra.run.dir)")

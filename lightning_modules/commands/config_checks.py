@@ -136,6 +136,42 @@ def check_override_keys(config_name: str, overrides: list[str], conf_dir: Path =
         raise CtrlkitError(f"override not accepted: {one_line(error)}") from error
 
 
+def first_job_overrides(overrides: list[str]) -> list[str] | None:
+    """The overrides of a ``-m`` run's first job: each sweep replaced by its first value (``a=1,2`` -> ``a=1``;
+    sweeps only a sweeper enumerates, such as Optuna's ``interval``, left out). None when other Hydra flags than
+    ``-m`` are given or the overrides do not parse (Hydra reports those)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    settings = [o for o in overrides if o not in ("-m", "--multirun")]
+    if any(o.startswith("-") for o in settings):
+        return None
+    try:
+        parsed = OverridesParser.create().parse_overrides(settings)
+    except Exception:
+        return None
+    first = []
+    for override in parsed:
+        if not override.is_sweep_override():
+            first.append(override.input_line)
+            continue
+        try:
+            value = next(iter(override.sweep_string_iterator()))
+        except Exception:  # interval(), glob() ...: enumerated by the sweeper
+            continue
+        first.append(f"{override.input_line.partition('=')[0]}={value}")
+    return first
+
+
+def check_sweep_launch(config_name: str, overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """Before a ``-m`` run launches anything: :func:`check_launch` on its first job's config, so a SLURM job whose
+    trainer does not match its tasks fails here, not after waiting for its nodes. Overrides that do not compose are
+    left to Hydra."""
+    first = first_job_overrides(overrides)
+    cfg = _compose(config_name, first, conf_dir) if first is not None else None
+    if cfg is not None:
+        check_launch(cfg)
+
+
 # keys whose settings moved to a config group of their own (0.1: the optimizer and LR schedule groups)
 MOVED_KEYS = {
     "system.weight_decay": "optimizer.weight_decay",
@@ -247,8 +283,11 @@ def check_launch(cfg: DictConfig) -> None:
     hydra_cfg = _hydra_node(cfg)
     if hydra_cfg is None:
         return
+    from hydra.types import RunMode
+
     launcher = hydra_cfg.get("launcher") or {}
-    if str(launcher.get("_target_", "")).endswith("SlurmLauncher"):
+    # a single run (no -m) runs here whatever the launcher says
+    if str(launcher.get("_target_", "")).endswith("SlurmLauncher") and hydra_cfg.get("mode") != RunMode.RUN:
         tasks, nodes = launcher.get("tasks_per_node"), launcher.get("nodes")
         asked = {"trainer.devices": (OmegaConf.select(cfg, "trainer.devices", default=1), tasks, "tasks_per_node")}
         asked["trainer.num_nodes"] = (OmegaConf.select(cfg, "trainer.num_nodes", default=1), nodes, "nodes")

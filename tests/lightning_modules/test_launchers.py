@@ -20,6 +20,8 @@ from lightning_modules.commands.config_checks import (
     CONF_DIR,
     check_group_overrides,
     check_launch,
+    check_sweep_launch,
+    first_job_overrides,
     group_options,
 )
 from lightning_modules.errors import CtrlkitError
@@ -141,6 +143,21 @@ def test_the_slurm_launcher_and_the_trainer_must_agree(make_train_config):
         check_launch(make_train_config(*ddp, "trainer.devices=8", "hydra.launcher.nodes=4"))
     check_launch(make_train_config(*ddp, "trainer.devices=4", "trainer.num_nodes=2", "hydra.launcher.gpus_per_node=4",
                                    "hydra.launcher.nodes=2"))  # fmt: skip
+    check_launch(make_train_config(*ddp, "hydra.mode=RUN"))  # without -m the job runs here, whatever the launcher
+
+
+def test_a_sweep_is_checked_before_it_launches():
+    """``ctrlkit train -m ...`` checks its first job's launcher and trainer before submitting anything."""
+    assert first_job_overrides(["-m", "adapter.learning_rate=1e-3,3e-4", "+a=range(2,4)", "b=interval(0,1)"]) == [
+        "adapter.learning_rate=0.001",
+        "+a=2",
+    ]
+    assert first_job_overrides(["-m", "--cfg", "job"]) is None
+    with pytest.raises(CtrlkitError, match=r"trainer.devices=2 but hydra/launcher=submitit_slurm starts"):
+        check_sweep_launch("train", ["-m", "hydra/launcher=submitit_slurm", "trainer=ddp", "seed=0,1"])
+    with pytest.raises(CtrlkitError, match=r"hydra.sweeper.direction=minimize"):
+        check_sweep_launch("train", ["-m", "hparams_search=optuna", "condition=shapes_depth"])
+    check_sweep_launch("train", ["-m", "hparams_search=optuna", "condition=canny,shapes_mask"])
 
 
 def test_train_main_returns_the_searched_score(make_train_config):
@@ -231,7 +248,8 @@ def test_submitit_local_runs_a_job_in_a_subprocess(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
     assert (sweep / "0" / "adapter" / "config.json").is_file()
-    (job_folder,) = (sweep / ".submitit").iterdir()  # submitit's own record of the subprocess
+    # submitit's own record of the subprocess (beside the literal `%j` folder the plugin's pattern leaves)
+    (job_folder,) = (folder for folder in (sweep / ".submitit").iterdir() if folder.name.isdigit())
     (out,) = job_folder.glob("*_log.out")
     assert "ctrlkit train: 2 steps in" in out.read_text()
 
@@ -245,5 +263,6 @@ def test_the_optuna_search_prints_its_best_trial(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     best = [line for line in result.stdout.splitlines() if line.startswith("ctrlkit train: best trial:")]
     assert len(best) == 1 and "val/canny_f1=" in best[0] and "(maximize)" in best[0], result.stdout[-3000:]
+    assert "setup plugin alembic" not in result.stdout  # optuna's database layer kept quiet
     (sweep,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
     assert (sweep / "optimization_results.yaml").is_file()
