@@ -250,15 +250,35 @@ def check_train_config(cfg: DictConfig) -> None:
 STRATEGY_PACKAGES = {"DeepSpeedStrategy": ("deepspeed", "deepspeed")}
 
 
+# trainer strategies that run on CUDA GPUs only (Lightning refuses DeepSpeed on a CPU only once fit starts)
+GPU_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")
+
+
 def check_strategy_installed(cfg: DictConfig) -> None:
-    """``trainer=deepspeed`` without the deepspeed package: one line naming the extra to install."""
+    """``trainer=deepspeed`` without the deepspeed package: one line naming the extra to install; ``trainer=fsdp`` or
+    ``deepspeed`` on a CPU (``trainer.accelerator=cpu``, or ``auto`` without a CUDA GPU): one line too."""
     target = str(OmegaConf.select(cfg, "trainer.strategy._target_", default="") or "")
-    package = STRATEGY_PACKAGES.get(target.rpartition(".")[2])
+    name = target.rpartition(".")[2]
+    package = STRATEGY_PACKAGES.get(name)
     if package is not None and not module_installed(package[0]):
         raise CtrlkitError(
-            f"trainer.strategy {target.rpartition('.')[2]} needs the {package[0]} package, which is not installed: "
+            f"trainer.strategy {name} needs the {package[0]} package, which is not installed: "
             f"pip install 'ctrlkit[{package[1]}]'"
         )
+    if name not in GPU_STRATEGIES:
+        return
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator", default="auto")
+    on_cpus = "on CPUs use trainer=ddp trainer.accelerator=cpu"
+    if accelerator == "cpu":
+        raise CtrlkitError(f"trainer.strategy {name} runs on CUDA GPUs only, not trainer.accelerator=cpu; {on_cpus}")
+    if not _cuda_available():
+        raise CtrlkitError(f"trainer.strategy {name} runs on CUDA GPUs only, and torch finds none here; {on_cpus}")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _hydra_node(cfg: DictConfig) -> DictConfig | None:

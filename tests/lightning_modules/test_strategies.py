@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import open_dict
@@ -11,12 +12,21 @@ from lightning_modules.commands.config_checks import check_strategy_installed, c
 from lightning_modules.errors import CtrlkitError
 
 
+def check_train_config_here(cfg) -> None:
+    """The config checks pass where there is a CUDA GPU; elsewhere they say it needs one."""
+    if torch.cuda.is_available():
+        check_train_config(cfg)
+        return
+    with pytest.raises(CtrlkitError, match=r"runs on CUDA GPUs only, and torch finds none here"):
+        check_train_config(cfg)
+
+
 def test_fsdp_composes_and_builds_its_strategy(make_train_config, tiny_backbone):
     from pytorch_lightning.strategies import FSDPStrategy
     from torch.distributed.fsdp import ShardingStrategy
 
     cfg = make_train_config("trainer=fsdp")
-    check_train_config(cfg)
+    check_train_config_here(cfg)
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.devices == 2 and cfg.trainer.num_nodes == 1
     assert cfg.trainer.use_distributed_sampler is False  # our data modules shard by rank themselves (default.yaml)
     strategy = instantiate(cfg.trainer.strategy)
@@ -45,6 +55,19 @@ def test_fsdp_on_a_cpu_is_lightnings_one_line_refusal(make_train_config):
     assert isinstance(raised.value.__cause__, ValueError) and "requires a GPU accelerator" in str(raised.value)
 
 
+@pytest.mark.parametrize("trainer", ["fsdp", "deepspeed"])
+def test_a_sharded_strategy_on_a_cpu_is_one_line(make_train_config, trainer):
+    """Lightning refuses FSDP on a CPU when the Trainer is built, DeepSpeed only once fit starts (a traceback):
+    ctrlkit says it before any model loads."""
+    cfg = make_train_config(f"trainer={trainer}", "trainer.accelerator=cpu")
+    name = "FSDPStrategy" if trainer == "fsdp" else "DeepSpeedStrategy"
+    message = rf"^trainer.strategy {name} runs on CUDA GPUs only, not trainer.accelerator=cpu; on CPUs use trainer=ddp"
+    if trainer == "deepspeed" and not module_installed("deepspeed"):
+        message = r"needs the deepspeed package"  # checked first
+    with pytest.raises(CtrlkitError, match=message):
+        check_strategy_installed(cfg)
+
+
 def test_an_unknown_wrap_class_is_named():
     from lightning_modules.strategies import module_classes
 
@@ -61,7 +84,7 @@ def test_deepspeed_composes_and_builds_its_strategy_or_names_the_extra(make_trai
         return
     from pytorch_lightning.strategies import DeepSpeedStrategy
 
-    check_train_config(cfg)
+    check_train_config_here(cfg)
     strategy = instantiate(cfg.trainer.strategy)
     assert isinstance(strategy, DeepSpeedStrategy)
     zero = strategy.config["zero_optimization"]
