@@ -10,12 +10,14 @@ from pathlib import Path
 
 import hydra
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from conditions.io import check_writable_dir
 from lightning_modules.commands.config_checks import (
     CONF_DIR,
     check_group_overrides,
+    check_launch,
     check_override_keys,
     check_settings,
     check_sweep_launch,
@@ -211,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         composed = check_override_keys(CONFIG_NAMES[command], overrides)
         if composed is not None:
             check_settings(command, composed)  # before Hydra builds its job from them (task_name -> job name)
+            if command == "train" and composed.hydra.get("mode") == RunMode.MULTIRUN:
+                check_launch(composed)  # a sweep without -m (hparams_search=optuna sets hydra.mode)
         elif command == "train" and ("-m" in overrides or "--multirun" in overrides):
             check_sweep_launch(CONFIG_NAMES[command], overrides)  # e.g. SLURM tasks vs trainer.devices
         run_dir = run_dir_of(composed)
