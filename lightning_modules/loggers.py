@@ -30,9 +30,12 @@ def wandb_api_key_configured() -> bool:
 
 
 def build_wandb_logger(
-    project: str, save_dir: str, mode: str = "auto", log_adapter: bool = False, **kwargs
+    project: str, save_dir: str, mode: str = "auto", log_adapter: bool = False, group: str | None = None, **kwargs
 ) -> WandbLogger:
     """A ``WandbLogger``; ``mode="auto"`` picks online when :func:`wandb_api_key_configured`, else offline.
+
+    ``group="auto"``: the jobs of a Hydra sweep share one W&B group named after the sweep
+    (:func:`lightning_modules.sweeps.sweep_group`); a single run gets none.
 
     ``log_adapter``: the exported adapter folder (with its model card) is logged as a ``model`` artifact at the end
     of training (``ModelCardCallback``). Lightning's ``log_model`` logs the training checkpoints instead, and refuses
@@ -41,6 +44,12 @@ def build_wandb_logger(
         raise CtrlkitError(f"logger.wandb.mode='{mode}'; choose one of: {', '.join(WANDB_MODES)}")
     if mode == "auto":
         mode = "online" if wandb_api_key_configured() else "offline"
+    if group == "auto":
+        from lightning_modules.sweeps import sweep_group
+
+        group = sweep_group()
+    if group is not None:
+        kwargs["group"] = str(group)
     os.makedirs(save_dir, exist_ok=True)
     if kwargs.get("id") is None:
         kwargs["id"] = run_id(save_dir)

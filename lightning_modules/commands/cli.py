@@ -5,18 +5,22 @@ from __future__ import annotations
 import errno
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from conditions.io import check_writable_dir
 from lightning_modules.commands.config_checks import (
     CONF_DIR,
     check_group_overrides,
+    check_launch,
     check_override_keys,
     check_settings,
+    check_sweep_launch,
     one_line,
     run_dir_of,
 )
@@ -26,6 +30,12 @@ from lightning_modules.errors import USER_ERRORS
 # [script, subcommand, overrides...] of this process (set by ``main``)
 LAUNCH_ARGV: list[str] = []
 install_rank_in_log_records()  # conf/hydra's log format prints each record's rank when there are several
+# conf/hydra/launcher/*.yaml carry the names of the launcher plugins' own configs, which Hydra 1.3 then uses as their
+# schema (types; the plugin's defaults for keys a file leaves out), warning that this matching by name is deprecated.
+# The files set every key, so they do not depend on it: the warning is noise on every sweep.
+warnings.filterwarnings(
+    "ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema", category=UserWarning
+)
 
 # OSErrors that are the machine's state, not a bug: reported as one line naming the path
 ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
@@ -46,6 +56,8 @@ Examples:
   ctrlkit train trainer.max_steps=20
   ctrlkit train logger=csv adapter.learning_rate=1e-4
   ctrlkit train -m adapter.learning_rate=1e-4,1e-5 trainer.max_steps=5   (a Hydra sweep)
+  ctrlkit train -m hydra/launcher=joblib adapter.learning_rate=1e-3,3e-4   (its jobs at the same time)
+  ctrlkit train -m hparams_search=optuna hydra.sweeper.n_trials=3        (an Optuna search: best trial)
   ctrlkit train --cfg job                                                  (print the composed config)
   ctrlkit cache system.cache_dir=outputs/feature_cache                     (then train with the same setting)
   ctrlkit evaluate adapter_path=outputs/train/runs/<run>                     (base vs adapter, metrics.json)
@@ -116,17 +128,24 @@ def _remove_empty_run_dir() -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def train_and_score(cfg: DictConfig) -> float | None:
+    """Train, then the value a Hydra sweeper gets: ``optimized_metric`` of the finished run (an Optuna search's
+    condition score, e.g. val/canny_f1), else val/loss; a named metric the run did not log is a one-line error."""
+    from lightning_modules.commands.train import train  # heavy imports only once the config composed
+    from lightning_modules.sweeps import optimized_value
+
+    metrics, _ = train(cfg)
+    return optimized_value(cfg, metrics)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def train_main(cfg: DictConfig) -> float | None:
-    from lightning_modules.commands.train import train  # heavy imports only once the config composed
-
     if LAUNCH_ARGV:
         # Hydra has read the overrides; Lightning's DDP launcher starts the other processes with
         # ``sys.argv[0]`` (or ``-m <module>``) + ``sys.argv[1:]``, which must name the subcommand again
         sys.argv = list(LAUNCH_ARGV)
 
-    metrics, _ = _run("train", train, cfg)
-    return metrics.get("val/loss")
+    return _run("train", train_and_score, cfg)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="cache")
@@ -205,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         composed = check_override_keys(CONFIG_NAMES[command], overrides)
         if composed is not None:
             check_settings(command, composed)  # before Hydra builds its job from them (task_name -> job name)
+            if command == "train" and composed.hydra.get("mode") == RunMode.MULTIRUN:
+                check_launch(composed)  # a sweep without -m (hparams_search=optuna sets hydra.mode)
+        elif command == "train" and ("-m" in overrides or "--multirun" in overrides):
+            check_sweep_launch(CONFIG_NAMES[command], overrides)  # e.g. SLURM tasks vs trainer.devices
         run_dir = run_dir_of(composed)
         if run_dir is not None:
             check_writable_dir(run_dir, "the run folder (hydra.run.dir)")
@@ -218,4 +241,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m lightning_modules.commands.cli``: run the functions of the module imported under its own name, not
+    # of ``__main__``: the joblib and submitit launchers pickle the job's function for a worker process, which then
+    # imports this module (installing its log-record and warning settings) instead of receiving a copy without them
+    from lightning_modules.commands import cli
+
+    sys.exit(cli.main())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import math
@@ -33,7 +34,9 @@ def load_condition_config(name: str) -> DictConfig:
 
 
 def check_group_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
-    """Reject ``group=name`` overrides that name no yaml in ``conf/<group>/``, before Hydra composes anything."""
+    """Reject ``group=name`` overrides that name no yaml in ``conf/<group>/`` (for ``hydra/...`` groups: nor a
+    config Hydra or an installed plugin registers), and options whose Hydra plugin is not installed, before Hydra
+    composes anything."""
     for override in overrides:
         key, sep, value = override.lstrip("+~").partition("=")
         if not sep or "." in key or not (conf_dir / key).is_dir():
@@ -41,9 +44,54 @@ def check_group_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> No
         if value.startswith(_SWEEP_FUNCTIONS) or value in ("null", "", "[]"):
             continue
         options = group_options(key, conf_dir)
+        if key.startswith("hydra/"):
+            options = sorted(set(options) | set(_registered_options(key)))
         for name in value.split(","):
             if name.strip() not in options:
                 raise CtrlkitError(f"unknown {key} '{name.strip()}'; choose one of: {', '.join(options)}")
+            check_plugin_installed(key, name.strip())
+
+
+# config options that need a Hydra plugin: (group, option) -> (its distribution, its module); the `launchers` extra
+# of ctrlkit installs all three
+HYDRA_PLUGINS = {
+    ("hydra/launcher", "joblib"): ("hydra-joblib-launcher", "hydra_plugins.hydra_joblib_launcher"),
+    ("hydra/launcher", "submitit_local"): ("hydra-submitit-launcher", "hydra_plugins.hydra_submitit_launcher"),
+    ("hydra/launcher", "submitit_slurm"): ("hydra-submitit-launcher", "hydra_plugins.hydra_submitit_launcher"),
+    ("hydra/sweeper", "optuna"): ("hydra-optuna-sweeper", "hydra_plugins.hydra_optuna_sweeper"),
+    ("hparams_search", "optuna"): ("hydra-optuna-sweeper", "hydra_plugins.hydra_optuna_sweeper"),
+}
+
+
+def module_installed(name: str) -> bool:
+    """Whether ``name`` can be imported (found on the path), without importing it."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a module set to None in sys.modules
+        return False
+
+
+def check_plugin_installed(group: str, option: str) -> None:
+    """``hydra/launcher=joblib`` without hydra-joblib-launcher installed: one line naming the extra to install."""
+    plugin = HYDRA_PLUGINS.get((group, option))
+    if plugin is not None and not module_installed(plugin[1]):
+        raise CtrlkitError(
+            f"{group}={option} needs the Hydra plugin {plugin[0]}, which is not installed: "
+            "pip install 'ctrlkit[launchers]'"
+        )
+
+
+def _registered_options(group: str) -> list[str]:
+    """Options of a ``hydra/...`` group that Hydra itself or an installed plugin registers (``basic``, ``joblib``)."""
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # discovers the installed plugins, which register their configs
+    try:
+        names = ConfigStore.instance().list(group)
+    except OSError:  # no such group in the store
+        return []
+    return [name.removesuffix(".yaml") for name in names if name.endswith(".yaml")]
 
 
 def check_override_keys(config_name: str, overrides: list[str], conf_dir: Path = CONF_DIR) -> DictConfig | None:
@@ -86,6 +134,42 @@ def check_override_keys(config_name: str, overrides: list[str], conf_dir: Path =
         return _compose(config_name, overrides, conf_dir, raise_errors=True)
     except Exception as error:  # Hydra's and OmegaConf's composition errors, as one line
         raise CtrlkitError(f"override not accepted: {one_line(error)}") from error
+
+
+def first_job_overrides(overrides: list[str]) -> list[str] | None:
+    """The overrides of a ``-m`` run's first job: each sweep replaced by its first value (``a=1,2`` -> ``a=1``;
+    sweeps only a sweeper enumerates, such as Optuna's ``interval``, left out). None when other Hydra flags than
+    ``-m`` are given or the overrides do not parse (Hydra reports those)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    settings = [o for o in overrides if o not in ("-m", "--multirun")]
+    if any(o.startswith("-") for o in settings):
+        return None
+    try:
+        parsed = OverridesParser.create().parse_overrides(settings)
+    except Exception:
+        return None
+    first = []
+    for override in parsed:
+        if not override.is_sweep_override():
+            first.append(override.input_line)
+            continue
+        try:
+            value = next(iter(override.sweep_string_iterator()))
+        except Exception:  # interval(), glob() ...: enumerated by the sweeper
+            continue
+        first.append(f"{override.input_line.partition('=')[0]}={value}")
+    return first
+
+
+def check_sweep_launch(config_name: str, overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """Before a ``-m`` run launches anything: :func:`check_launch` on its first job's config, so a SLURM job whose
+    trainer does not match its tasks fails here, not after waiting for its nodes. Overrides that do not compose are
+    left to Hydra."""
+    first = first_job_overrides(overrides)
+    cfg = _compose(config_name, first, conf_dir) if first is not None else None
+    if cfg is not None:
+        check_launch(cfg)
 
 
 # keys whose settings moved to a config group of their own (0.1: the optimizer and LR schedule groups)
@@ -158,6 +242,93 @@ def check_train_config(cfg: DictConfig) -> None:
         check_node_against_signature(path, node)
     check_settings("train", cfg)
     check_values(cfg)
+    check_strategy_installed(cfg)
+    check_launch(cfg)
+
+
+# trainer strategies that need a package of their own: the class name -> (package, ctrlkit's extra)
+STRATEGY_PACKAGES = {"DeepSpeedStrategy": ("deepspeed", "deepspeed")}
+
+
+# trainer strategies that run on CUDA GPUs only (Lightning refuses DeepSpeed on a CPU only once fit starts)
+GPU_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")
+
+
+def check_strategy_installed(cfg: DictConfig) -> None:
+    """``trainer=deepspeed`` without the deepspeed package: one line naming the extra to install; ``trainer=fsdp`` or
+    ``deepspeed`` on a CPU (``trainer.accelerator=cpu``, or ``auto`` without a CUDA GPU): one line too."""
+    target = str(OmegaConf.select(cfg, "trainer.strategy._target_", default="") or "")
+    name = target.rpartition(".")[2]
+    package = STRATEGY_PACKAGES.get(name)
+    if package is not None and not module_installed(package[0]):
+        raise CtrlkitError(
+            f"trainer.strategy {name} needs the {package[0]} package, which is not installed: "
+            f"pip install 'ctrlkit[{package[1]}]'"
+        )
+    if name not in GPU_STRATEGIES:
+        return
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator", default="auto")
+    on_cpus = "on CPUs use trainer=ddp trainer.accelerator=cpu"
+    if accelerator == "cpu":
+        raise CtrlkitError(f"trainer.strategy {name} runs on CUDA GPUs only, not trainer.accelerator=cpu; {on_cpus}")
+    if not _cuda_available():
+        raise CtrlkitError(f"trainer.strategy {name} runs on CUDA GPUs only, and torch finds none here; {on_cpus}")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _hydra_node(cfg: DictConfig) -> DictConfig | None:
+    """The run's ``hydra`` config: the composed one (tests, ``return_hydra_config``), else the running app's."""
+    if isinstance(cfg.get("hydra"), DictConfig):
+        return cfg.hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return HydraConfig.get()
+    except ValueError:  # not inside a Hydra app
+        return None
+
+
+def check_launch(cfg: DictConfig) -> None:
+    """What a job's launcher and sweeper ask of the trainer and the metric, before any model loads:
+
+    - ``hydra/launcher=submitit_slurm`` starts ``tasks_per_node`` processes on each of ``nodes`` nodes, and Lightning
+      takes its ranks from SLURM, so ``trainer.devices`` must be ``tasks_per_node`` and ``trainer.num_nodes`` must be
+      ``nodes`` (Lightning would otherwise stop every process with its own error after the job got its nodes).
+    - an Optuna search's ``direction`` must fit ``optimized_metric`` (maximize a score, minimize ``depth_rmse``)."""
+    hydra_cfg = _hydra_node(cfg)
+    if hydra_cfg is None:
+        return
+    from hydra.types import RunMode
+
+    launcher = hydra_cfg.get("launcher") or {}
+    # a single run (no -m) runs here whatever the launcher says
+    if str(launcher.get("_target_", "")).endswith("SlurmLauncher") and hydra_cfg.get("mode") != RunMode.RUN:
+        tasks, nodes = launcher.get("tasks_per_node"), launcher.get("nodes")
+        asked = {"trainer.devices": (OmegaConf.select(cfg, "trainer.devices", default=1), tasks, "tasks_per_node")}
+        asked["trainer.num_nodes"] = (OmegaConf.select(cfg, "trainer.num_nodes", default=1), nodes, "nodes")
+        for key, (value, slurm, name) in asked.items():
+            if value != slurm:
+                raise CtrlkitError(
+                    f"{key}={value} but hydra/launcher=submitit_slurm starts hydra.launcher.{name}={slurm}: Lightning "
+                    f"takes one process per SLURM task; set {key}={slurm} (with trainer=ddp)"
+                )
+    direction = (hydra_cfg.get("sweeper") or {}).get("direction")
+    metric = cfg.get("optimized_metric")
+    if isinstance(direction, str) and metric is not None:
+        from conditions.controllability import metric_of
+
+        kind = metric_of(str(metric))
+        wanted = None if kind is None else ("maximize" if kind.higher_is_better else "minimize")
+        if wanted is not None and direction != wanted:
+            raise CtrlkitError(
+                f"optimized_metric={metric} is {'higher' if kind.higher_is_better else 'lower'} when better but "
+                f"hydra.sweeper.direction={direction}; set hydra.sweeper.direction={wanted}"
+            )
 
 
 def group_choice(cfg: DictConfig, group: str) -> str:

@@ -46,6 +46,9 @@ REQUIRED = {
 }
 # conditions no training adapter takes yet: they serve `ctrlkit extract` (tests/conditions/test_detected_boxes.py)
 EXTRACT_ONLY = {"condition=detected_boxes": "grounding"}
+# strategies for CUDA GPUs (a Trainer on a CPU refuses FSDP; deepspeed is an extra): they compose here and
+# tests/lightning_modules/test_strategies.py builds them
+GPU_STRATEGIES = {"trainer=fsdp", "trainer=deepspeed"}
 
 
 def required_values(override: str, request) -> list[str]:
@@ -68,6 +71,9 @@ def test_every_group_has_options():
 @pytest.mark.parametrize("override", all_options())
 def test_every_option_composes_and_its_light_parts_instantiate(make_train_config, override, request):
     cfg = make_train_config(override, *required_values(override, request))
+    if override in GPU_STRATEGIES:
+        assert cfg.trainer.strategy._target_.startswith("pytorch_lightning.strategies.")
+        return
     if override in EXTRACT_ONLY:
         kind = EXTRACT_ONLY[override]
         with pytest.raises(CtrlkitError, match=rf"takes image conditions but condition '\w+' gives {kind} conditions"):
