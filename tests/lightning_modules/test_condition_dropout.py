@@ -77,8 +77,10 @@ def test_validation_logs_how_much_the_condition_lowers_the_loss(tiny_backbone):
     system.log = lambda name, value, **kwargs: logged.__setitem__(name, float(torch.as_tensor(value).detach()))
     masks = torch.zeros(2, 30)
     masks[:, :2] = 1
+    # seeded: on the tiny model the grounding moves the loss by ~1e-5, a gain that unseeded draws can round to 0
+    draws = torch.Generator().manual_seed(0)
     batch = {
-        "pixel_values": torch.rand(2, 3, 64, 64) * 2 - 1,
+        "pixel_values": torch.rand(2, 3, 64, 64, generator=draws) * 2 - 1,
         "prompt": ["a red circle and a blue square on a white background"] * 2,
         # the items' indices seed their noise and timesteps (system.draws=item)
         "index": torch.tensor([0, 1]),
@@ -93,9 +95,9 @@ def test_validation_logs_how_much_the_condition_lowers_the_loss(tiny_backbone):
     for fuser in adapter.fusers:
         fuser.alpha_attn.data.fill_(0.7)
         fuser.alpha_dense.data.fill_(-0.4)
-    adapter.position_net.null_position_feature.data.normal_()
+    adapter.position_net.null_position_feature.data.normal_(generator=draws)
     system.validation_step(dict(batch), 0)
-    assert logged["val/condition_gain"] != 0.0
+    assert abs(logged["val/condition_gain"]) > 1e-6  # ~100 float32 steps of a loss ~1.17
     assert logged["val/condition_gain"] == pytest.approx(logged["val/loss_without_condition"] - logged["val/loss"])
     scalars = {name: float(value) for name, value in adapter.training_scalars().items()}
     assert scalars == pytest.approx({"gate_attn": 0.6043678, "gate_dense": 0.3799490})
