@@ -27,19 +27,29 @@ from conditions.io import write_atomically
 log = logging.getLogger(__name__)
 
 
-def module_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 of a module's parameter and buffer names, dtypes, shapes and bytes: equal only for equal weights."""
+def module_fingerprint(module: torch.nn.Module, exclude: torch.nn.Module | None = None) -> str:
+    """sha256 of a module's parameter and buffer names, dtypes, shapes and bytes: equal only for equal weights.
+
+    ``exclude``: a module whose tensors are left out where ``module`` holds them too (an adapter whose layers live
+    inside the UNet, as GLIGEN's gated layers: the base model's key must not change as they train)."""
+    skipped = {tensor.data_ptr() for tensor in exclude.state_dict().values()} if exclude is not None else set()
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
+        if tensor.numel() and tensor.data_ptr() in skipped:
+            continue
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(_bytes(tensor))
     return digest.hexdigest()
+
+
+def _bytes(tensor: torch.Tensor) -> bytes:
+    # reshape(-1): a 0-dim tensor (GLIGEN's gates) cannot be viewed as bytes directly
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def tensor_key_bytes(tensor: torch.Tensor) -> bytes:
     """A tensor's dtype, shape and bytes, as a key part."""
-    cpu = tensor.detach().cpu().contiguous()
-    return f"{cpu.dtype}:{tuple(cpu.shape)}".encode() + cpu.view(torch.uint8).numpy().tobytes()
+    return f"{tensor.dtype}:{tuple(tensor.shape)}".encode() + _bytes(tensor)
 
 
 @dataclass

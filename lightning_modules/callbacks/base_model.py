@@ -25,9 +25,10 @@ from lightning_modules.feature_cache import FeatureCache, module_fingerprint, te
 
 def base_model_key(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: dict, sampling: dict, extra=None) -> str:
     """A key for what the base model computes on ``batch`` with ``sampling``: its weights, the items' pixels,
-    conditions and prompts, the sampler, the trainer's precision, and ``extra`` (e.g. the extractor's settings)."""
+    conditions and prompts, the sampler, the trainer's precision, and ``extra`` (e.g. the extractor's settings).
+    An adapter's layers inside the UNet (GLIGEN's) are not the base model's: they are left out of its weights."""
     return FeatureCache.key(
-        module_fingerprint(pl_module.backbone),
+        module_fingerprint(pl_module.backbone, exclude=pl_module.adapter),
         tensor_key_bytes(batch["pixel_values"]),
         condition_key_bytes(batch["condition"]),
         json.dumps([list(batch["prompt"]), sampling, str(trainer.precision)], sort_keys=True),

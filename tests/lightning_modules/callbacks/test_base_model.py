@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from lightning_modules.callbacks import controllability
-from lightning_modules.callbacks.base_model import adapter_is_inert
+from lightning_modules.callbacks.base_model import adapter_is_inert, base_model_key
 from lightning_modules.callbacks.samples import generate_in_eval_mode
 from lightning_modules.commands.train import train
 
@@ -71,3 +72,21 @@ def test_step_zero_reuses_the_base_model_and_matches_what_generating_gives(make_
     step0 = {key: value for key, value in reference["curve"][0].items() if key != "step"}
     assert first["curve"][0] == reference["curve"][0] == second["curve"][0]
     assert step0 == reference["base_without_adapter"]
+
+
+def test_the_base_model_key_of_a_gligen_run_leaves_out_its_layers_in_the_unet(make_train_config):
+    """GLIGEN's gated layers (0-dim gates included) live inside the UNet: the base model's key is computable and
+    is the same whatever they hold, so the base model's samples and scores are shared across GLIGEN runs."""
+    system, datamodule = build_system(make_train_config("adapter=gligen", *GLIGEN))
+    batch = datamodule.fixed_batch(2)
+    trainer = SimpleNamespace(precision="32-true")
+    key = base_model_key(trainer, system, batch, {"num_inference_steps": 2})
+    with torch.no_grad():
+        for fuser in system.adapter.fusers:
+            fuser.alpha_attn.fill_(0.5)
+        system.adapter.position_net.null_position_feature.normal_()
+    assert base_model_key(trainer, system, batch, {"num_inference_steps": 2}) == key
+    # the base model's own weights are in it
+    with torch.no_grad():
+        next(system.backbone.unet.conv_in.parameters()).add_(1.0)
+    assert base_model_key(trainer, system, batch, {"num_inference_steps": 2}) != key
