@@ -7,7 +7,7 @@ from adapters.base import AdapterFormatError, ConditioningAdapter, UNetKwargs
 from adapters.controlnet import ControlNetAdapter
 from adapters.grounding import GroundingCondition
 from adapters.registry import adapter_families, load_adapter, load_adapters
-from adapters.sampling import SCHEDULERS, make_scheduler, sample_latents
+from adapters.sampling import SCHEDULERS, InitImage, make_scheduler, sample_latents
 
 __all__ = [
     "SCHEDULERS",
@@ -15,6 +15,7 @@ __all__ = [
     "ConditioningAdapter",
     "ControlNetAdapter",
     "GroundingCondition",
+    "InitImage",
     "UNetKwargs",
     "adapter_families",
     "load_adapter",

@@ -281,7 +281,7 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _hydra_node(cfg: DictConfig) -> DictConfig | None:
+def hydra_node(cfg: DictConfig) -> DictConfig | None:
     """The run's ``hydra`` config: the composed one (tests, ``return_hydra_config``), else the running app's."""
     if isinstance(cfg.get("hydra"), DictConfig):
         return cfg.hydra
@@ -300,7 +300,7 @@ def check_launch(cfg: DictConfig) -> None:
       takes its ranks from SLURM, so ``trainer.devices`` must be ``tasks_per_node`` and ``trainer.num_nodes`` must be
       ``nodes`` (Lightning would otherwise stop every process with its own error after the job got its nodes).
     - an Optuna search's ``direction`` must fit ``optimized_metric`` (maximize a score, minimize ``depth_rmse``)."""
-    hydra_cfg = _hydra_node(cfg)
+    hydra_cfg = hydra_node(cfg)
     if hydra_cfg is None:
         return
     from hydra.types import RunMode
@@ -575,6 +575,9 @@ def _setting_rules() -> dict[str, dict[str, tuple[str, object]]]:
             "height": (_INT, 1),
             "width": (_INT, 1),
             "negative_prompt": (_TEXT, None),
+            "init_image": (_TEXT, None),
+            "mask_image": (_TEXT, None),
+            "strength": (_NUMBER, 0),
             **sampling,
         },
         "evaluate": {

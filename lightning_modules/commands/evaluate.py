@@ -44,6 +44,7 @@ from lightning_modules.commands.unit_checks import unit_from_spec, unit_specs
 from lightning_modules.condition_views import evaluation_samples
 from lightning_modules.data.common import collate
 from lightning_modules.errors import CtrlkitError
+from lightning_modules.shipped_adapters import RUN_CONFIG_NAME, resolve_adapter
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,9 @@ REPLACED_FIELDS = ("condition_image", "source_image", "boxes", "phrases")
 
 
 def locate_adapter(path: str) -> tuple[Path, Path | None]:
-    """(adapter folder, run config.yaml or None) from a run directory or an exported adapter folder."""
-    given = Path(path).expanduser()
+    """(adapter folder, run config.yaml or None) from a run directory, an exported adapter folder or a shipped
+    adapter's name (``tiny/controlnet_canny``, whose folder holds its run's config as train_config.yaml)."""
+    given = Path(resolve_adapter(path)).expanduser()
     if (given / "adapter").is_dir():
         folder = given / "adapter"
     elif given.is_dir():
@@ -64,8 +66,10 @@ def locate_adapter(path: str) -> tuple[Path, Path | None]:
         raise CtrlkitError(f"adapter_path {given} is not a folder; give a `ctrlkit train` run dir or its adapter/")
     if not any(folder.iterdir()):
         raise CtrlkitError(f"adapter folder {folder} is empty")
-    config = folder.parent / "config.yaml"
-    return folder, config if config.is_file() else None
+    for config in (folder.parent / "config.yaml", folder / RUN_CONFIG_NAME):
+        if config.is_file():
+            return folder, config
+    return folder, None
 
 
 @dataclass

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 import yaml
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from PIL import Image
 from torchvision.utils import make_grid
 
-from adapters import make_scheduler, sample_latents
+from adapters import InitImage, make_scheduler, sample_latents
 from adapters.composition import Composition
 from adapters.grounding import GroundingCondition
 from adapters.registry import load_adapters
@@ -30,9 +30,10 @@ from conditions.io import check_writable_dir
 from conditions.ranges import images_to_numpy, uint8_to_unit
 from conditions.resize import fit_map
 from lightning_modules.backbone import Backbone
-from lightning_modules.commands.config_checks import check_settings, load_condition_config
-from lightning_modules.commands.unit_checks import unit_from_spec, unit_specs
+from lightning_modules.commands.config_checks import check_settings, hydra_node, load_condition_config
+from lightning_modules.commands.unit_checks import read_composition_settings, unit_from_spec, unit_specs
 from lightning_modules.errors import CtrlkitError
+from lightning_modules.shipped_adapters import resolve_adapter
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def build_units(specs: list[dict], backbone: Backbone, size: tuple[int, int], ba
     """Unit specs (checked by ``unit_checks.unit_specs``) -> ControlUnits and the condition maps (for the grid)."""
     units, maps = [], []
     for index, (spec, (adapter, found)) in enumerate(
-        zip(specs, load_adapters([s["adapter"] for s in specs], backbone.unet))
+        zip(specs, load_adapters([resolve_adapter(s["adapter"]) for s in specs], backbone.unet))
     ):
         log.info("unit %d: %s read as %s", index, spec["adapter"], found)
         if adapter.accepts == "grounding":
@@ -110,8 +111,64 @@ def save_grid(maps: list[np.ndarray], images: np.ndarray, path: Path) -> None:
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
 
+def init_image(cfg: DictConfig, backbone: Backbone, size: tuple[int, int], batch: int, generator) -> InitImage | None:
+    """``init_image`` (and ``mask_image``) -> where sampling starts (``adapters.sampling.InitImage``), or None.
+
+    As diffusers' ControlNet img2img / inpainting pipelines: the image in [-1, 1] is encoded with a posterior sample
+    from ``generator``; the mask is binarized at 0.5 and taken to latent size by nearest neighbour; an inpainting
+    UNet (9 input channels) also gets the latents of the image with the masked part blacked out."""
+    if not cfg.get("init_image"):
+        if cfg.get("mask_image"):
+            raise CtrlkitError("mask_image needs init_image=<the image to repaint>")
+        return None
+    pixels = _read_fitted(cfg.init_image, "init_image", size)
+    pixels = (uint8_to_unit(pixels) * 2 - 1).unsqueeze(0).expand(batch, -1, -1, -1)
+    strength = cfg.get("strength")
+    mask = masked = None
+    if cfg.get("mask_image"):
+        grey = _read_fitted(cfg.mask_image, "mask_image", size).mean(axis=-1, keepdims=True)
+        mask = (uint8_to_unit(grey.astype(np.uint8)) >= 0.5).float().unsqueeze(0).expand(batch, -1, -1, -1)
+    if strength is None:
+        strength = 1.0 if mask is not None else 0.8
+    if strength > 1:
+        raise CtrlkitError(f"strength={strength}; allowed: a number in [0, 1]")
+    device = backbone.unet.device
+    latents = backbone.encode_images(pixels.to(device), generator=generator)
+    if mask is not None:
+        if backbone.unet.config.in_channels > latents.shape[1]:  # an inpainting UNet reads the masked image too
+            masked = backbone.encode_images((pixels * (mask < 0.5)).to(device), generator=generator)
+        mask = torch.nn.functional.interpolate(mask, size=latents.shape[-2:]).to(device)
+    return InitImage(latents, float(strength), mask, masked)
+
+
+def _read_fitted(path: str, key: str, size: tuple[int, int]) -> np.ndarray:
+    if not Path(path).expanduser().is_file():
+        raise CtrlkitError(f"{key}={path!r} is not an image file")
+    return fit_map(read_image(str(Path(path).expanduser())), size, "crop_and_resize", cv2.INTER_AREA)
+
+
+# settings a composition file may carry beside its units (the composition.yaml generate writes has them all)
+FILE_SETTINGS = ("prompts", "negative_prompt", "seed")
+
+
+def apply_file_settings(cfg: DictConfig) -> None:
+    """Take ``prompts``, ``negative_prompt`` and ``seed`` from the composition file where it has them, unless the
+    command line sets them (``prompts=[...]`` wins over the file), so a written composition.yaml reruns as it ran."""
+    if not cfg.get("composition"):
+        return
+    given = read_composition_settings(Path(str(cfg.composition)))
+    hydra = hydra_node(cfg)
+    overridden = {str(o).split("=", 1)[0].lstrip("+~") for o in (hydra.overrides.task if hydra is not None else [])}
+    with open_dict(cfg):
+        for key in FILE_SETTINGS:
+            if key in given and key not in overridden:
+                cfg[key] = given[key]
+                log.info("%s from %s: %s", key, cfg.composition, given[key])
+
+
 def run_generate(cfg: DictConfig) -> list[Path]:
     """Generate, write PNGs + grid + composition.yaml to ``cfg.output_dir``; returns the image paths."""
+    apply_file_settings(cfg)
     check_settings("generate", cfg)
     prompts = list(cfg.prompts) if isinstance(cfg.prompts, ListConfig | list) else [cfg.prompts]
     if not prompts or not all(isinstance(prompt, str) for prompt in prompts):
@@ -124,6 +181,8 @@ def run_generate(cfg: DictConfig) -> list[Path]:
     backbone.check_image_size(size[1])
     units, maps = build_units(specs, backbone, size, len(prompts))
     factor = backbone.vae_scale_factor
+    generator = torch.Generator().manual_seed(cfg.seed)
+    init = init_image(cfg, backbone, size, len(prompts), generator)  # drawn first, as diffusers' pipelines do
     latents = sample_latents(
         backbone.unet,
         make_scheduler(cfg.scheduler, backbone.noise_scheduler.config),
@@ -133,7 +192,8 @@ def run_generate(cfg: DictConfig) -> list[Path]:
         uncond_hidden_states=backbone.encode_prompts([cfg.negative_prompt] * len(prompts)),
         guidance_scale=cfg.guidance_scale,
         num_inference_steps=cfg.num_inference_steps,
-        generator=torch.Generator().manual_seed(cfg.seed),
+        generator=generator,
+        init=init,
     )
     images = images_to_numpy(backbone.decode_latents(latents))
 

@@ -22,6 +22,7 @@ from conditions import read_image
 from conditions.resize import fit_map
 from lightning_modules.commands.config_checks import group_options
 from lightning_modules.errors import CtrlkitError
+from lightning_modules.shipped_adapters import PREFIX, resolve_adapter, shipped_adapter_names
 
 # every field a unit may have (generate reads all; evaluate replaces the condition fields by its items')
 UNIT_FIELDS = (
@@ -65,6 +66,16 @@ def unit_specs(cfg: DictConfig, fields: tuple[str, ...] = UNIT_FIELDS, ignored: 
 
 def read_composition_file(path: Path) -> list:
     """The ``units`` list of a composition YAML file (not yet checked unit by unit)."""
+    return read_composition(path)["units"]
+
+
+def read_composition_settings(path: Path) -> dict:
+    """The file's settings beside its units (``prompts``, ``negative_prompt``, ``seed``: those it has)."""
+    return {key: value for key, value in read_composition(path).items() if key != "units"}
+
+
+def read_composition(path: Path) -> dict:
+    """A composition YAML file: a mapping with a ``units`` list and optional ``FILE_KEYS`` settings."""
     if not path.is_file():
         raise CtrlkitError(f"composition file {path} not found")
     try:
@@ -86,7 +97,7 @@ def read_composition_file(path: Path) -> list:
         raise CtrlkitError(f"composition file {path}: unknown key(s) {unknown}; allowed: {', '.join(FILE_KEYS)}")
     if not isinstance(loaded.get("units"), list):
         raise CtrlkitError(f"composition file {path} must hold a list under 'units:'")
-    return loaded["units"]
+    return loaded
 
 
 def check_unit(spec, where: str, fields: tuple[str, ...] = UNIT_FIELDS) -> None:
@@ -99,8 +110,15 @@ def check_unit(spec, where: str, fields: tuple[str, ...] = UNIT_FIELDS) -> None:
     adapter = spec.get("adapter")
     if not isinstance(adapter, str) or not adapter.strip():
         raise CtrlkitError(f"{where}: adapter=<folder or file of adapter weights> is required, got {adapter!r}")
+    try:
+        adapter = resolve_adapter(adapter)
+    except CtrlkitError as error:
+        raise CtrlkitError(f"{where}: {error}") from None
     if not Path(adapter).expanduser().exists():
-        raise CtrlkitError(f"{where}: adapter {adapter} not found; give a folder or file of adapter weights")
+        raise CtrlkitError(
+            f"{where}: adapter {adapter} not found; give a folder or file of adapter weights, or a shipped adapter "
+            f"({', '.join(PREFIX + name for name in shipped_adapter_names())})"
+        )
     if "scale" in spec:
         _number(spec, "scale", where, low=0.0)
     for key in ("start", "end"):

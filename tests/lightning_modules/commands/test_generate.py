@@ -106,6 +106,30 @@ def test_composition_file_and_extractor_on_a_source_image(tmp_path, saved_contro
     assert set(np.unique(grid[:, :64])) <= {0, 255} and grid[:, :64].max() == 255  # edges of the scene
 
 
+def test_a_written_composition_reruns_with_its_prompts_and_seed_unless_the_command_line_sets_them(
+    tmp_path, saved_controlnet
+):
+    unit = f"{{adapter: {saved_controlnet / 'adapter'}, condition_image: {saved_controlnet / 'edges.png'}}}"
+    first = compose_generate(tmp_path / "first", f"prompts=[{PROMPTS[1]}]", "seed=5", f"units=[{unit}]")
+    with open_dict(first):
+        first.num_inference_steps = 4
+    (image,) = run_generate(first)
+    written = tmp_path / "first" / "composition.yaml"
+    rerun = compose_generate(tmp_path / "rerun", f"composition={written}")
+    with open_dict(rerun):
+        rerun.num_inference_steps = 4
+    (again,) = run_generate(rerun)
+    assert (rerun.prompts, rerun.seed) == ([PROMPTS[1]], 5)
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(image)))
+    # the command line wins over the file
+    other = compose_generate(tmp_path / "other", f"composition={written}", "seed=6", f"prompts=[{PROMPTS[0]}]")
+    with open_dict(other):
+        other.num_inference_steps = 4
+    run_generate(other)
+    assert (list(other.prompts), other.seed) == ([PROMPTS[0]], 6)
+    assert yaml.safe_load((tmp_path / "other" / "composition.yaml").read_text())["seed"] == 6
+
+
 @pytest.mark.parametrize(
     ("unit", "message"),
     [
