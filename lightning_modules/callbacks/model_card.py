@@ -38,6 +38,12 @@ HOW_TO_LOAD = {
         'unet = UNet2DConditionModel.from_pretrained("{folder}/unet")'
     ),
 }
+# a GLIGEN export without unet/ (adapter.build.export_unet=false): its layers load into a base UNet through ctrlkit
+GLIGEN_LAYERS_ONLY = (
+    "from adapters import load_adapter\n\n"
+    "# gligen.safetensors holds GLIGEN's layers only: load_adapter adds them to your base model's UNet in place\n"
+    'adapter, found = load_adapter("{folder}", unet)'
+)
 
 
 def adapter_family(adapter_name: str) -> str:
@@ -269,11 +275,17 @@ class ModelCardCallback(pl.Callback):
             "## Use",
             "",
             "```python",
-            HOW_TO_LOAD.get(family, "# see the ctrlkit README for this adapter's format").format(folder=folder.name),
+            self.how_to_load(family, folder),
             "```",
             "",
         ]
         return "\n".join(lines), facts
+
+    @staticmethod
+    def how_to_load(family: str, folder: Path) -> str:
+        if family == "gligen" and not (folder / "unet").is_dir():
+            return GLIGEN_LAYERS_ONLY.format(folder=folder.name)
+        return HOW_TO_LOAD.get(family, "# see the ctrlkit README for this adapter's format").format(folder=folder.name)
 
     # -- W&B
     def _log_artifact(self, trainer: pl.Trainer, folder: Path, facts: dict) -> None:

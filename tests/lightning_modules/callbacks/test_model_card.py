@@ -71,6 +71,17 @@ def test_gligen_run_gets_a_card(make_train_config):
         f"{summary['final']['box_iou']:.4f}",
     ]
     assert "GLIGEN" in body and "`max_objects=4`" in body and "(samples.png)" in body
+    assert 'UNet2DConditionModel.from_pretrained("adapter/unet")' in body  # the exported gated UNet
+
+
+def test_a_gligen_card_without_the_unet_export_loads_its_layers_through_ctrlkit(tmp_path):
+    from lightning_modules.callbacks.model_card import ModelCardCallback
+
+    (tmp_path / "with" / "unet").mkdir(parents=True)
+    (tmp_path / "without").mkdir()
+    assert "from_pretrained" in ModelCardCallback.how_to_load("gligen", tmp_path / "with")
+    usage = ModelCardCallback.how_to_load("gligen", tmp_path / "without")
+    assert 'load_adapter("without", unet)' in usage and "from_pretrained" not in usage
 
 
 def test_a_resumed_run_that_redoes_its_end_gets_a_card(make_train_config, tmp_path):
