@@ -578,6 +578,7 @@ def _setting_rules() -> dict[str, dict[str, tuple[str, object]]]:
             "init_image": (_TEXT, None),
             "mask_image": (_TEXT, None),
             "strength": (_NUMBER, 0),
+            "keep_unmasked_pixels": (_FLAG, None),
             **sampling,
         },
         "evaluate": {

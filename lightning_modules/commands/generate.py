@@ -141,6 +141,16 @@ def init_image(cfg: DictConfig, backbone: Backbone, size: tuple[int, int], batch
     return InitImage(latents, float(strength), mask, masked)
 
 
+def paste_unmasked(images: torch.Tensor, cfg: DictConfig, size: tuple[int, int]) -> torch.Tensor:
+    """The init image's own pixels where the mask is black: the VAE decoder (its mid-block attention sees the whole
+    image) otherwise shifts the kept part's colours too (diffusers' ``apply_overlay``; keep_unmasked_pixels=false
+    returns the decoder's output, as diffusers' inpainting pipelines do by default)."""
+    init = uint8_to_unit(_read_fitted(cfg.init_image, "init_image", size)).to(images.device)
+    grey = _read_fitted(cfg.mask_image, "mask_image", size).mean(axis=-1, keepdims=True).astype(np.uint8)
+    mask = (uint8_to_unit(grey) >= 0.5).float().to(images.device)
+    return mask * images + (1 - mask) * init
+
+
 def _read_fitted(path: str, key: str, size: tuple[int, int]) -> np.ndarray:
     if not Path(path).expanduser().is_file():
         raise CtrlkitError(f"{key}={path!r} is not an image file")
@@ -195,7 +205,10 @@ def run_generate(cfg: DictConfig) -> list[Path]:
         generator=generator,
         init=init,
     )
-    images = images_to_numpy(backbone.decode_latents(latents))
+    decoded = backbone.decode_latents(latents)
+    if init is not None and init.mask is not None and cfg.get("keep_unmasked_pixels", True):
+        decoded = paste_unmasked(decoded, cfg, size)
+    images = images_to_numpy(decoded)
 
     output = Path(cfg.output_dir)
     output.mkdir(parents=True, exist_ok=True)

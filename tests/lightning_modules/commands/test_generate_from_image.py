@@ -87,7 +87,7 @@ def test_inpainting_equals_diffusers_controlnet_inpainting_and_keeps_the_unmaske
     for strength in (1.0, 0.7):
         ours = generate(
             tmp_path / str(strength), files, f"init_image={files / 'scene.png'}",
-            f"mask_image={files / 'mask.png'}", f"strength={strength}",
+            f"mask_image={files / 'mask.png'}", f"strength={strength}", "keep_unmasked_pixels=false",
         )  # fmt: skip
         theirs = diffusers_pipeline(StableDiffusionControlNetInpaintPipeline, files)(
             PROMPTS,
@@ -109,6 +109,17 @@ def test_inpainting_equals_diffusers_controlnet_inpainting_and_keeps_the_unmaske
         kept = np.abs(ours[:, 8:-8, 40:] - scene[None, 8:-8, 40:]).mean()
         repainted = np.abs(ours[:, 8:-8, :24] - scene[None, 8:-8, :24]).mean()
         assert kept < 0.1 and repainted > 3 * kept, (kept, repainted)
+
+
+def test_inpainting_pastes_the_unmasked_pixels_back_by_default(tmp_path, files):
+    decoded = generate(
+        tmp_path / "decoded", files, f"init_image={files / 'scene.png'}", f"mask_image={files / 'mask.png'}",
+        "keep_unmasked_pixels=false",
+    )  # fmt: skip
+    ours = generate(tmp_path / "kept", files, f"init_image={files / 'scene.png'}", f"mask_image={files / 'mask.png'}")
+    scene = np.asarray(Image.open(files / "scene.png"), dtype=np.float32) / 255
+    assert np.array_equal(ours[:, :, 32:], np.broadcast_to(scene[None, :, 32:], ours[:, :, 32:].shape))
+    assert np.array_equal(ours[:, :, :32], decoded[:, :, :32])
 
 
 def test_strength_zero_returns_the_init_image(tmp_path, files):
