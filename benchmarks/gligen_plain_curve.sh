@@ -27,6 +27,8 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/csv/version_*/metrics.csv")):
         curve.setdefault(int(row["step"]), {}).update({key: value for key, value in row.items() if value})
 for step, metrics in sorted(curve.items()):
     if "val/box_iou" in metrics:
-        gain = metrics.get("val/condition_gain", "-")
+        # validation logs at the step before the callback's (Lightning's step counter moves after it)
+        gain = metrics.get("val/condition_gain") or curve.get(step - 1, {}).get("val/condition_gain")
+        gain = f"{float(gain):.4f}" if gain else "-"
         print(f"step {step:>5}  val/box_iou {float(metrics['val/box_iou']):.3f}  val/condition_gain {gain}")
 PY
