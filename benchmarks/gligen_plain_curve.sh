@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Plain GLIGEN's learning curve well past 3000 steps (issue 17): the recipe of experiment=gligen_boxes_shapes run to
 # 6000 steps, validation, val/box_iou and val/condition_gain every 250 steps, a checkpoint every 250.
-# Run it ALONE on this 2-core CPU (~1 s/step at batch 16: about 2 hours; anything else running beside it slows it
+# Run it ALONE on this 2-core CPU (48 min for 6000 steps, measured; anything else running beside it slows it
 # several times over), or on a GPU (trainer=gpu) in minutes. Rerun the same command to continue a killed run: it
 # resumes exactly from the newest checkpoint.
 # Usage:   nice bash benchmarks/gligen_plain_curve.sh [run dir, default outputs/gligen_plain_6000] [overrides]
