@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -250,3 +251,14 @@ def owlvit_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def owlv2_dir(tmp_path_factory) -> Path:
     return _save_tiny_owl(tmp_path_factory.mktemp("owlv2"), "owlv2")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any network connection fails the test: shipped models and adapters must load offline."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("this must load without the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)

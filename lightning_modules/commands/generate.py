@@ -126,8 +126,7 @@ def init_image(cfg: DictConfig, backbone: Backbone, size: tuple[int, int], batch
     strength = cfg.get("strength")
     mask = masked = None
     if cfg.get("mask_image"):
-        grey = _read_fitted(cfg.mask_image, "mask_image", size).mean(axis=-1, keepdims=True)
-        mask = (uint8_to_unit(grey.astype(np.uint8)) >= 0.5).float().unsqueeze(0).expand(batch, -1, -1, -1)
+        mask = _pixel_mask(cfg, size).unsqueeze(0).expand(batch, -1, -1, -1)
     if strength is None:
         strength = 1.0 if mask is not None else 0.8
     if strength > 1:
@@ -146,9 +145,14 @@ def paste_unmasked(images: torch.Tensor, cfg: DictConfig, size: tuple[int, int])
     image) otherwise shifts the kept part's colours too (diffusers' ``apply_overlay``; keep_unmasked_pixels=false
     returns the decoder's output, as diffusers' inpainting pipelines do by default)."""
     init = uint8_to_unit(_read_fitted(cfg.init_image, "init_image", size)).to(images.device)
-    grey = _read_fitted(cfg.mask_image, "mask_image", size).mean(axis=-1, keepdims=True).astype(np.uint8)
-    mask = (uint8_to_unit(grey) >= 0.5).float().to(images.device)
+    mask = _pixel_mask(cfg, size).to(images.device)
     return mask * images + (1 - mask) * init
+
+
+def _pixel_mask(cfg: DictConfig, size: tuple[int, int]) -> torch.Tensor:
+    """``mask_image`` -> (1, H, W) in {0, 1}, 1 where to repaint (grey >= 0.5, as diffusers binarizes)."""
+    grey = _read_fitted(cfg.mask_image, "mask_image", size).mean(axis=-1, keepdims=True).astype(np.uint8)
+    return (uint8_to_unit(grey) >= 0.5).float()
 
 
 def _read_fitted(path: str, key: str, size: tuple[int, int]) -> np.ndarray:

@@ -4,7 +4,6 @@ three composed without training (examples/compose_three.sh), each unit changing 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,15 +26,6 @@ from tests.conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSITION = ROOT / "examples" / "compose_three.yaml"
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("shipped adapters must load without the network")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def test_three_adapters_ship_with_weights_card_samples_and_run_config():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
 import torch
@@ -13,15 +11,6 @@ from hydra.utils import instantiate
 from adapters.sampling import make_scheduler, sample_latents
 from lightning_modules.backbone import SHIPPED_TINY_MODEL
 from lightning_modules.errors import CtrlkitError
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the shipped model must load without the network")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def test_shipped_folder_is_small():

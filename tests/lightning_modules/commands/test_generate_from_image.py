@@ -58,6 +58,19 @@ def diffusers_pipeline(pipeline_class, files):
     return pipeline
 
 
+def pipeline_settings() -> dict:
+    """What generate() sets, as diffusers' pipelines take it (the same seed: the same draws)."""
+    return {
+        "height": 64,
+        "width": 64,
+        "num_inference_steps": 8,
+        "guidance_scale": 7.5,
+        "controlnet_conditioning_scale": 0.8,
+        "generator": torch.Generator().manual_seed(0),
+        "output_type": "np",
+    }
+
+
 def as_batch(path, channels: int = 3) -> torch.Tensor:
     image = np.asarray(Image.open(path).convert("RGB" if channels == 3 else "L"), dtype=np.float32) / 255
     tensor = torch.from_numpy(image).reshape(64, 64, channels).permute(2, 0, 1)[None]
@@ -71,13 +84,7 @@ def test_img2img_equals_diffusers_controlnet_img2img(tmp_path, files):
         image=as_batch(files / "scene.png"),
         control_image=as_batch(files / "edges.png"),
         strength=0.6,
-        height=64,
-        width=64,
-        num_inference_steps=8,
-        guidance_scale=7.5,
-        controlnet_conditioning_scale=0.8,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
+        **pipeline_settings(),
     ).images
     assert np.abs(ours - np.round(theirs * 255) / 255).max() <= 1e-3 + 1 / 255  # one 8-bit level at most
 
@@ -95,13 +102,7 @@ def test_inpainting_equals_diffusers_controlnet_inpainting_and_keeps_the_unmaske
             mask_image=as_batch(files / "mask.png", channels=1),
             control_image=as_batch(files / "edges.png"),
             strength=strength,
-            height=64,
-            width=64,
-            num_inference_steps=8,
-            guidance_scale=7.5,
-            controlnet_conditioning_scale=0.8,
-            generator=torch.Generator().manual_seed(0),
-            output_type="np",
+            **pipeline_settings(),
         ).images
         assert np.abs(ours - np.round(theirs * 255) / 255).max() <= 1e-3 + 1 / 255
         # outside the mask (right half, away from the border) the scene is kept: its latents exactly (next test);
