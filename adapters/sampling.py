@@ -19,6 +19,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 from diffusers.configuration_utils import FrozenDict
+from tqdm.auto import tqdm
 
 from adapters.base import ConditioningAdapter
 from adapters.composition import Composition, ControlUnit
@@ -77,6 +78,7 @@ def sample_latents(
     num_inference_steps: int = 20,
     generator: torch.Generator | None = None,
     init: InitImage | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Denoise from Gaussian noise (or from a noised image, ``init``) to latents.
 
@@ -91,6 +93,7 @@ def sample_latents(
         guidance_scale: classifier-free guidance weight; <= 1 disables guidance.
         generator: CPU generator for the initial noise, so results do not depend on the device.
         init: start from an image (img2img) or repaint its masked part (inpainting); see ``InitImage``.
+        progress: show a progress bar over the steps (``ctrlkit generate``, the demo); off inside training.
     Returns:
         latents (B, C, h, w), not yet scaled back for the VAE.
     """
@@ -117,7 +120,7 @@ def sample_latents(
     if composition is not None:
         composition = composition.prepared()  # once per run: adapters' step-independent work
     num_steps = len(timesteps)
-    for step_index, timestep in enumerate(timesteps):
+    for step_index, timestep in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
         model_input = torch.cat([latents, latents]) if do_guidance else latents
         model_input = scheduler.scale_model_input(model_input, timestep)
         unet_kwargs = {}

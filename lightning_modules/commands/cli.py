@@ -50,6 +50,7 @@ commands:
   extract          write condition maps for a folder of images (conf/extract.yaml)
   shards           write a dataset as tar shards for data=webdataset, with a manifest (conf/shards.yaml)
   generate         sample prompts under a composition of adapters (conf/generate.yaml)
+  demo             a browser page to compose adapters and generate (Gradio, the demo extra; conf/demo.yaml)
   pretrain-base    train the tiny base model that `model=tiny` ships (conf/pretrain_base.yaml)
 
 Examples:
@@ -64,6 +65,7 @@ Examples:
   ctrlkit extract condition=canny input=photos output=photos_canny
   ctrlkit shards source=shapes output=shards/shapes                         (train: data=webdataset data.urls=...)
   ctrlkit generate composition=examples/composition.yaml
+  ctrlkit demo server_port=7860                                             (then open http://127.0.0.1:7860)
 """
 
 
@@ -190,6 +192,13 @@ def generate_main(cfg: DictConfig) -> None:
     _run("generate", run_generate, cfg)
 
 
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="demo")
+def demo_main(cfg: DictConfig) -> None:
+    from lightning_modules.commands.demo import run_demo
+
+    _run("demo", run_demo, cfg)
+
+
 COMMANDS = {
     "train": train_main,
     "cache": cache_main,
@@ -197,6 +206,7 @@ COMMANDS = {
     "extract": extract_main,
     "shards": shards_main,
     "generate": generate_main,
+    "demo": demo_main,
     "pretrain-base": pretrain_base_main,
 }
 CONFIG_NAMES = {
@@ -206,6 +216,7 @@ CONFIG_NAMES = {
     "extract": "extract",
     "shards": "shards",
     "generate": "generate",
+    "demo": "demo",
     "pretrain-base": "pretrain_base",
 }
 

@@ -567,19 +567,27 @@ def _setting_rules() -> dict[str, dict[str, tuple[str, object]]]:
         "scheduler": (tuple(SCHEDULERS), None),
     }
     named = {"task_name": (_TEXT, None)}  # Hydra's job name (run folders, the log file) is made from it
+    generate = {
+        **named,
+        "seed": (_INT, None),
+        "height": (_INT, 1),
+        "width": (_INT, 1),
+        "negative_prompt": (_TEXT, None),
+        "init_image": (_TEXT, None),
+        "mask_image": (_TEXT, None),
+        "strength": (_NUMBER, 0),
+        "keep_unmasked_pixels": (_FLAG, None),
+        **sampling,
+    }
     return {
         "train": {"seed": (_INT, None), **named},
-        "generate": {
-            **named,
-            "seed": (_INT, None),
-            "height": (_INT, 1),
-            "width": (_INT, 1),
-            "negative_prompt": (_TEXT, None),
-            "init_image": (_TEXT, None),
-            "mask_image": (_TEXT, None),
-            "strength": (_NUMBER, 0),
-            "keep_unmasked_pixels": (_FLAG, None),
-            **sampling,
+        "generate": generate,
+        "demo": {
+            **generate,
+            "max_units": (_INT, 1),
+            "server_port": (_INT, 1),
+            "server_name": (_TEXT, None),
+            "adapters_dir": (_TEXT, None),
         },
         "evaluate": {
             **named,

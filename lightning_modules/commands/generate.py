@@ -180,8 +180,9 @@ def apply_file_settings(cfg: DictConfig) -> None:
                 log.info("%s from %s: %s", key, cfg.composition, given[key])
 
 
-def run_generate(cfg: DictConfig) -> list[Path]:
-    """Generate, write PNGs + grid + composition.yaml to ``cfg.output_dir``; returns the image paths."""
+def run_generate(cfg: DictConfig, backbone: Backbone | None = None) -> list[Path]:
+    """Generate, write PNGs + grid + composition.yaml to ``cfg.output_dir``; returns the image paths.
+    ``backbone``: the base model already loaded from ``cfg.model`` (the demo keeps one); None loads it."""
     apply_file_settings(cfg)
     check_settings("generate", cfg)
     prompts = list(cfg.prompts) if isinstance(cfg.prompts, ListConfig | list) else [cfg.prompts]
@@ -190,7 +191,7 @@ def run_generate(cfg: DictConfig) -> list[Path]:
     size = (int(cfg.height), int(cfg.width))
     specs = unit_specs(cfg)  # every unit checked before the model loads
     check_writable_dir(cfg.output_dir, "output_dir")
-    backbone: Backbone = instantiate(cfg.model)
+    backbone = backbone if backbone is not None else instantiate(cfg.model)
     backbone.check_image_size(size[0])
     backbone.check_image_size(size[1])
     units, maps = build_units(specs, backbone, size, len(prompts))
@@ -208,6 +209,7 @@ def run_generate(cfg: DictConfig) -> list[Path]:
         num_inference_steps=cfg.num_inference_steps,
         generator=generator,
         init=init,
+        progress=True,
     )
     decoded = backbone.decode_latents(latents)
     if init is not None and init.mask is not None and cfg.get("keep_unmasked_pixels", True):
