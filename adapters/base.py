@@ -37,6 +37,15 @@ class AdapterFormatError(ValueError):
     """Saved adapter weights are missing or not in a format this adapter reads; the message names the path."""
 
 
+def describe_unet(config) -> str:
+    """A UNet layout in the words a pairing error needs: text width, extra conditioning, channels per level."""
+    added = config.get("addition_embed_type") or "none"
+    return (
+        f"cross_attention_dim {config['cross_attention_dim']}, addition_embed_type {added}, "
+        f"block_out_channels {list(config['block_out_channels'])}"
+    )
+
+
 def load_diffusers_folder(model_class, directory: str | Path):
     """``model_class.from_pretrained(directory)`` offline, with a one-line ``AdapterFormatError`` naming the folder
     (and the missing config.json, or the loader's first line) instead of diffusers' traceback."""
@@ -114,10 +123,12 @@ class ConditioningAdapter(nn.Module, ABC):
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> UNetKwargs:
         """condition: (B, C, H, W) in [0, 1] for image adapters, a ``GroundingCondition`` for grounding adapters, or
         what ``prepare`` returned for it; noisy_latents (B, 4, h, w); timesteps (B,) or scalar; encoder_hidden_states
-        (B, L, D) -> keyword arguments for the UNet call."""
+        (B, L, D); added_cond_kwargs: the UNet's inputs beside the text (SDXL: ``text_embeds`` (B, P), ``time_ids``
+        (B, 6)), passed only for UNets that take them -> keyword arguments for the UNet call."""
 
     def prepare(self, condition: Any) -> Any:
         """The step-independent work on a condition, done once per sampling run (T2I-Adapter's features do not
@@ -167,6 +178,11 @@ class ConditioningAdapter(nn.Module, ABC):
             module = spec.name if spec is not None else module
         marker = {"family": self.family, "class": f"{module}:{type(self).__qualname__}"}
         (directory / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
+
+    def check_base(self, unet: UNet2DConditionModel) -> None:
+        """Raise ``AdapterFormatError`` (one line, naming what the adapter was made for and what ``unet`` is) when
+        the adapter was made for another UNet layout; ``adapters.registry`` calls it after every load. Nothing to
+        check by default."""
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [parameter for parameter in self.parameters() if parameter.requires_grad]

@@ -205,8 +205,11 @@ class Composition:
         step_index: int,
         num_steps: int,
         guided: bool,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> UNetKwargs:
-        """Inputs as the UNet gets them (both guidance halves stacked when ``guided``) -> merged UNet kwargs."""
+        """Inputs as the UNet gets them (both guidance halves stacked when ``guided``; ``added_cond_kwargs``: the
+        UNet's inputs beside the text, SDXL's, passed on to every adapter) -> merged UNet kwargs."""
+        extra = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
         parts = []
         for unit in self.units:
             if unit.scale == 0 or not unit.active(step_index, num_steps):
@@ -218,6 +221,7 @@ class Composition:
                     noisy_latents=noisy_latents[half:],
                     timesteps=timestep,
                     encoder_hidden_states=encoder_hidden_states[half:],
+                    **{key: {k: v[half:] for k, v in value.items()} for key, value in extra.items()},
                 )
                 parts.append(_pad_unconditional(_weigh(kwargs, unit)))
                 continue
@@ -231,7 +235,11 @@ class Composition:
             else:
                 condition = _batch_twice(unit.condition)
             kwargs = unit.adapter(
-                condition, noisy_latents=noisy_latents, timesteps=timestep, encoder_hidden_states=encoder_hidden_states
+                condition,
+                noisy_latents=noisy_latents,
+                timesteps=timestep,
+                encoder_hidden_states=encoder_hidden_states,
+                **extra,
             )
             parts.append(_weigh(kwargs, unit))
         return merge_unet_kwargs(parts)

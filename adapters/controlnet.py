@@ -14,7 +14,7 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from adapters.base import AdapterFormatError, ConditioningAdapter, UNetKwargs, load_diffusers_folder
+from adapters.base import AdapterFormatError, ConditioningAdapter, UNetKwargs, describe_unet, load_diffusers_folder
 
 # diffusers' default hint encoder for SD (8x down to the latent grid). Its first log2(f) + 1 entries give f x down.
 _SD_HINT_CHANNELS = (16, 32, 96, 256)
@@ -116,8 +116,10 @@ class ControlNetAdapter(ConditioningAdapter):
         timesteps: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         conditioning_scale: float = 1.0,
+        added_cond_kwargs: dict | None = None,
     ) -> UNetKwargs:
-        """condition (B, C, h*f, w*f) in [0, 1] for latents (B, 4, h, w) -> ControlNet residuals."""
+        """condition (B, C, h*f, w*f) in [0, 1] for latents (B, 4, h, w) -> ControlNet residuals.
+        ``added_cond_kwargs``: SDXL's pooled text and time ids, which an SDXL ControlNet embeds as its UNet does."""
         expected = (noisy_latents.shape[-2] * self.vae_scale_factor, noisy_latents.shape[-1] * self.vae_scale_factor)
         if (
             tuple(condition.shape[-2:]) != expected
@@ -134,11 +136,22 @@ class ControlNetAdapter(ConditioningAdapter):
             encoder_hidden_states=encoder_hidden_states,
             controlnet_cond=condition.to(noisy_latents.dtype),
             conditioning_scale=conditioning_scale,
+            added_cond_kwargs=added_cond_kwargs,
             return_dict=False,
         )
         if self.only_mid_control:
             down_residuals = [torch.zeros_like(residual) for residual in down_residuals]
         return {"down_block_additional_residuals": list(down_residuals), "mid_block_additional_residual": mid_residual}
+
+    def check_base(self, unet: UNet2DConditionModel) -> None:
+        """The ControlNet's copied encoder has the UNet's text width, added conditioning and channels."""
+        keys = ("cross_attention_dim", "addition_embed_type", "block_out_channels", "in_channels")
+        mine, base = self.controlnet.config, unet.config
+        if any(_listed(mine.get(key)) != _listed(base.get(key)) for key in keys):
+            raise AdapterFormatError(
+                f"a ControlNet made for a UNet with {describe_unet(mine)}, but the base model's UNet has "
+                f"{describe_unet(base)}: use a ControlNet trained for this base"
+            )
 
     def param_groups(self, learning_rate: float) -> list[dict]:
         groups = [{"params": list(self.controlnet.parameters()), "lr": learning_rate}]
@@ -188,3 +201,8 @@ class ControlNetAdapter(ConditioningAdapter):
         adapter = cls(controlnet, only_mid_control, decoder)
         adapter.source_format = "diffusers folder"
         return adapter
+
+
+def _listed(value):
+    """Config values compared as saved (JSON turns tuples into lists)."""
+    return list(value) if isinstance(value, tuple | list) else value

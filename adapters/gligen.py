@@ -215,6 +215,7 @@ class GligenAdapter(ConditioningAdapter):
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
+        added_cond_kwargs: dict | None = None,  # SDXL's pooled text and time ids: the UNet reads them itself
     ) -> UNetKwargs:
         """Grounding (class docstring) -> ``cross_attention_kwargs["gligen"]`` as diffusers' UNet reads it."""
         self.check_condition(condition)

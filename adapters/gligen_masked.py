@@ -173,6 +173,7 @@ class BoxMaskedGligenAdapter(GligenAdapter):
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
+        added_cond_kwargs: dict | None = None,  # SDXL's pooled text and time ids: the UNet reads them itself
     ) -> UNetKwargs:
         """GLIGEN's ``cross_attention_kwargs["gligen"]`` plus ``latent_size``, the (h, w) of ``noisy_latents``."""
         kwargs = super().forward(

@@ -90,7 +90,17 @@ def load_adapter(path: str | Path, unet: UNet2DConditionModel) -> tuple[Conditio
     does not depend on the order they are given in."""
     adapter_class = adapter_class_for(path)
     adapter = adapter_class.from_pretrained(Path(path).expanduser(), unet)
+    _check_base(adapter, path, unet)
     return adapter, f"{adapter_class.title}, {adapter.source_format}"
+
+
+def _check_base(adapter: ConditioningAdapter, path: str | Path, unet: UNet2DConditionModel) -> None:
+    """One line naming the adapter and both bases when it was made for another UNet (an SD1.5 ControlNet on
+    SDXL), instead of a shape error from inside the UNet at the first step."""
+    try:
+        adapter.check_base(unet)
+    except AdapterFormatError as error:
+        raise AdapterFormatError(f"adapter {path}: {error}") from None
 
 
 def load_adapters(paths: list[str | Path], unet: UNet2DConditionModel) -> list[tuple[ConditioningAdapter, str]]:
@@ -101,5 +111,6 @@ def load_adapters(paths: list[str | Path], unet: UNet2DConditionModel) -> list[t
     loaded = {}
     for index in order:
         adapter = classes[index].from_pretrained(Path(paths[index]).expanduser(), unet)
+        _check_base(adapter, paths[index], unet)
         loaded[index] = (adapter, f"{classes[index].title}, {adapter.source_format}")
     return [loaded[index] for index in range(len(paths))]

@@ -79,6 +79,8 @@ def sample_latents(
     generator: torch.Generator | None = None,
     init: InitImage | None = None,
     progress: bool = False,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    uncond_added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Denoise from Gaussian noise (or from a noised image, ``init``) to latents.
 
@@ -94,6 +96,9 @@ def sample_latents(
         generator: CPU generator for the initial noise, so results do not depend on the device.
         init: start from an image (img2img) or repaint its masked part (inpainting); see ``InitImage``.
         progress: show a progress bar over the steps (``ctrlkit generate``, the demo); off inside training.
+        added_cond_kwargs, uncond_added_cond_kwargs: the UNet's inputs beside the text (SDXL's pooled ``text_embeds``
+            and ``time_ids``, each (B, ...); ``Backbone.unet_added_inputs``) for the prompts and the negative
+            prompts; the UNet and the adapters get them (stacked for guidance). None for SD1.x/2.x UNets.
     Returns:
         latents (B, C, h, w), not yet scaled back for the VAE.
     """
@@ -112,6 +117,12 @@ def sample_latents(
         latents = scheduler.add_noise(init.latents, noise, timesteps[:1].repeat(latents_shape[0]))
     blend = init is not None and init.mask is not None and unet.config.in_channels == latents_shape[1]
     hidden_states = torch.cat([uncond_hidden_states, encoder_hidden_states]) if do_guidance else encoder_hidden_states
+    added = added_cond_kwargs
+    if do_guidance and added is not None:
+        if uncond_added_cond_kwargs is None:
+            raise ValueError("classifier-free guidance with added_cond_kwargs needs uncond_added_cond_kwargs")
+        added = {key: torch.cat([uncond_added_cond_kwargs[key], value]) for key, value in added.items()}
+    added_kw = {} if added is None else {"added_cond_kwargs": added}  # SD1.x/2.x: the calls they always were
     if adapter is not None:
         if composition is not None:
             raise ValueError("pass an adapter or a composition, not both")
@@ -126,13 +137,19 @@ def sample_latents(
         unet_kwargs = {}
         if composition is not None:  # adapters see the latents only, as diffusers' ControlNet inpainting
             unet_kwargs = composition(
-                model_input, timestep, hidden_states, step_index=step_index, num_steps=num_steps, guided=do_guidance
+                model_input,
+                timestep,
+                hidden_states,
+                step_index=step_index,
+                num_steps=num_steps,
+                guided=do_guidance,
+                **added_kw,
             )
         unet_input = model_input
         if init is not None and init.mask is not None and not blend:  # a 9-channel inpainting UNet
             extra = torch.cat([init.mask.to(dtype), init.masked_image_latents.to(dtype)], dim=1)
             unet_input = torch.cat([model_input, torch.cat([extra, extra]) if do_guidance else extra], dim=1)
-        noise_pred = unet(unet_input, timestep, encoder_hidden_states=hidden_states, **unet_kwargs).sample
+        noise_pred = unet(unet_input, timestep, encoder_hidden_states=hidden_states, **added_kw, **unet_kwargs).sample
         if do_guidance:
             noise_uncond, noise_text = noise_pred.chunk(2)
             noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from diffusers import T2IAdapter, UNet2DConditionModel
 
-from adapters.base import ConditioningAdapter, UNetKwargs, load_diffusers_folder
+from adapters.base import AdapterFormatError, ConditioningAdapter, UNetKwargs, describe_unet, load_diffusers_folder
 
 ADAPTER_TYPES = ("full_adapter", "light_adapter", "full_adapter_xl")
 # diffusers' (and TencentARC's released adapters') residual blocks per level
@@ -152,6 +152,22 @@ class T2IAdapterAdapter(ConditioningAdapter):
     def condition_channels(self) -> int:
         return self.t2i_adapter.config.in_channels
 
+    def check_base(self, unet: UNet2DConditionModel) -> None:
+        """The adapter's feature pyramid is the one ``unet`` takes: same channels per level, same downscale from
+        level to level (the absolute scale also holds the VAE's factor, which the UNet does not know)."""
+        config = self.t2i_adapter.config
+        levels = unet_feature_pyramid(unet, vae_scale_factor=1)
+        wanted = levels if config.adapter_type == "full_adapter_xl" else levels[:-1]
+        given = adapter_pyramid(config.adapter_type, tuple(config.channels), config.downscale_factor)
+        if [c for c, _ in given] != [c for c, _ in wanted] or [d * wanted[0][1] for _, d in given] != [
+            d * given[0][1] for _, d in wanted
+        ]:
+            raise AdapterFormatError(
+                f"a T2I-Adapter ({config.adapter_type}, channels {list(config.channels)}) whose features do not fit "
+                f"the base model's UNet ({describe_unet(unet.config)}; it takes channels {[c for c, _ in wanted]}): "
+                "use a T2I-Adapter trained for this base"
+            )
+
     def prepare(self, condition: torch.Tensor | T2IFeatures) -> T2IFeatures:
         """condition (B, C, H, W) in [0, 1] -> its feature pyramid (computed here, once per sampling run)."""
         return condition if isinstance(condition, T2IFeatures) else self.encode(condition)
@@ -179,6 +195,7 @@ class T2IAdapterAdapter(ConditioningAdapter):
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
+        added_cond_kwargs: dict | None = None,  # SDXL's pooled text and time ids: the UNet reads them itself
         conditioning_scale: float = 1.0,
     ) -> UNetKwargs:
         """condition (B, C, h*f, w*f) in [0, 1], or its prepared features -> intrablock residuals for the UNet.

@@ -12,11 +12,17 @@ import pickle
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from adapters.grounding import GroundingCondition
 from adapters.ldm_layout import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
@@ -48,13 +54,21 @@ class Backbone(nn.Module):
         unet: UNet2DConditionModel,
         noise_scheduler: DDPMScheduler,
         vae_dtype: torch.dtype | None = None,
+        *,
+        text_encoder_2: CLIPTextModelWithProjection | None = None,
+        tokenizer_2: CLIPTokenizer | None = None,
+        force_zeros_for_empty_prompt: bool = False,
     ) -> None:
         super().__init__()
         self.vae_dtype = vae_dtype
         self.vae = vae
         self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
         self.unet = unet
         self.tokenizer = tokenizer
+        self.tokenizer_2 = tokenizer_2
+        # SDXL pipelines' rule: an empty negative prompt is all-zero embeddings, not the encoding of ""
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.noise_scheduler = noise_scheduler
         self.requires_grad_(False)
         self.eval()
@@ -108,8 +122,54 @@ class Backbone(nn.Module):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts -> text embeddings (B, L, D) from the frozen text encoder's last hidden state, as SD1.x uses."""
-        return self._encode_text(prompts)[0]
+        """Prompts -> text embeddings (B, L, D) from the frozen text encoder's last hidden state, as SD1.x/2.x use;
+        with a second text encoder (SDXL) both encoders' penultimate hidden states, concatenated (D = D1 + D2)."""
+        if self.text_encoder_2 is None:
+            return self._encode_text(prompts)[0]
+        return self._encode_two(prompts)[0]
+
+    def _encode_two(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's text conditioning, as its pipelines compute it: (hidden states (B, L, D1 + D2), pooled (B, P) from
+        the second encoder's projection)."""
+        hidden = []
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            tokens = tokenizer(
+                list(prompts),
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
+            output = encoder(tokens.input_ids.to(encoder.device), output_hidden_states=True)
+            hidden.append(output.hidden_states[-2])
+        return torch.cat(hidden, dim=-1), output.text_embeds
+
+    @torch.no_grad()
+    def unet_added_inputs(self, prompts: list[str], image_size: tuple[int, int]) -> dict[str, torch.Tensor] | None:
+        """The UNet's inputs beside the text embeddings (its ``added_cond_kwargs``), None for a UNet without them.
+
+        SDXL (``addition_embed_type="text_time"``): ``text_embeds`` (B, P), the pooled prompt embedding, and
+        ``time_ids`` (B, 6), the micro-conditioning (original size, crop top-left, target size) = (H, W, 0, 0, H,
+        W) for an uncropped image generated at ``image_size`` (H, W), as SDXL's pipelines set it by default."""
+        if self.unet.config.addition_embed_type != "text_time":
+            return None
+        pooled = self._encode_two(prompts)[1]
+        height, width = image_size
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=pooled.dtype, device=pooled.device)
+        return {"text_embeds": pooled, "time_ids": time_ids.expand(len(prompts), -1)}
+
+    @torch.no_grad()
+    def prompt_inputs(
+        self, prompts: list[str], image_size: tuple[int, int], *, negative: bool = False
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """(text embeddings, ``unet_added_inputs``) for ``prompts``. ``negative``: they are negative prompts, which
+        for a pipeline with ``force_zeros_for_empty_prompt`` (SDXL) give all-zero embeddings when all are empty."""
+        hidden, added = self.encode_prompts(prompts), self.unet_added_inputs(prompts, image_size)
+        if negative and self.force_zeros_for_empty_prompt and not any(prompts):
+            hidden = torch.zeros_like(hidden)
+            if added is not None:
+                added = {**added, "text_embeds": torch.zeros_like(added["text_embeds"])}
+        return hidden, added
 
     def _encode_text(self, texts: list[str]):
         """The frozen text encoder's output (last hidden state, pooled EOS) for ``texts`` padded to its length."""
@@ -167,12 +227,19 @@ class Backbone(nn.Module):
         encode = encode_prompts or self.encode_prompts
         height, width = image_size
         factor = self.vae_scale_factor
+        negative_prompts = [negative_prompt] * len(prompts)
+        added, uncond_added = None, None
+        if self.unet.config.addition_embed_type is not None:  # SDXL: the UNet's inputs beside the text
+            added = self.unet_added_inputs(list(prompts), image_size)
+            uncond_added = self.prompt_inputs(negative_prompts, image_size, negative=True)[1]
         latents = sample_latents(
             self.unet,
             make_scheduler(scheduler, self.noise_scheduler.config),
             encode(list(prompts)),
             (len(prompts), self.unet.config.in_channels, height // factor, width // factor),
-            uncond_hidden_states=encode([negative_prompt] * len(prompts)),
+            uncond_hidden_states=encode(negative_prompts),
+            added_cond_kwargs=added,
+            uncond_added_cond_kwargs=uncond_added,
             guidance_scale=guidance_scale,
             num_inference_steps=num_inference_steps,
             generator=torch.Generator().manual_seed(seed),
@@ -192,8 +259,20 @@ class Backbone(nn.Module):
         }
         save_file({key: tensor.detach().contiguous() for key, tensor in state.items()}, str(path))
 
-    def to_pipeline(self) -> StableDiffusionPipeline:
-        """A diffusers pipeline over the same modules (for saving, or for comparing with diffusers)."""
+    def to_pipeline(self) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+        """A diffusers pipeline over the same modules (for saving, or for comparing with diffusers): SDXL's when
+        there is a second text encoder."""
+        if self.text_encoder_2 is not None:
+            return StableDiffusionXLPipeline(
+                vae=self.vae,
+                text_encoder=self.text_encoder,
+                text_encoder_2=self.text_encoder_2,
+                tokenizer=self.tokenizer,
+                tokenizer_2=self.tokenizer_2,
+                unet=self.unet,
+                scheduler=self.noise_scheduler,
+                force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
+            )
         return StableDiffusionPipeline(
             vae=self.vae,
             text_encoder=self.text_encoder,
@@ -420,9 +499,20 @@ def _load_pipeline_folder(folder: Path, dtype: torch.dtype) -> Backbone:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, local_files_only=True)
         # Training uses DDPM noising with the pipeline's betas and prediction type, as diffusers' scripts do.
         scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+        second = {}
+        if (folder / "text_encoder_2").is_dir():  # SDXL: a second text encoder with a projection (pooled embeds)
+            second = {
+                "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
+                    folder, subfolder="text_encoder_2", torch_dtype=dtype, local_files_only=True
+                ),
+                "tokenizer_2": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", local_files_only=True),
+                "force_zeros_for_empty_prompt": json.loads((folder / "model_index.json").read_text()).get(
+                    "force_zeros_for_empty_prompt", True
+                ),
+            }
     except (OSError, ValueError, RuntimeError) as error:
         raise CtrlkitError(f"cannot load the pipeline in {folder}: {_first_line(error)}") from error
-    return Backbone(vae, text_encoder, tokenizer, unet, scheduler)
+    return Backbone(vae, text_encoder, tokenizer, unet, scheduler, **second)
 
 
 def _load_single_file(checkpoint: Path, config: str | None, dtype: torch.dtype) -> Backbone:
@@ -431,14 +521,22 @@ def _load_single_file(checkpoint: Path, config: str | None, dtype: torch.dtype) 
             f"loading the single-file checkpoint {checkpoint} offline needs model.config=<local diffusers pipeline "
             f"folder with the matching configs>; got model.config={config}"
         )
+    # an SDXL checkpoint reads its two text encoders through SDXL's pipeline (the config folder says which)
+    pipeline_class = (
+        StableDiffusionXLPipeline if (Path(config) / "text_encoder_2").is_dir() else StableDiffusionPipeline
+    )
+    sd_only = (
+        {}
+        if pipeline_class is StableDiffusionXLPipeline
+        else {"safety_checker": None, "requires_safety_checker": False}
+    )
     try:
-        pipeline = StableDiffusionPipeline.from_single_file(
+        pipeline = pipeline_class.from_single_file(
             str(checkpoint),
             config=str(config),
             local_files_only=True,
             torch_dtype=dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
+            **sd_only,
         )
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         unsafe = _unsafe_pickle_cause(error)
@@ -446,7 +544,14 @@ def _load_single_file(checkpoint: Path, config: str | None, dtype: torch.dtype) 
             raise UnsafeWeightsError(unsafe_pickle_message(checkpoint, unsafe)) from error
         raise CtrlkitError(f"cannot load the single-file checkpoint {checkpoint}: {_first_line(error)}") from error
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-    return Backbone(pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, pipeline.unet, scheduler)
+    second = {}
+    if pipeline_class is StableDiffusionXLPipeline:
+        second = {
+            "text_encoder_2": pipeline.text_encoder_2,
+            "tokenizer_2": pipeline.tokenizer_2,
+            "force_zeros_for_empty_prompt": pipeline.config.force_zeros_for_empty_prompt,
+        }
+    return Backbone(pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, pipeline.unet, scheduler, **second)
 
 
 def _unsafe_pickle_cause(error: BaseException) -> BaseException | None:

@@ -113,6 +113,13 @@ class AdapterTrainingSystem(pl.LightningModule):
         max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
+        added = backbone.unet.config.get("addition_embed_type")
+        if added is not None:
+            raise CtrlkitError(
+                f"ctrlkit train cannot train on this base yet: its UNet takes addition_embed_type={added} inputs "
+                "(SDXL's pooled text and time ids), which the training step does not give it; ctrlkit generate, "
+                "evaluate and demo sample with it"
+            )
         if draws not in DRAWS:
             raise CtrlkitError(f"system.draws='{draws}'; choose one of: {', '.join(DRAWS)}")
         if timestep_sampling not in TIMESTEP_SAMPLINGS:

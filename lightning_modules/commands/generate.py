@@ -198,13 +198,19 @@ def run_generate(cfg: DictConfig, backbone: Backbone | None = None) -> list[Path
     factor = backbone.vae_scale_factor
     generator = torch.Generator().manual_seed(cfg.seed)
     init = init_image(cfg, backbone, size, len(prompts), generator)  # drawn first, as diffusers' pipelines do
+    hidden_states, added = backbone.prompt_inputs(prompts, size)
+    uncond_hidden_states, uncond_added = backbone.prompt_inputs(
+        [cfg.negative_prompt] * len(prompts), size, negative=True
+    )
     latents = sample_latents(
         backbone.unet,
         make_scheduler(cfg.scheduler, backbone.noise_scheduler.config),
-        backbone.encode_prompts(prompts),
+        hidden_states,
         (len(prompts), backbone.unet.config.in_channels, size[0] // factor, size[1] // factor),
         composition=Composition(units) if units else None,
-        uncond_hidden_states=backbone.encode_prompts([cfg.negative_prompt] * len(prompts)),
+        uncond_hidden_states=uncond_hidden_states,
+        added_cond_kwargs=added,
+        uncond_added_cond_kwargs=uncond_added,
         guidance_scale=cfg.guidance_scale,
         num_inference_steps=cfg.num_inference_steps,
         generator=generator,
