@@ -144,19 +144,36 @@ class Backbone(nn.Module):
             hidden.append(output.hidden_states[-2])
         return torch.cat(hidden, dim=-1), output.text_embeds
 
+    @property
+    def takes_added_inputs(self) -> bool:
+        """Whether the UNet takes inputs beside the text (SDXL's ``addition_embed_type="text_time"``)."""
+        return self.unet.config.addition_embed_type == "text_time"
+
+    @torch.no_grad()
+    def encode_pooled(self, prompts: list[str]) -> torch.Tensor | None:
+        """The pooled prompt embeddings (B, P) the UNet's added inputs hold (SDXL: the second encoder's projected
+        EOS token); None for a UNet that takes none."""
+        return self._encode_two(prompts)[1] if self.takes_added_inputs else None
+
+    def added_inputs(
+        self, pooled: torch.Tensor | None, image_size: tuple[int, int], time_ids: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor] | None:
+        """The UNet's ``added_cond_kwargs`` from pooled embeddings (B, P) (None: the UNet takes none -> None).
+
+        SDXL: ``text_embeds`` = ``pooled`` and ``time_ids`` (B, 6), the micro-conditioning (original size, crop
+        top-left, target size): each item's own where the data gives them, else (H, W, 0, 0, H, W) for an
+        uncropped image of ``image_size`` (H, W), as SDXL's pipelines set it by default."""
+        if pooled is None:
+            return None
+        if time_ids is None:
+            height, width = image_size
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]]).expand(len(pooled), -1)
+        return {"text_embeds": pooled, "time_ids": time_ids.to(device=pooled.device, dtype=pooled.dtype)}
+
     @torch.no_grad()
     def unet_added_inputs(self, prompts: list[str], image_size: tuple[int, int]) -> dict[str, torch.Tensor] | None:
-        """The UNet's inputs beside the text embeddings (its ``added_cond_kwargs``), None for a UNet without them.
-
-        SDXL (``addition_embed_type="text_time"``): ``text_embeds`` (B, P), the pooled prompt embedding, and
-        ``time_ids`` (B, 6), the micro-conditioning (original size, crop top-left, target size) = (H, W, 0, 0, H,
-        W) for an uncropped image generated at ``image_size`` (H, W), as SDXL's pipelines set it by default."""
-        if self.unet.config.addition_embed_type != "text_time":
-            return None
-        pooled = self._encode_two(prompts)[1]
-        height, width = image_size
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=pooled.dtype, device=pooled.device)
-        return {"text_embeds": pooled, "time_ids": time_ids.expand(len(prompts), -1)}
+        """``added_inputs`` for ``prompts`` generated at ``image_size``; None for a UNet without added inputs."""
+        return self.added_inputs(self.encode_pooled(prompts), image_size)
 
     @torch.no_grad()
     def prompt_inputs(
@@ -228,10 +245,8 @@ class Backbone(nn.Module):
         height, width = image_size
         factor = self.vae_scale_factor
         negative_prompts = [negative_prompt] * len(prompts)
-        added, uncond_added = None, None
-        if self.unet.config.addition_embed_type is not None:  # SDXL: the UNet's inputs beside the text
-            added = self.unet_added_inputs(list(prompts), image_size)
-            uncond_added = self.prompt_inputs(negative_prompts, image_size, negative=True)[1]
+        added = self.unet_added_inputs(list(prompts), image_size)  # SDXL's; None for SD1.x/2.x
+        uncond_added = self.prompt_inputs(negative_prompts, image_size, negative=True)[1] if added else None
         latents = sample_latents(
             self.unet,
             make_scheduler(scheduler, self.noise_scheduler.config),

@@ -63,13 +63,20 @@ def randint(high: int, batch_size: int, generator: Draws = None) -> torch.Tensor
 @dataclass
 class TrainingInputs:
     """What the adapter and the UNet take in a training step: noisy latents (B, 4, h, w), timesteps (B,), text
-    embeddings (B, L, D), the prepared condition, and the target of the prediction (B, 4, h, w)."""
+    embeddings (B, L, D), the prepared condition, the target of the prediction (B, 4, h, w), and the UNet's inputs
+    beside the text (SDXL's pooled ``text_embeds`` and ``time_ids``; None for SD1.x/2.x)."""
 
     noisy_latents: torch.Tensor
     timesteps: torch.Tensor
     encoder_hidden_states: torch.Tensor
     condition: Any
     target: torch.Tensor
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None
+
+    @property
+    def added_kwargs(self) -> dict:
+        """``{"added_cond_kwargs": ...}`` for the UNet and adapter calls, or nothing (their SD1.x/2.x calls)."""
+        return {} if self.added_cond_kwargs is None else {"added_cond_kwargs": self.added_cond_kwargs}
 
 
 @dataclass(frozen=True)

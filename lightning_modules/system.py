@@ -113,13 +113,6 @@ class AdapterTrainingSystem(pl.LightningModule):
         max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
-        added = backbone.unet.config.get("addition_embed_type")
-        if added is not None:
-            raise CtrlkitError(
-                f"ctrlkit train cannot train on this base yet: its UNet takes addition_embed_type={added} inputs "
-                "(SDXL's pooled text and time ids), which the training step does not give it; ctrlkit generate, "
-                "evaluate and demo sample with it"
-            )
         if draws not in DRAWS:
             raise CtrlkitError(f"system.draws='{draws}'; choose one of: {', '.join(DRAWS)}")
         if timestep_sampling not in TIMESTEP_SAMPLINGS:
@@ -146,7 +139,7 @@ class AdapterTrainingSystem(pl.LightningModule):
         # Checkpoints hold the adapter only; on_load_checkpoint checks those keys itself.
         self.strict_loading = False
         self._latent_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self._text_cache: dict[str, dict[str, torch.Tensor]] = {}  # prompt -> prompt_features
         self._phrase_cache: dict[str, torch.Tensor] = {}
         self.feature_cache = FeatureCache(cache_dir) if cache_dir else None
         self._fingerprints: dict[str, str] = {}  # of the frozen VAE and text encoder, computed on first use
@@ -255,17 +248,28 @@ class AdapterTrainingSystem(pl.LightningModule):
 
     def prompt_embedding(self, prompt: str) -> torch.Tensor:
         """One prompt's text embedding (L, D): from the disk cache when it has it (keyed by its token ids)."""
+        return self.prompt_features(prompt)["embedding"]
+
+    def prompt_features(self, prompt: str) -> dict[str, torch.Tensor]:
+        """One prompt's text features: ``embedding`` (L, D) and, for a UNet with added inputs (SDXL), ``pooled``
+        (P,); from the disk cache when it has them (keyed by the text encoders and the token ids)."""
+
+        def encode() -> dict[str, torch.Tensor]:
+            features = {"embedding": self.backbone.encode_prompts([prompt])[0]}
+            pooled = self.backbone.encode_pooled([prompt])
+            return features if pooled is None else {**features, "pooled": pooled[0]}
+
         if self.feature_cache is None:
-            return self.backbone.encode_prompts([prompt])[0]
+            return encode()
         tokens = self.backbone.tokenizer(prompt, truncation=True, max_length=self.backbone.tokenizer.model_max_length)
-        key = FeatureCache.key(self.fingerprint("text_encoder"), repr(tokens.input_ids))
-        entry = self.feature_cache.get_or_compute(
-            "text_embedding", key, lambda: {"embedding": self.backbone.encode_prompts([prompt])[0]}
-        )
-        return entry["embedding"].to(self.device)
+        encoders = [name for name in ("text_encoder", "text_encoder_2") if getattr(self.backbone, name) is not None]
+        key = FeatureCache.key("".join(self.fingerprint(name) for name in encoders), repr(tokens.input_ids))
+        entry = self.feature_cache.get_or_compute("text_embedding", key, encode)
+        return {name: tensor.to(self.device) for name, tensor in entry.items()}
 
     def fingerprint(self, part: str) -> str:
-        """``module_fingerprint`` of the backbone's frozen ``part`` ("vae", "text_encoder"), computed once."""
+        """``module_fingerprint`` of the backbone's frozen ``part`` ("vae", "text_encoder", "text_encoder_2"),
+        computed once."""
         if part not in self._fingerprints:
             self._fingerprints[part] = module_fingerprint(getattr(self.backbone, part))
         return self._fingerprints[part]
@@ -298,10 +302,20 @@ class AdapterTrainingSystem(pl.LightningModule):
         """Frozen text-encoder output (B, L, D), computed once per distinct prompt when caching is on."""
         if not self.hparams.cache_text_embeddings:
             return self.backbone.encode_prompts(prompts)
+        return self._cached_text(prompts, "embedding")
+
+    def pooled_text_embeddings(self, prompts: list[str]) -> torch.Tensor | None:
+        """The pooled prompt embeddings (B, P) of the UNet's added inputs (SDXL), cached as ``text_embeddings``;
+        None for a UNet that takes none."""
+        if not self.backbone.takes_added_inputs or not self.hparams.cache_text_embeddings:
+            return self.backbone.encode_pooled(prompts)
+        return self._cached_text(prompts, "pooled")
+
+    def _cached_text(self, prompts: list[str], name: str) -> torch.Tensor:
         # one prompt per call, for the same reason as the latent cache: values independent of the batch
         for prompt in sorted(set(prompts) - self._text_cache.keys()):
-            self._text_cache[prompt] = self.prompt_embedding(prompt)
-        return torch.stack([self._text_cache[prompt] for prompt in prompts]).to(self.device)
+            self._text_cache[prompt] = self.prompt_features(prompt)
+        return torch.stack([self._text_cache[prompt][name] for prompt in prompts]).to(self.device)
 
     def prepare_condition(self, condition: Any) -> Any:
         """A batch's condition -> what adapters take, on this device (``backbone.prepare_condition``): a map is
@@ -351,7 +365,9 @@ class AdapterTrainingSystem(pl.LightningModule):
             raise CtrlkitError(
                 f"unsupported prediction_type '{prediction_type}'; ctrlkit trains epsilon or v_prediction"
             )
-        return TrainingInputs(noisy_latents, timesteps, self.text_embeddings(prompts), condition, target)
+        image_size = tuple(side * self.backbone.vae_scale_factor for side in latents.shape[-2:])
+        added = self.backbone.added_inputs(self.pooled_text_embeddings(prompts), image_size, batch.get("time_ids"))
+        return TrainingInputs(noisy_latents, timesteps, self.text_embeddings(prompts), condition, target, added)
 
     def prediction_loss(self, inputs: TrainingInputs) -> torch.Tensor:
         """The adapter's kwargs, the UNet's prediction and its MSE to the target (computed in fp32)."""
@@ -360,9 +376,10 @@ class AdapterTrainingSystem(pl.LightningModule):
             noisy_latents=inputs.noisy_latents,
             timesteps=inputs.timesteps,
             encoder_hidden_states=inputs.encoder_hidden_states,
+            **inputs.added_kwargs,
         )
         model_pred = self.backbone.unet(
-            inputs.noisy_latents, inputs.timesteps, inputs.encoder_hidden_states, **unet_kwargs
+            inputs.noisy_latents, inputs.timesteps, inputs.encoder_hidden_states, **inputs.added_kwargs, **unet_kwargs
         ).sample
         return F.mse_loss(model_pred.float(), inputs.target.float())
 

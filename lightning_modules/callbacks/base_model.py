@@ -52,10 +52,15 @@ def adapter_is_inert(pl_module: pl.LightningModule, batch: dict, seed: int = 0) 
     try:
         with pl_module.precision_context():
             text = pl_module.text_embeddings(list(batch["prompt"]))
+            pooled = pl_module.pooled_text_embeddings(list(batch["prompt"]))
+            added = backbone.added_inputs(pooled, tuple(batch["pixel_values"].shape[-2:]))  # SDXL's; else None
+            extra = {} if added is None else {"added_cond_kwargs": added}
             condition = pl_module.prepare_condition(batch["condition"])
-            kwargs = adapter(condition, noisy_latents=latents, timesteps=timesteps, encoder_hidden_states=text)
-            with_adapter = backbone.unet(latents, timesteps, text, **kwargs).sample
-            without = backbone.unet(latents, timesteps, text).sample
+            kwargs = adapter(
+                condition, noisy_latents=latents, timesteps=timesteps, encoder_hidden_states=text, **extra
+            )
+            with_adapter = backbone.unet(latents, timesteps, text, **extra, **kwargs).sample
+            without = backbone.unet(latents, timesteps, text, **extra).sample
     finally:
         pl_module.train(was_training)
     return torch.equal(with_adapter, without)

@@ -155,14 +155,3 @@ def test_an_sdxl_t2i_adapter_on_an_sd15_base_stops_naming_both(sdxl, tmp_path):
 
     message = str(raised.value)
     assert "\n" not in message and str(sdxl / "t2i") in message and "full_adapter_xl" in message
-
-
-def test_training_on_sdxl_stops_with_one_line_until_the_step_gives_the_added_inputs(sdxl, tmp_path):
-    from adapters import ControlNetAdapter as Adapter
-    from lightning_modules.errors import CtrlkitError
-    from lightning_modules.system import AdapterTrainingSystem
-
-    backbone = load_pretrained_backbone(str(sdxl / "pipeline"))
-    with pytest.raises(CtrlkitError, match="addition_embed_type=text_time") as raised:
-        AdapterTrainingSystem(backbone, Adapter.from_unet(backbone.unet, vae_scale_factor=2))
-    assert "\n" not in str(raised.value)
