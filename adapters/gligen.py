@@ -47,6 +47,13 @@ def add_gated_attention(
     if unet.config.attention_type in ("gated", "gated-text-image"):
         raise ValueError(f"this UNet already has GLIGEN layers (attention_type='{unet.config.attention_type}')")
     cross_attention_dim = unet.config.cross_attention_dim
+    if unet.config.addition_embed_type is not None:
+        raise AdapterFormatError(
+            f"GLIGEN is not built for this UNet (addition_embed_type={unet.config.addition_embed_type}, SDXL-style): "
+            f"its phrase features are one text encoder's pooled embedding, as wide as the UNet's context in "
+            f"SD1.x/2.x, while this context ({cross_attention_dim}) joins two encoders, and no GLIGEN for such a "
+            f"UNet has been released to match; use an SD1.x/2.x base for GLIGEN"
+        )
     if not isinstance(cross_attention_dim, int):
         raise ValueError(f"GLIGEN needs one cross_attention_dim for every block, got {cross_attention_dim}")
     blocks = [module for module in unet.modules() if isinstance(module, BasicTransformerBlock)]

@@ -95,3 +95,14 @@ def test_a_killed_sdxl_run_resumes_to_identical_weights(sdxl_folder, tmp_path):
         adapter_weights(tmp_path / "uninterrupted" / "checkpoints" / "last.ckpt"),
         adapter_weights(killed / "checkpoints" / "last.ckpt"),
     )
+
+
+def test_gligen_on_an_sdxl_unet_stops_with_one_line_saying_why(sdxl_folder):
+    from adapters import AdapterFormatError
+    from adapters.gligen import GligenAdapter
+
+    unet = load_pretrained_backbone(str(sdxl_folder)).unet
+    with pytest.raises(AdapterFormatError, match="addition_embed_type=text_time") as raised:
+        GligenAdapter.from_unet(unet, vae_scale_factor=2)
+    assert "\n" not in str(raised.value)
+    assert unet.config.attention_type != "gated"  # the UNet was left as it was
