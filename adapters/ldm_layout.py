@@ -13,6 +13,7 @@ import torch
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
 
 _UNET_FIXED = {
     "time_embedding.linear_1": "time_embed.0",
@@ -28,6 +29,19 @@ _UNET_RESNET = {
     "conv2": "out_layers.3",
     "time_emb_proj": "emb_layers.1",
     "conv_shortcut": "skip_connection",
+}
+_OPEN_CLIP_FIXED = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+_OPEN_CLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "self_attn.out_proj": "attn.out_proj",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
 }
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
@@ -131,4 +145,34 @@ def text_encoder_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
     for key, value in state_dict.items():
         ldm_key = key if key.startswith("text_model.") else "text_model." + key
         converted[TEXT_ENCODER_PREFIX + ldm_key] = value
+    return converted
+
+
+def text_encoder_to_open_clip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModel state dict -> SD 2.x's OpenCLIP keys ``cond_stage_model.model.*``
+    (``transformer.resblocks.<i>.attn.in_proj_weight`` holds q, k, v stacked, as ``nn.MultiheadAttention`` does).
+
+    SD 2.x files also hold the OpenCLIP layer that diffusers' converted text encoder drops (it uses the penultimate
+    layer) and the ``text_projection``; diffusers' reader skips both, and a ``CLIPTextModel`` has neither to write.
+    """
+    converted, attention = {}, {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("text_model.")  # transformers >= 5 names the keys without it
+        if key in _OPEN_CLIP_FIXED:
+            converted[OPEN_CLIP_PREFIX + _OPEN_CLIP_FIXED[key]] = value
+            continue
+        match = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", key)
+        if match is None:
+            raise ValueError(f"no OpenCLIP name for text encoder parameter '{key}'")
+        layer, rest = match[1], match[2]
+        block = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{layer}."
+        if projection := re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest):
+            attention.setdefault(f"{block}attn.in_proj_{projection[2]}", {})[projection[1]] = value
+            continue
+        renamed = _rename_head(rest, _OPEN_CLIP_LAYER)
+        if renamed == rest:
+            raise ValueError(f"no OpenCLIP name for text encoder parameter '{key}'")
+        converted[block + renamed] = value
+    for key, parts in attention.items():
+        converted[key] = torch.cat([parts["q"], parts["k"], parts["v"]])
     return converted

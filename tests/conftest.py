@@ -253,6 +253,84 @@ def owlv2_dir(tmp_path_factory) -> Path:
     return _save_tiny_owl(tmp_path_factory.mktemp("owlv2"), "owlv2")
 
 
+def build_tiny_sd2_pipeline(seed: int = 0):
+    """A tiny SD 2.x-architecture pipeline with random weights, as diffusers' own SD2 tests build theirs
+    (``tests/pipelines/stable_diffusion_2/test_stable_diffusion.py``): a UNet with linear projections in its
+    transformers and an attention head width per block, an OpenCLIP-like text encoder (``gelu``, not CLIP's
+    ``quick_gelu``), a two-level VAE (64 px -> 32x32x4) and SD 2.x 768-v's scheduler: DDIM, ``v_prediction``."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_clip_tokenizer(16)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=128,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=5,
+            hidden_act="gelu",
+            projection_dim=512,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    # as stabilityai/stable-diffusion-2-1's scheduler config (2.x-base folders say prediction_type epsilon)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction",
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def sd2_pipeline_dir(tmp_path_factory) -> Path:
+    """The tiny SD 2.x pipeline (``build_tiny_sd2_pipeline``) saved with ``save_pretrained``: what
+    ``model=sd2 model.path=<folder>`` loads."""
+    folder = tmp_path_factory.mktemp("sd2") / "pipeline"
+    build_tiny_sd2_pipeline().save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def no_network(monkeypatch):
     """Any network connection fails the test: shipped models and adapters must load offline."""

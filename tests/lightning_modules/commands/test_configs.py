@@ -31,6 +31,8 @@ GROUPS = [
 # options that need a value the config cannot know; {name} is filled with the session fixture of that name
 REQUIRED = {
     "model=sd15": ["model.path=/some/pipeline"],
+    "model=sd2": ["model.path=/some/pipeline"],
+    "model=sdxl": ["model.path=/some/pipeline"],
     "condition=hed": ["condition.extractor.weights_dir={hed_weights_dir}"],
     "condition=pose": ["condition.extractor.weights_dir={openpose_weights_dir}"],
     "condition=depth": ["condition.extractor.model={dpt_dir}"],
@@ -109,7 +111,7 @@ def test_every_option_composes_and_its_light_parts_instantiate(make_train_config
 def test_unknown_option_names_the_group_and_the_choices():
     with pytest.raises(CtrlkitError, match=r"unknown adapter 'contrlnet'; choose one of: controlnet"):
         check_group_overrides(["adapter=contrlnet"])
-    choices = "sd15, sd15_random, tiny, tiny_random"
+    choices = "sd15, sd15_random, sd2, sdxl, tiny, tiny_random"
     with pytest.raises(CtrlkitError, match=rf"unknown model 'sd99'; choose one of: {choices}"):
         check_group_overrides(["trainer.max_steps=3", "model=sd99"])
     with pytest.raises(CtrlkitError, match=r"unknown condition 'depht'"):
@@ -164,7 +166,7 @@ def test_conf_dir_is_this_repository(make_train_config):
 
 @pytest.mark.parametrize(
     ("model", "learning_rate", "timestep_sampling"),
-    [("tiny", 1e-3, "cubic"), ("tiny_random", 1e-3, "cubic"), ("sd15", 1e-5, "uniform")],
+    [("tiny", 1e-3, "cubic"), ("tiny_random", 1e-3, "cubic"), ("sd15", 1e-5, "uniform"), ("sd2", 1e-5, "uniform")],
 )
 def test_the_base_model_recipe_sets_adapter_rate_and_timesteps(
     make_train_config, model, learning_rate, timestep_sampling
