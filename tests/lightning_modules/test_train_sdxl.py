@@ -81,7 +81,6 @@ def test_train_on_sdxl_exports_what_diffusers_sdxl_pipelines_load(sdxl_folder, t
     assert (run / "adapter" / "README.md").is_file()  # the model card
 
 
-@pytest.mark.slow  # ~2 min alone on 2 cores (three runs of the tiny SDXL model, one a subprocess): -m slow
 def test_a_killed_sdxl_run_resumes_to_identical_weights(sdxl_folder, tmp_path):
     run = [*RUN, *sdxl_overrides(sdxl_folder), "trainer.max_steps=4", "data.train_size=4"]  # 2 epochs
     train(compose_train_config(tmp_path / "uninterrupted", run))
