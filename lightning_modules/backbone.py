@@ -182,11 +182,18 @@ class Backbone(nn.Module):
         """(text embeddings, ``unet_added_inputs``) for ``prompts``. ``negative``: they are negative prompts, which
         for a pipeline with ``force_zeros_for_empty_prompt`` (SDXL) give all-zero embeddings when all are empty."""
         hidden, added = self.encode_prompts(prompts), self.unet_added_inputs(prompts, image_size)
-        if negative and self.force_zeros_for_empty_prompt and not any(prompts):
-            hidden = torch.zeros_like(hidden)
-            if added is not None:
-                added = {**added, "text_embeds": torch.zeros_like(added["text_embeds"])}
-        return hidden, added
+        return self.null_empty_negatives(prompts, hidden, added) if negative else (hidden, added)
+
+    def null_empty_negatives(
+        self, negative_prompts: list[str], hidden: torch.Tensor, added: dict[str, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """The negative prompts' (embeddings, added inputs), zeroed where the pipeline says an empty negative prompt
+        is all zeros (``force_zeros_for_empty_prompt``, SDXL's default); the time ids stay."""
+        if not self.force_zeros_for_empty_prompt or any(negative_prompts):
+            return hidden, added
+        if added is not None:
+            added = {**added, "text_embeds": torch.zeros_like(added["text_embeds"])}
+        return torch.zeros_like(hidden), added
 
     def _encode_text(self, texts: list[str]):
         """The frozen text encoder's output (last hidden state, pooled EOS) for ``texts`` padded to its length."""
@@ -245,15 +252,16 @@ class Backbone(nn.Module):
         height, width = image_size
         factor = self.vae_scale_factor
         negative_prompts = [negative_prompt] * len(prompts)
-        added = self.unet_added_inputs(list(prompts), image_size)  # SDXL's; None for SD1.x/2.x
-        uncond_added = self.prompt_inputs(negative_prompts, image_size, negative=True)[1] if added else None
+        uncond_hidden, uncond_added = self.null_empty_negatives(
+            negative_prompts, encode(negative_prompts), self.unet_added_inputs(negative_prompts, image_size)
+        )
         latents = sample_latents(
             self.unet,
             make_scheduler(scheduler, self.noise_scheduler.config),
             encode(list(prompts)),
             (len(prompts), self.unet.config.in_channels, height // factor, width // factor),
-            uncond_hidden_states=encode(negative_prompts),
-            added_cond_kwargs=added,
+            uncond_hidden_states=uncond_hidden,
+            added_cond_kwargs=self.unet_added_inputs(list(prompts), image_size),  # SDXL's; None for SD1.x/2.x
             uncond_added_cond_kwargs=uncond_added,
             guidance_scale=guidance_scale,
             num_inference_steps=num_inference_steps,

@@ -155,3 +155,13 @@ def test_an_sdxl_t2i_adapter_on_an_sd15_base_stops_naming_both(sdxl, tmp_path):
 
     message = str(raised.value)
     assert "\n" not in message and str(sdxl / "t2i") in message and "full_adapter_xl" in message
+
+
+def test_the_training_callbacks_sampler_equals_generate_on_sdxl(sdxl, tmp_path):
+    """``Backbone.generate`` (sample grids, controllability) gives the UNet the same added inputs and the same
+    all-zero empty negative prompt as ``ctrlkit generate``."""
+    backbone = load_pretrained_backbone(str(sdxl / "pipeline"))
+    images = backbone.generate(PROMPTS, (64, 64), num_inference_steps=STEPS, guidance_scale=7.5, scheduler="euler")
+
+    ours = images.permute(0, 2, 3, 1).numpy()
+    assert_same_through_png(generate(sdxl, tmp_path), ours)
