@@ -159,9 +159,11 @@ class T2IAdapterAdapter(ConditioningAdapter):
         levels = unet_feature_pyramid(unet, vae_scale_factor=1)
         wanted = levels if config.adapter_type == "full_adapter_xl" else levels[:-1]
         given = adapter_pyramid(config.adapter_type, tuple(config.channels), config.downscale_factor)
-        if [c for c, _ in given] != [c for c, _ in wanted] or [d * wanted[0][1] for _, d in given] != [
-            d * given[0][1] for _, d in wanted
-        ]:
+
+        def relative(pyramid: list[tuple[int, int]]) -> list[tuple[int, float]]:
+            return [(channels, downscale / pyramid[0][1]) for channels, downscale in pyramid]
+
+        if relative(given) != relative(wanted):
             raise AdapterFormatError(
                 f"a T2I-Adapter ({config.adapter_type}, channels {list(config.channels)}) whose features do not fit "
                 f"the base model's UNet ({describe_unet(unet.config)}; it takes channels {[c for c, _ in wanted]}): "
