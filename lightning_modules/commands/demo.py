@@ -183,6 +183,8 @@ class Demo:
     ) -> dict[str, Path]:
         """Generate one image; returns the paths of ``image`` (PNG), ``grid`` (conditions | result) and
         ``composition`` (the YAML ``ctrlkit generate composition=<file>`` reruns, its source image copied beside)."""
+        if source:
+            read_image(source)  # an unreadable upload is named as the user gave it, before any folder is made
         output = Path(self.cfg.output_dir) / f"generation_{next(self.counter):03d}"
         output.mkdir(parents=True, exist_ok=True)
         if source:  # the upload lives in Gradio's temporary folder: keep a copy the composition can name

@@ -93,9 +93,13 @@ def build_app(demo: Demo) -> gr.Blocks:
         downloads = gr.File(label="image and composition.yaml", file_count="multiple", elem_id="downloads")
         status = gr.Markdown(elem_id="status")
 
-        source.change(
-            lambda path: extractor_previews(path, map_conditions(), demo.size) if path else [], source, previews
-        )
+        def preview(path):
+            try:
+                return extractor_previews(path, map_conditions(), demo.size) if path else []
+            except USER_ERRORS as error:  # an unreadable image: say which, keep the page as it was
+                raise gr.Error(str(error)) from error
+
+        source.change(preview, source, previews)
         sketch.change(lambda value: json.dumps(boxes_from_sketch((value or {}).get("layers") or [])), sketch, boxes)
 
         # gr.Progress as a default is how Gradio asks for a progress bar (tqdm bars of the sampler are tracked)

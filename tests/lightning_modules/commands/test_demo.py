@@ -133,3 +133,20 @@ def test_generation_downloads_a_composition_that_ctrlkit_generate_reruns_to_the_
         rerun.output_dir = str(tmp_path / "rerun")
     (again,) = run_generate(rerun)
     np.testing.assert_array_equal(np.asarray(Image.open(again)), image)
+
+
+def test_a_corrupt_source_image_is_a_one_line_error_naming_the_file(tmp_path):
+    from lightning_modules.errors import USER_ERRORS
+
+    corrupt = tmp_path / "broken.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    demo = Demo(demo_config(tmp_path))
+
+    for attempt in (
+        lambda: extractor_previews(corrupt, ["canny"], (64, 64)),
+        lambda: demo.generate("a red circle", "", 0, [UnitChoice("tiny/controlnet_canny", "canny")], str(corrupt)),
+    ):
+        with pytest.raises(USER_ERRORS) as raised:
+            attempt()
+        assert str(corrupt.name) in str(raised.value) and "\n" not in str(raised.value)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())  # no half-made generation

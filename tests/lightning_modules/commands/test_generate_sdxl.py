@@ -69,6 +69,22 @@ def condition(sdxl) -> torch.Tensor:
     return torch.from_numpy(np.asarray(Image.open(sdxl / "mask.png"))).permute(2, 0, 1)[None].float() / 255
 
 
+def diffusers_images(pipeline, sdxl, **scale) -> np.ndarray:
+    """The diffusers pipeline's images for ``PROMPTS`` under the mask condition, with generate's settings."""
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline(
+        PROMPTS,
+        image=condition(sdxl).expand(2, -1, -1, -1),
+        height=64,
+        width=64,
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+        **scale,
+    ).images
+
+
 def assert_same_through_png(ours: np.ndarray, theirs: np.ndarray) -> None:
     # both through 8-bit rounding: at most one level apart where a float sits on a rounding boundary
     assert np.abs(ours - np.round(theirs * 255) / 255).max() <= 1 / 255 + 1e-6
@@ -84,18 +100,7 @@ def test_one_controlnet_equals_diffusers_sdxl_controlnet_pipeline(sdxl, tmp_path
         controlnet=ControlNetAdapter.from_pretrained(sdxl / "controlnet").controlnet,
         add_watermarker=False,
     )
-    pipeline.set_progress_bar_config(disable=True)
-    theirs = pipeline(
-        PROMPTS,
-        image=condition(sdxl).expand(2, -1, -1, -1),
-        height=64,
-        width=64,
-        num_inference_steps=STEPS,
-        guidance_scale=7.5,
-        controlnet_conditioning_scale=0.8,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).images
+    theirs = diffusers_images(pipeline, sdxl, controlnet_conditioning_scale=0.8)
 
     assert_same_through_png(ours, theirs)
     base = generate(sdxl, tmp_path / "base")
@@ -108,18 +113,7 @@ def test_one_t2i_adapter_equals_diffusers_sdxl_adapter_pipeline(sdxl, tmp_path):
     pipeline = StableDiffusionXLAdapterPipeline(
         **pipeline_components(sdxl), adapter=T2IAdapterAdapter.from_pretrained(sdxl / "t2i").t2i_adapter
     )
-    pipeline.set_progress_bar_config(disable=True)
-    theirs = pipeline(
-        PROMPTS,
-        image=condition(sdxl).expand(2, -1, -1, -1),
-        height=64,
-        width=64,
-        num_inference_steps=STEPS,
-        guidance_scale=7.5,
-        adapter_conditioning_scale=0.8,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).images
+    theirs = diffusers_images(pipeline, sdxl, adapter_conditioning_scale=0.8)
 
     assert_same_through_png(ours, theirs)
 
