@@ -14,6 +14,9 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+# SDXL files hold both text encoders under the "conditioner": OpenAI CLIP first, OpenCLIP (with its projection) second
+SDXL_TEXT_ENCODER_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 _UNET_FIXED = {
     "time_embedding.linear_1": "time_embed.0",
@@ -21,6 +24,9 @@ _UNET_FIXED = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    # SDXL's text-time embedding (pooled text + micro-conditioning): LDM's "label_emb"
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 _UNET_RESNET = {
     "norm1": "in_layers.0",
@@ -136,36 +142,46 @@ def vae_to_ldm(state_dict: dict[str, torch.Tensor], config) -> dict[str, torch.T
     return converted
 
 
-def text_encoder_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A transformers CLIPTextModel state dict -> SD1's ``cond_stage_model.transformer.text_model.`` keys.
+def text_encoder_to_ldm(
+    state_dict: dict[str, torch.Tensor], prefix: str = TEXT_ENCODER_PREFIX
+) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModel state dict -> SD1's ``cond_stage_model.transformer.text_model.`` keys (SDXL's
+    first encoder: ``prefix=SDXL_TEXT_ENCODER_PREFIX``).
 
     transformers >= 5 names the keys without the ``text_model.`` level that SD files (and diffusers' reader) use.
     """
     converted = {}
     for key, value in state_dict.items():
         ldm_key = key if key.startswith("text_model.") else "text_model." + key
-        converted[TEXT_ENCODER_PREFIX + ldm_key] = value
+        converted[prefix + ldm_key] = value
     return converted
 
 
-def text_encoder_to_open_clip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A transformers CLIPTextModel state dict -> SD 2.x's OpenCLIP keys ``cond_stage_model.model.*``
-    (``transformer.resblocks.<i>.attn.in_proj_weight`` holds q, k, v stacked, as ``nn.MultiheadAttention`` does).
+def text_encoder_to_open_clip(
+    state_dict: dict[str, torch.Tensor], prefix: str = OPEN_CLIP_PREFIX
+) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModel(WithProjection) state dict -> OpenCLIP keys: SD 2.x's ``cond_stage_model.model.*``
+    or SDXL's second encoder (``prefix=SDXL_OPEN_CLIP_PREFIX``). ``transformer.resblocks.<i>.attn.in_proj_weight``
+    holds q, k, v stacked, as ``nn.MultiheadAttention`` does; OpenCLIP's ``text_projection`` (width, projection) is
+    the transpose of the ``nn.Linear`` weight.
 
     SD 2.x files also hold the OpenCLIP layer that diffusers' converted text encoder drops (it uses the penultimate
     layer) and the ``text_projection``; diffusers' reader skips both, and a ``CLIPTextModel`` has neither to write.
     """
     converted, attention = {}, {}
     for key, value in state_dict.items():
+        if key == "text_projection.weight":
+            converted[prefix + "text_projection"] = value.T.contiguous()
+            continue
         key = key.removeprefix("text_model.")  # transformers >= 5 names the keys without it
         if key in _OPEN_CLIP_FIXED:
-            converted[OPEN_CLIP_PREFIX + _OPEN_CLIP_FIXED[key]] = value
+            converted[prefix + _OPEN_CLIP_FIXED[key]] = value
             continue
         match = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", key)
         if match is None:
             raise ValueError(f"no OpenCLIP name for text encoder parameter '{key}'")
         layer, rest = match[1], match[2]
-        block = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{layer}."
+        block = f"{prefix}transformer.resblocks.{layer}."
         if projection := re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest):
             attention.setdefault(f"{block}attn.in_proj_{projection[2]}", {})[projection[1]] = value
             continue

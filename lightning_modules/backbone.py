@@ -25,7 +25,14 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from adapters.grounding import GroundingCondition
-from adapters.ldm_layout import text_encoder_to_ldm, text_encoder_to_open_clip, unet_to_ldm, vae_to_ldm
+from adapters.ldm_layout import (
+    SDXL_OPEN_CLIP_PREFIX,
+    SDXL_TEXT_ENCODER_PREFIX,
+    text_encoder_to_ldm,
+    text_encoder_to_open_clip,
+    unet_to_ldm,
+    vae_to_ldm,
+)
 from adapters.sampling import make_scheduler, sample_latents
 from conditions.ranges import signed_to_unit
 from conditions.shapes import VOCABULARY
@@ -272,17 +279,23 @@ class Backbone(nn.Module):
 
     def save_single_file(self, path: str | Path) -> None:
         """Write one .safetensors in the original SD layout (``model.diffusion_model.*``, ``first_stage_model.*``,
-        and SD1's CLIP ``cond_stage_model.transformer.*`` or SD 2.x's OpenCLIP ``cond_stage_model.model.*``), the
-        form A1111/ComfyUI and ``from_single_file`` read."""
+        and SD1's CLIP ``cond_stage_model.transformer.*``, SD 2.x's OpenCLIP ``cond_stage_model.model.*``, or SDXL's
+        two encoders ``conditioner.embedders.{0,1}.*``), the form A1111/ComfyUI and ``from_single_file`` read."""
         if self.vae is None:
             raise CtrlkitError("the single-file SD layout needs a VAE; this backbone works in pixel space")
-        # SD 2.x's text encoder is OpenCLIP's (gelu), SD1's OpenAI CLIP (quick_gelu): each file has its own layout
-        open_clip = self.text_encoder.config.hidden_act == "gelu"
-        text_to_ldm = text_encoder_to_open_clip if open_clip else text_encoder_to_ldm
+        if self.text_encoder_2 is not None:  # SDXL: OpenAI CLIP first, OpenCLIP bigG (with its projection) second
+            text_state = {
+                **text_encoder_to_ldm(self.text_encoder.state_dict(), prefix=SDXL_TEXT_ENCODER_PREFIX),
+                **text_encoder_to_open_clip(self.text_encoder_2.state_dict(), prefix=SDXL_OPEN_CLIP_PREFIX),
+            }
+        elif self.text_encoder.config.hidden_act == "gelu":  # SD 2.x's text encoder is OpenCLIP's (gelu)
+            text_state = text_encoder_to_open_clip(self.text_encoder.state_dict())
+        else:  # SD1's is OpenAI CLIP (quick_gelu)
+            text_state = text_encoder_to_ldm(self.text_encoder.state_dict())
         state = {
             **unet_to_ldm(self.unet.state_dict(), self.unet.config),
             **vae_to_ldm(self.vae.state_dict(), self.vae.config),
-            **text_to_ldm(self.text_encoder.state_dict()),
+            **text_state,
         }
         save_file({key: tensor.detach().contiguous() for key, tensor in state.items()}, str(path))
 

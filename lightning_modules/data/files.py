@@ -95,15 +95,30 @@ def read_index(
     return records, skipped
 
 
+def centre_crop_geometry(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """(resized height, resized width, crop top, crop left) of ``resize_and_centre_crop`` for a height x width
+    image: the short side scaled to ``size``, then the centre ``size`` x ``size`` square."""
+    scale = size / min(height, width)
+    new_height, new_width = max(size, round(height * scale)), max(size, round(width * scale))
+    return new_height, new_width, (new_height - size) // 2, (new_width - size) // 2
+
+
 def resize_and_centre_crop(image: np.ndarray, size: int, interpolation: int) -> np.ndarray:
     """Short side to ``size``, then the centre ``size`` x ``size`` square (diffusers' Resize + CenterCrop)."""
     height, width = image.shape[:2]
-    scale = size / min(height, width)
-    new_height, new_width = max(size, round(height * scale)), max(size, round(width * scale))
+    new_height, new_width, top, left = centre_crop_geometry(height, width, size)
     if (new_height, new_width) != (height, width):
         image = cv2.resize(image, (new_width, new_height), interpolation=interpolation)
-    top, left = (new_height - size) // 2, (new_width - size) // 2
     return image[top : top + size, left : left + size].copy()  # a writable array of its own (torch warns otherwise)
+
+
+def micro_conditioning(height: int, width: int, size: int) -> torch.Tensor:
+    """SDXL's ``time_ids`` for an item made by ``resize_and_centre_crop`` from a height x width image: (6,) float =
+    (original height, original width, crop top, crop left, target height, target width), the crop in the resized
+    image's pixels, as diffusers' train_controlnet_sdxl.py computes them. UNets without micro-conditioning ignore
+    them."""
+    _, _, top, left = centre_crop_geometry(height, width, size)
+    return torch.tensor([height, width, top, left, size, size], dtype=torch.float32)
 
 
 def pair_tensors(
@@ -127,7 +142,8 @@ def pair_tensors(
 
 
 class PairedImageDataset(Dataset):
-    """Items: ``pixel_values`` (3, S, S) float in [-1, 1]; ``condition`` (C, S, S) float in [0, 1]; ``prompt`` str.
+    """Items: ``pixel_values`` (3, S, S) float in [-1, 1]; ``condition`` (C, S, S) float in [0, 1]; ``prompt`` str;
+    ``time_ids`` (6,) SDXL's micro-conditioning (``micro_conditioning``).
 
     Args:
         records: the pairs (``read_index``).
@@ -168,7 +184,13 @@ class PairedImageDataset(Dataset):
             raise ImageDecodeError(f"{record.where}: {error}") from error
         pixel_values, condition = pair_tensors(image, condition_map, self.extractor, self.image_size)
         # index: the key of the training system's latent cache (items are deterministic: resize + centre crop)
-        return {"index": index, "pixel_values": pixel_values, "condition": condition, "prompt": record.prompt}
+        return {
+            "index": index,
+            "pixel_values": pixel_values,
+            "condition": condition,
+            "prompt": record.prompt,
+            "time_ids": micro_conditioning(*image.shape[:2], self.image_size),
+        }
 
 
 class FileDataModule(ConditionedDataModule):

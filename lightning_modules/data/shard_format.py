@@ -30,7 +30,7 @@ import webdataset as wds
 from conditions import ConditionExtractor, GroundingRecord, ImageDecodeError, pad_grounding
 from conditions.io import MAX_IMAGE_PIXELS, decode_image
 from lightning_modules.data.common import ITEM_ERRORS, item_condition
-from lightning_modules.data.files import pair_tensors, resize_and_centre_crop
+from lightning_modules.data.files import micro_conditioning, pair_tensors, resize_and_centre_crop
 from lightning_modules.errors import BadDataError, CtrlkitError
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,7 @@ class SampleDecoder:
         if not prompt:
             raise BadDataError(f"{where}: empty caption")
         image = self.image(sample, extension, where)
+        time_ids = micro_conditioning(*image.shape[:2], self.image_size)  # from the image as stored
         if getattr(self.extractor, "kind", "image") == "grounding":
             image = resize_and_centre_crop(image, self.image_size, cv2.INTER_AREA)
             pixel_values = torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1.0)
@@ -173,7 +174,13 @@ class SampleDecoder:
                     )
                 condition_map = self.image(sample, CONDITION_EXTENSION, where)
             pixel_values, condition = pair_tensors(image, condition_map, self.extractor, self.image_size)
-        return {"index": sample_index(sample), "pixel_values": pixel_values, "condition": condition, "prompt": prompt}
+        return {
+            "index": sample_index(sample),
+            "pixel_values": pixel_values,
+            "condition": condition,
+            "prompt": prompt,
+            "time_ids": time_ids,
+        }
 
     def image(self, sample: dict, extension: str, where: str) -> np.ndarray:
         try:

@@ -11,8 +11,10 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-TEXT_WIDTH = 32  # each text encoder's hidden size and the projection's: cross_attention_dim 64, pooled 32
-TIME_EMBED = 8  # addition_time_embed_dim: 6 time ids x 8 + pooled 32 = projection_class_embeddings_input_dim 80
+# the two text encoders have different widths, as SDXL's (768 and 1280): a mix-up of the two cannot load silently
+TEXT_WIDTH = 32  # text_encoder's hidden size
+TEXT_WIDTH_2 = 48  # text_encoder_2's hidden size and projection (the pooled embedding): cross_attention_dim 80
+TIME_EMBED = 8  # addition_time_embed_dim: 6 time ids x 8 + pooled 48 = projection_class_embeddings_input_dim 96
 
 
 def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
@@ -33,8 +35,8 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         addition_embed_type="text_time",
         addition_time_embed_dim=TIME_EMBED,
         transformer_layers_per_block=(1, 1, 2),
-        projection_class_embeddings_input_dim=6 * TIME_EMBED + TEXT_WIDTH,
-        cross_attention_dim=2 * TEXT_WIDTH,
+        projection_class_embeddings_input_dim=6 * TIME_EMBED + TEXT_WIDTH_2,
+        cross_attention_dim=TEXT_WIDTH + TEXT_WIDTH_2,
         norm_num_groups=8,
     )
     vae = AutoencoderKL(
@@ -47,15 +49,18 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         norm_num_groups=8,
         scaling_factor=0.13025,  # SDXL's VAE factor
     )
-    text_config = CLIPTextConfig(
-        hidden_size=TEXT_WIDTH,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=3,
-        vocab_size=1000,
-        hidden_act="gelu",
-        projection_dim=TEXT_WIDTH,
-        max_position_embeddings=77,
+    text_config, text_config_2 = (
+        CLIPTextConfig(
+            hidden_size=width,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=3,
+            vocab_size=1000,
+            hidden_act="gelu",
+            projection_dim=width,
+            max_position_embeddings=77,
+        )
+        for width in (TEXT_WIDTH, TEXT_WIDTH_2)
     )
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
@@ -63,7 +68,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=CLIPTextModel(text_config),
-        text_encoder_2=CLIPTextModelWithProjection(text_config),
+        text_encoder_2=CLIPTextModelWithProjection(text_config_2),
         tokenizer=build_clip_tokenizer(16),
         tokenizer_2=build_clip_tokenizer(16),
         unet=unet,

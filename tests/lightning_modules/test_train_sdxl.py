@@ -1,6 +1,7 @@
 """Training on an SDXL base (issue 20): the training step gives the UNet and the adapter SDXL's pooled text and
-time ids; `ctrlkit train model=sdxl` trains a ControlNet and a T2I-Adapter on a tiny random SDXL pipeline, exports
-folders diffusers' SDXL pipelines load, and a run killed after a checkpoint resumes to identical weights."""
+time ids; `ctrlkit train model=sdxl` trains a ControlNet and a T2I-Adapter on a tiny random SDXL pipeline (a
+diffusers folder, or the same weights as one original-layout .safetensors + the folder's configs), exports folders
+diffusers' SDXL pipelines load, and a run killed after a checkpoint resumes to identical weights."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLAdapterPipeline, StableDiffusionXLControlNetPipeline
+from safetensors.torch import load_file
 
 from adapters import ControlNetAdapter
 from adapters.t2i_adapter import T2IAdapterAdapter
@@ -24,12 +26,44 @@ def sdxl_folder(tmp_path_factory):
     return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("sdxl") / "pipeline")
 
 
-def sdxl_overrides(folder) -> list[str]:
+@pytest.fixture(scope="module")
+def sdxl_single_file(sdxl_folder):
+    """The tiny SDXL weights as one .safetensors in the original layout (``conditioner.embedders.{0,1}``)."""
+    checkpoint = sdxl_folder.parent / "tiny-sdxl.safetensors"
+    load_pretrained_backbone(str(sdxl_folder)).save_single_file(checkpoint)
+    return checkpoint
+
+
+@pytest.fixture(params=["folder", "single_file"])
+def sdxl_source(request, sdxl_folder) -> list[str]:
+    """The model overrides for the tiny SDXL base as a pipeline folder, or as a single file + its config folder."""
+    if request.param == "folder":
+        return [f"model.path={sdxl_folder}"]
+    return [f"model.path={request.getfixturevalue('sdxl_single_file')}", f"model.config={sdxl_folder}"]
+
+
+def test_a_single_file_sdxl_checkpoint_loads_to_the_same_weights(sdxl_folder, sdxl_single_file):
+    """Both text encoders come back from their own prefixes (the tiny encoders differ in width, as SDXL's do, so a
+    mix-up could not load), with the UNet's text-time embedding (``label_emb``) and the VAE."""
+    keys = load_file(sdxl_single_file).keys()
+    assert "conditioner.embedders.1.model.text_projection" in keys
+    assert "model.diffusion_model.label_emb.0.0.weight" in keys
+    saved = load_pretrained_backbone(str(sdxl_folder))
+    loaded = load_pretrained_backbone(str(sdxl_single_file), config=str(sdxl_folder))
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        ours, theirs = getattr(saved, part).state_dict(), getattr(loaded, part).state_dict()
+        assert ours.keys() == theirs.keys(), part
+        for name, tensor in ours.items():
+            assert torch.equal(theirs[name], tensor), f"{part}.{name}"
+    assert loaded.force_zeros_for_empty_prompt is True
+
+
+def sdxl_overrides(source: list[str]) -> list[str]:
     """The tiny SDXL base, without the sampling callbacks (their SDXL sampling is generate's, tested apart): the
     tiny SDXL model is several times the shipped one, and these runs test training."""
     return [
         "model=sdxl",
-        f"model.path={folder}",
+        *source,
         "recipe.adapter_learning_rate=1e-4",
         "callbacks.controllability.every_n_steps=0",
         "callbacks.sample_grid.every_n_steps=0",
@@ -60,10 +94,11 @@ def test_the_training_step_gives_the_unet_the_pooled_text_and_time_ids(sdxl_fold
 @pytest.mark.parametrize(
     ("adapter", "extra"), [("controlnet", []), ("t2i_adapter", ["adapter.build.adapter_type=full_adapter_xl"])]
 )
-def test_train_on_sdxl_exports_what_diffusers_sdxl_pipelines_load(sdxl_folder, tmp_path, adapter, extra):
+def test_train_on_sdxl_exports_what_diffusers_sdxl_pipelines_load(sdxl_folder, sdxl_source, tmp_path, adapter, extra):
     run = tmp_path / "run"
-    train(compose_train_config(run, [*sdxl_overrides(sdxl_folder), f"adapter={adapter}", *extra,
-                                     "trainer.max_steps=3"]))  # fmt: skip
+    _, objects = train(compose_train_config(run, [*sdxl_overrides(sdxl_source), f"adapter={adapter}", *extra,
+                                                  "trainer.max_steps=5"]))  # fmt: skip
+    assert objects["trainer"].global_step == 5
 
     backbone = load_pretrained_backbone(str(sdxl_folder))
     components = {k: v for k, v in backbone.to_pipeline().components.items() if v is not None}
@@ -81,8 +116,8 @@ def test_train_on_sdxl_exports_what_diffusers_sdxl_pipelines_load(sdxl_folder, t
     assert (run / "adapter" / "README.md").is_file()  # the model card
 
 
-def test_a_killed_sdxl_run_resumes_to_identical_weights(sdxl_folder, tmp_path):
-    run = [*RUN, *sdxl_overrides(sdxl_folder), "trainer.max_steps=4", "data.train_size=4"]  # 2 epochs
+def test_a_killed_sdxl_run_resumes_to_identical_weights(sdxl_source, tmp_path):
+    run = [*RUN, *sdxl_overrides(sdxl_source), "trainer.max_steps=4", "data.train_size=4"]  # 2 epochs
     train(compose_train_config(tmp_path / "uninterrupted", run))
     killed = tmp_path / "killed"
     kill_after_step_3(killed, tmp_path / "reached", run)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import cv2
 import pytest
 import torch
 
@@ -34,6 +35,20 @@ def test_extractor_on_the_fly_differs_from_the_outline_files(tmp_path):
     item = fly.train_dataset[0]
     assert torch.equal(item["condition"], CannyExtractor()(read_image(root / "target" / "0.png")))
     assert item["condition"].sum() > 0 and not torch.equal(item["condition"], files["condition"])
+
+
+def test_items_carry_sdxl_micro_conditioning_from_the_stored_image(tmp_path):
+    """time_ids = (original height, width, crop top, left, target height, width): a 96x64 picture resized to 48x32
+    and centre-cropped to 32x32 was cropped 8 rows from the top; a square one is not cropped."""
+    root = write_circles(tmp_path / "c", count=3, size=48)
+    image = read_image(root / "target" / "0.png")
+    cv2.imwrite(str(root / "target" / "0.png"), cv2.resize(image, (64, 96)))
+    datamodule = FileDataModule(str(root), CannyExtractor(), image_size=32, val_size=1)
+
+    assert datamodule.train_dataset[0]["time_ids"].tolist() == [96, 64, 8, 0, 32, 32]
+    assert datamodule.train_dataset[1]["time_ids"].tolist() == [48, 48, 0, 0, 32, 32]
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["time_ids"].shape == (2, 6)  # batched for the SDXL UNet's added inputs
 
 
 def corrupt(root, line_number: int, text: str) -> None:

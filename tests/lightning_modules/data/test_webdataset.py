@@ -144,6 +144,13 @@ def test_validation_is_fixed_and_left_out_of_training(shard_set):
     assert not {0, 1, 2} & set(epoch_indices(datamodule, 0))
 
 
+def test_samples_carry_sdxl_micro_conditioning_from_the_stored_image(shard_set):
+    folder, _, _ = shard_set
+    fixed = module(str(folder), None, val_size=2, image_size=8).fixed_batch(2)
+    # (original 16x16, no crop, target 8x8)
+    assert fixed["time_ids"].tolist() == [[16, 16, 0, 0, 8, 8]] * 2
+
+
 def test_grounding_records_and_the_extractor_on_the_fly(shard_set):
     folder, _, val = shard_set
     grounded = WebDataModule(str(folder), ShapesBoxesExtractor(max_boxes=4), val_urls=val, image_size=16)
