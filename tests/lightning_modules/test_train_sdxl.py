@@ -140,3 +140,20 @@ def test_gligen_on_an_sdxl_unet_stops_with_one_line_saying_why(sdxl_folder):
         GligenAdapter.from_unet(unet, vae_scale_factor=2)
     assert "\n" not in str(raised.value)
     assert unet.config.attention_type != "gated"  # the UNet was left as it was
+
+
+def test_evaluate_scores_an_sdxl_run_with_its_base(sdxl_folder, tmp_path):
+    """`ctrlkit evaluate adapter_path=<SDXL run>` takes the SDXL base from the run's config and samples the base and
+    the adapter with SDXL's added inputs (without them the UNet call fails)."""
+    from lightning_modules.commands.evaluate import run_evaluate
+    from tests.lightning_modules.commands.test_evaluate import compose_evaluate_config
+
+    run = tmp_path / "run"
+    train(compose_train_config(run, [*sdxl_overrides([f"model.path={sdxl_folder}"]), "trainer.max_steps=2"]))
+    settings = ["num_samples=2", "num_seeds=1", "batch_size=2", "sampling.num_inference_steps=2", "grid_rows=1"]
+    summary = run_evaluate(compose_evaluate_config(tmp_path / "evaluation", [f"adapter_path={run}", *settings]))
+
+    assert summary["primary_metric"] == "canny_f1"
+    for model in ("base", "adapter"):
+        assert 0.0 <= summary[model]["canny_f1"] <= 1.0 and 0.0 <= summary[model]["mask_iou"] <= 1.0
+    assert (tmp_path / "evaluation" / "grid.png").is_file()
