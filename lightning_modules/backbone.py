@@ -121,6 +121,10 @@ class Backbone(nn.Module):
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images (B, 3, H, W) in [0, 1]."""
+        return self.decode_latents_with_grad(latents)
+
+    def decode_latents_with_grad(self, latents: torch.Tensor) -> torch.Tensor:
+        """``decode_latents`` with gradients flowing to ``latents`` through the frozen decoder (reward losses)."""
         if self.vae is None:
             return signed_to_unit(latents)
         with torch.autocast(latents.device.type, enabled=False):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -64,7 +64,9 @@ def randint(high: int, batch_size: int, generator: Draws = None) -> torch.Tensor
 class TrainingInputs:
     """What the adapter and the UNet take in a training step: noisy latents (B, 4, h, w), timesteps (B,), text
     embeddings (B, L, D), the prepared condition, the target of the prediction (B, 4, h, w), and the UNet's inputs
-    beside the text (SDXL's pooled ``text_embeds`` and ``time_ids``; None for SD1.x/2.x)."""
+    beside the text (SDXL's pooled ``text_embeds`` and ``time_ids``; None for SD1.x/2.x). For loss terms
+    (``lightning_modules.loss_terms``): the clean latents, which items kept their condition (B,) bool, and each
+    term's random draws by name."""
 
     noisy_latents: torch.Tensor
     timesteps: torch.Tensor
@@ -72,6 +74,9 @@ class TrainingInputs:
     condition: Any
     target: torch.Tensor
     added_cond_kwargs: dict[str, torch.Tensor] | None = None
+    latents: torch.Tensor | None = None
+    condition_kept: torch.Tensor | None = None
+    term_draws: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def added_kwargs(self) -> dict:

@@ -24,6 +24,7 @@ from lightning_modules.checkpoints import capture_rng_states, restore_rng_states
 from lightning_modules.distributed import all_ranks
 from lightning_modules.errors import CtrlkitError, NonFiniteLossError
 from lightning_modules.feature_cache import FeatureCache, module_fingerprint, tensor_key_bytes
+from lightning_modules.loss_terms import LossTerm
 from lightning_modules.precision import (
     MIXED_PRECISION_DTYPES,
     allow_tf32,
@@ -90,6 +91,9 @@ class AdapterTrainingSystem(pl.LightningModule):
             rank is exact without saving generator states. ``stream``: one generator for the run (``seed``).
         max_nonfinite_steps: a step whose loss is NaN/inf is skipped (no update) and counted; this many in a row
             stop the run with ``NonFiniteLossError`` naming the step (the last checkpoint is left as it was).
+        loss_terms: name -> ``LossTerm`` added to the diffusion loss in training steps (``lightning_modules.
+            loss_terms``, e.g. ControlNet++'s cycle-consistency reward: ``reward=canny``); each logs
+            ``train/<its scalars>``. val/loss stays the diffusion loss alone, comparable across runs.
     """
 
     def __init__(
@@ -111,6 +115,7 @@ class AdapterTrainingSystem(pl.LightningModule):
         seed: int = 0,
         draws: str = "item",
         max_nonfinite_steps: int = 5,
+        loss_terms: dict[str, LossTerm] | None = None,
     ) -> None:
         super().__init__()
         if draws not in DRAWS:
@@ -130,7 +135,8 @@ class AdapterTrainingSystem(pl.LightningModule):
         # The modules are not hyperparameters: keeping them out of hparams keeps them out of the checkpoint pickle;
         # nor are the optimizer and scheduler partials (functions do not load with weights_only=True; config.yaml
         # records them).
-        self.save_hyperparameters(ignore=["backbone", "adapter", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["backbone", "adapter", "optimizer", "lr_scheduler", "loss_terms"])
+        self.loss_terms = dict(loss_terms or {})
         self.optimizer_factory = optimizer if optimizer is not None else default_optimizer
         self.lr_scheduler_config = dict(lr_scheduler) if lr_scheduler is not None else {"interval": "step"}
         self.lr_scheduler_config.setdefault("scheduler", get_constant_schedule)
@@ -328,10 +334,19 @@ class AdapterTrainingSystem(pl.LightningModule):
         dropout: ConditionDropout | None = None,
         generator: Draws = None,
         use_latent_cache: bool = False,
+        with_loss_terms: bool = False,
     ):
         """MSE between the UNet's prediction (with the adapter's kwargs) and the scheduler's target; ``dropout``
-        drops texts and conditions of some items (training only)."""
-        return self.prediction_loss(self.training_inputs(batch, dropout, generator, use_latent_cache))
+        drops texts and conditions of some items (training only); ``with_loss_terms``: plus ``loss_terms``."""
+        inputs = self.training_inputs(batch, dropout, generator, use_latent_cache, with_loss_terms)
+        loss = self.prediction_loss(inputs)
+        if with_loss_terms:
+            for name, term in self.loss_terms.items():
+                value, scalars = term(self, inputs, inputs.term_draws[name])
+                loss = loss + value
+                for scalar, number in scalars.items():
+                    self.log(f"train/{scalar}", number, batch_size=1)
+        return loss
 
     def training_inputs(
         self,
@@ -339,6 +354,7 @@ class AdapterTrainingSystem(pl.LightningModule):
         dropout: ConditionDropout | None = None,
         generator: Draws = None,
         use_latent_cache: bool = False,
+        with_loss_terms: bool = False,
     ) -> TrainingInputs:
         """Everything of a step before the adapter and the UNet run: latents (from the posterior cache where
         possible), noise, timesteps, text embeddings, the prepared condition, dropout and the target."""
@@ -351,9 +367,11 @@ class AdapterTrainingSystem(pl.LightningModule):
         noisy_latents = self.backbone.noise_scheduler.add_noise(latents, noise, timesteps)
         prompts = list(batch["prompt"])
         condition = self.prepare_condition(batch["condition"])
+        condition_kept = torch.ones(len(prompts), dtype=torch.bool, device=latents.device)
         if dropout is not None:
             drop_text, drop_condition = dropout.sample(len(prompts), generator)
             prompts = ["" if drop else prompt for prompt, drop in zip(prompts, drop_text.tolist())]
+            condition_kept = ~drop_condition.to(latents.device)
             if drop_condition.any():
                 condition = self.adapter.drop_condition(condition, drop_condition.to(self.device))
         prediction_type = self.backbone.noise_scheduler.config.prediction_type
@@ -367,10 +385,18 @@ class AdapterTrainingSystem(pl.LightningModule):
             )
         image_size = tuple(side * self.backbone.vae_scale_factor for side in latents.shape[-2:])
         added = self.backbone.added_inputs(self.pooled_text_embeddings(prompts), image_size, batch.get("time_ids"))
-        return TrainingInputs(noisy_latents, timesteps, self.text_embeddings(prompts), condition, target, added)
+        # drawn after everything else, so a run without loss terms draws what it always did
+        terms = self.loss_terms if with_loss_terms else {}
+        draws = {name: term.draw(latents, generator) for name, term in terms.items()}
+        text = self.text_embeddings(prompts)
+        return TrainingInputs(noisy_latents, timesteps, text, condition, target, added, latents, condition_kept, draws)
 
     def prediction_loss(self, inputs: TrainingInputs) -> torch.Tensor:
         """The adapter's kwargs, the UNet's prediction and its MSE to the target (computed in fp32)."""
+        return F.mse_loss(self.unet_prediction(inputs).float(), inputs.target.float())
+
+    def unet_prediction(self, inputs: TrainingInputs) -> torch.Tensor:
+        """The UNet's prediction (B, 4, h, w) for the noisy latents with the adapter's kwargs."""
         unet_kwargs = self.adapter(
             inputs.condition,
             noisy_latents=inputs.noisy_latents,
@@ -378,10 +404,9 @@ class AdapterTrainingSystem(pl.LightningModule):
             encoder_hidden_states=inputs.encoder_hidden_states,
             **inputs.added_kwargs,
         )
-        model_pred = self.backbone.unet(
+        return self.backbone.unet(
             inputs.noisy_latents, inputs.timesteps, inputs.encoder_hidden_states, **inputs.added_kwargs, **unet_kwargs
         ).sample
-        return F.mse_loss(model_pred.float(), inputs.target.float())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         """The loss of one batch, or None (no update) for a batch of only bad items or a non-finite loss."""
@@ -391,7 +416,11 @@ class AdapterTrainingSystem(pl.LightningModule):
         if not all_ranks(trainer, "pixel_values" in batch):
             return None
         loss = self.compute_loss(
-            batch, dropout=self.condition_dropout, generator=self.step_draws(batch), use_latent_cache=True
+            batch,
+            dropout=self.condition_dropout,
+            generator=self.step_draws(batch),
+            use_latent_cache=True,
+            with_loss_terms=True,
         )
         if not all_ranks(trainer, bool(torch.isfinite(loss))):
             return self.skip_nonfinite_step(loss)

@@ -1,0 +1,94 @@
+"""Loss terms from config (ControlNet++'s cycle-consistency reward, `reward=canny`): the system adds them in training
+steps only, they train the adapter through the frozen UNet and VAE decoder, dropped conditions are left out, a run
+without them draws what it always did, and a reward for another condition stops with one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+
+from adapters import ControlNetAdapter
+from conditions.canny import CannyExtractor
+from conditions.shapes import render_scene
+from lightning_modules.errors import CtrlkitError
+from lightning_modules.loss_terms import CycleConsistencyReward, predicted_clean
+from lightning_modules.step_inputs import ConditionDropout
+from lightning_modules.system import AdapterTrainingSystem
+from tests.adapters.test_adapters import randomize_zero_convs
+
+
+def canny_batch(count: int = 4) -> dict:
+    scenes = [render_scene(np.random.default_rng(seed), 64) for seed in range(count)]
+    return {
+        "index": torch.arange(count),
+        "pixel_values": torch.stack([torch.from_numpy(s.image).permute(2, 0, 1).float() / 127.5 - 1 for s in scenes]),
+        "prompt": [s.caption for s in scenes],
+        "condition": torch.stack([CannyExtractor()(s.image) for s in scenes]),
+    }
+
+
+def make_system(backbone, **settings) -> AdapterTrainingSystem:
+    adapter = ControlNetAdapter.from_unet(backbone.unet, vae_scale_factor=backbone.vae_scale_factor)
+    randomize_zero_convs(adapter)  # a trained adapter's residuals: the reward's gradient reaches every weight
+    return AdapterTrainingSystem(backbone, adapter, **settings)
+
+
+def test_the_reward_adds_a_term_with_a_gradient_in_training_steps_only(tiny_backbone):
+    reward = CycleConsistencyReward(weight=1.0, max_timestep=200)
+    system = make_system(tiny_backbone, loss_terms={"reward": reward})
+    batch, draws = canny_batch(), torch.Generator
+    plain = system.compute_loss(batch, generator=draws().manual_seed(0))
+    total = system.compute_loss(batch, generator=draws().manual_seed(0), with_loss_terms=True)
+    assert total > plain  # the same diffusion loss (drawn first) plus a positive term
+
+    inputs = system.training_inputs(batch, generator=draws().manual_seed(0), with_loss_terms=True)
+    assert inputs.term_draws["reward"]["timesteps"].max() < 200
+    value, scalars = reward(system, inputs, inputs.term_draws["reward"])
+    assert value.item() == pytest.approx(scalars["reward_loss"]) and value.item() > 0
+    value.backward()
+    grads = [p.grad for p in system.adapter.trainable_parameters()]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+    assert all(p.grad is None for p in system.backbone.unet.parameters())  # the base stays frozen
+    assert all(p.grad is None for p in system.backbone.vae.parameters())
+
+
+def test_a_run_without_loss_terms_draws_what_it_always_did(tiny_backbone):
+    system = make_system(tiny_backbone)
+    batch = canny_batch()
+    before = system.training_inputs(batch, generator=torch.Generator().manual_seed(5))
+    after = system.training_inputs(batch, generator=torch.Generator().manual_seed(5), with_loss_terms=True)
+    assert after.term_draws == {}
+    assert torch.equal(before.noisy_latents, after.noisy_latents) and torch.equal(before.timesteps, after.timesteps)
+
+
+def test_items_whose_condition_was_dropped_get_no_reward(tiny_backbone):
+    reward = CycleConsistencyReward()
+    system = make_system(tiny_backbone, loss_terms={"reward": reward})
+    everything_dropped = ConditionDropout(condition=1.0)
+    inputs = system.training_inputs(canny_batch(), everything_dropped, torch.Generator().manual_seed(0), False, True)
+    assert not inputs.condition_kept.any()
+    value, scalars = reward(system, inputs, inputs.term_draws["reward"])
+    assert value.item() == 0.0 and scalars["reward_loss"] == 0.0
+
+
+def test_predicted_clean_inverts_the_noising(tiny_backbone):
+    scheduler = tiny_backbone.noise_scheduler
+    latents, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    timesteps = torch.tensor([0, 100, 199])
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    torch.testing.assert_close(predicted_clean(scheduler, noisy, timesteps, noise), latents, atol=1e-4, rtol=1e-4)
+
+
+def test_the_reward_config_builds_the_term_and_refuses_another_condition(make_train_config):
+    cfg = make_train_config("reward=canny")
+    term = instantiate(cfg.system.loss_terms.reward)
+    assert isinstance(term, CycleConsistencyReward) and term.thresholds == (100, 200) and term.max_timestep == 200
+    cfg = make_train_config("reward=canny", "condition=shapes_mask")
+    with pytest.raises(InstantiationException) as raised:  # the ctrlkit CLI prints its cause, one line
+        instantiate(cfg.system.loss_terms.reward)
+    cause = raised.value.__cause__
+    assert isinstance(cause, CtrlkitError) and "\n" not in str(cause)
+    assert "re-extracts canny maps; this run's condition is shapes_mask" in str(cause)
