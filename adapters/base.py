@@ -6,6 +6,7 @@ import inspect
 import json
 import sys
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypedDict
 
@@ -15,16 +16,41 @@ from torch import nn
 
 
 class UNetKwargs(TypedDict, total=False):
-    """Keyword arguments an adapter adds to ``UNet2DConditionModel.forward``; the keys are its argument names."""
+    """Keyword arguments an adapter adds to ``UNet2DConditionModel.forward``; the keys are its argument names, but
+    for ``unet_forward`` (``UNET_FORWARD_KEY``), which only an adapter that runs the UNet itself gives
+    (``ConditioningAdapter.runs_unet``): ``run_unet`` calls it in place of the UNet."""
 
     down_block_additional_residuals: list[torch.Tensor]
     mid_block_additional_residual: torch.Tensor
     down_intrablock_additional_residuals: list[torch.Tensor]
     cross_attention_kwargs: dict[str, Any]
+    unet_forward: Callable[..., torch.Tensor]
 
 
-# Checked by the tests: every UNetKwargs key must be a real argument of the UNet's forward.
+# Checked by the tests: every UNetKwargs key must be a real argument of the UNet's forward (or UNET_FORWARD_KEY).
 UNET_FORWARD_ARGUMENTS = frozenset(inspect.signature(UNet2DConditionModel.forward).parameters)
+# The one UNetKwargs key that is not a UNet argument: a forward that replaces the UNet's (see run_unet).
+UNET_FORWARD_KEY = "unet_forward"
+
+
+def run_unet(
+    unet: UNet2DConditionModel,
+    sample: torch.Tensor,
+    timestep: torch.Tensor | float | int,
+    encoder_hidden_states: torch.Tensor,
+    **unet_kwargs,
+) -> torch.Tensor:
+    """The UNet's prediction (B, C, h, w) for ``sample`` (B, C, h, w) under adapter kwargs: the training system and
+    the sampler call the UNet through this, so an adapter decides how the UNet runs without either branching on it.
+
+    Usually ``unet(sample, timestep, encoder_hidden_states, **unet_kwargs).sample``. When the kwargs hold
+    ``unet_forward`` (an adapter with ``runs_unet``, e.g. ControlNet-XS, whose features are exchanged with the UNet's
+    at every block), that callable runs instead, as ``unet_forward(unet, sample, timestep, encoder_hidden_states=...,
+    **the other kwargs)``, and returns the prediction itself."""
+    replacement = unet_kwargs.pop(UNET_FORWARD_KEY, None)
+    if replacement is not None:
+        return replacement(unet, sample, timestep, encoder_hidden_states=encoder_hidden_states, **unet_kwargs)
+    return unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, **unet_kwargs).sample
 
 
 # The file in every saved adapter folder that names the adapter's family and class (adapters.registry reads it).
@@ -86,6 +112,13 @@ class ConditioningAdapter(nn.Module, ABC):
             for the other). True by default (ControlNet, T2I-Adapter); False for an adapter that enters the UNet
             some other way (GLIGEN's cross-attention kwargs): it is on or off, and under "control" mode it runs on
             both halves with the null condition (``drop_condition``) for the unconditional one.
+        runs_unet: whether it runs the UNet itself instead of handing it arguments (ControlNet-XS: its control
+            stream reads and writes the UNet's hidden states at every block, which no UNet argument expresses).
+            Its ``forward`` returns ``{"unet_forward": f}`` and takes ``conditioning_scale``, a float or a (B,)
+            tensor of per-item scales (0: that item runs without control, as the plain UNet); ``run_unet`` calls
+            ``f`` in place of the UNet. A composition scales it through ``conditioning_scale`` and gives it the
+            conditional half of guidance only under "control" mode (scale 0 for the other half); it has no
+            residuals to weigh by depth or region, and one such unit composes with no other unit.
     """
 
     family: ClassVar[str | None] = None
@@ -95,6 +128,7 @@ class ConditioningAdapter(nn.Module, ABC):
     changes_unet: ClassVar[bool] = False
     guidance_mode: ClassVar[Literal["balanced", "prompt", "control"]] = "balanced"
     weighs_residuals: ClassVar[bool] = True
+    runs_unet: ClassVar[bool] = False
     # how the weights it was loaded from were stored; ``from_pretrained`` of a family with several formats sets it
     source_format: str = "ctrlkit adapter folder"
 

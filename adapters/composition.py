@@ -14,6 +14,10 @@ Modes, as in sd-webui-controlnet:
 A grounding unit (GLIGEN) has no residuals to weigh: "balanced" gives both halves its grounding, "control" gives the
 unconditional half null grounding (every slot empty), as diffusers' ``StableDiffusionGLIGENPipeline`` does. A unit
 given no mode takes its adapter's ``guidance_mode``: "balanced" for ControlNet and T2I-Adapter, "control" for GLIGEN.
+A unit whose adapter runs the UNet itself (``runs_unet``: ControlNet-XS) gives the UNet call a forward of its own
+(``unet_forward``) with ``scale`` as its conditioning scale; under "control" that scale is 0 for the unconditional
+half. It has no residuals for "prompt" mode or a region mask, and it composes with no other unit: its UNet is not
+one that takes residuals or grounding.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from adapters.base import ConditioningAdapter, UNetKwargs
+from adapters.base import UNET_FORWARD_KEY, ConditioningAdapter, UNetKwargs
 from adapters.grounding import GroundingCondition
 
 MODES = ("balanced", "prompt", "control")
@@ -73,7 +77,18 @@ class ControlUnit:
             raise ValueError(f"unit '{self.name}': need 0 <= start < end <= 1, got start={self.start} end={self.end}")
         if not math.isfinite(self.scale) or self.scale < 0:  # nan would turn every residual, and the image, to nan
             raise ValueError(f"unit '{self.name}': scale={self.scale}; allowed: a finite number >= 0")
-        if not weighs_residuals(self.adapter):
+        if runs_unet(self.adapter):
+            # it exchanges features with every UNet block instead of adding residuals: nothing to weigh by depth or
+            # to restrict to a region, so say so instead of ignoring the setting
+            unsupported = ["mode=prompt"] if self.mode == "prompt" else []
+            unsupported += ["mask"] if self.mask is not None else []
+            if unsupported:
+                raise ValueError(
+                    f"unit '{self.name}': {self.adapter.title} runs the UNet itself (no residuals to weigh by depth "
+                    f"or region), so it takes no {', '.join(unsupported)}; scale, start/end and mode balanced or "
+                    "control apply"
+                )
+        elif not weighs_residuals(self.adapter):
             # e.g. grounding enters the UNet as cross-attention kwargs, not residuals: nothing to weigh by depth or
             # mask, so say so instead of ignoring the setting
             unsupported = (
@@ -95,6 +110,11 @@ class ControlUnit:
 def weighs_residuals(adapter) -> bool:
     """``ConditioningAdapter.weighs_residuals``; True for plain callables (wrappers, tests) that declare nothing."""
     return getattr(adapter, "weighs_residuals", True)
+
+
+def runs_unet(adapter) -> bool:
+    """``ConditioningAdapter.runs_unet``; False for plain callables (wrappers, tests) that declare nothing."""
+    return getattr(adapter, "runs_unet", False)
 
 
 def _concatenate(first, second):
@@ -166,6 +186,8 @@ def merge_unet_kwargs(parts: list[UNetKwargs]) -> UNetKwargs:
     merged: dict[str, Any] = {}
     for part in parts:
         for key, value in part.items():
+            if key == UNET_FORWARD_KEY and key in merged:  # Composition refuses this; plain merges say it too
+                raise ValueError("two units each run the UNet themselves (unet_forward); compose at most one")
             if key == "cross_attention_kwargs":
                 current = merged.setdefault(key, {})
                 clash = set(current) & set(value)
@@ -186,6 +208,13 @@ class Composition:
 
     def __init__(self, units: list[ControlUnit]) -> None:
         self.units = list(units)
+        runners = [unit for unit in self.units if runs_unet(unit.adapter)]
+        if runners and len(self.units) > 1:
+            unit = runners[0]
+            raise ValueError(
+                f"unit '{unit.name}': {unit.adapter.title} runs the UNet itself (it exchanges features with every "
+                "UNet block), so it composes with no other unit; give it alone"
+            )
 
     def prepared(self) -> Composition:
         """The same units with each condition through its adapter's ``prepare``: the step-independent work (e.g.
@@ -214,6 +243,22 @@ class Composition:
         for unit in self.units:
             if unit.scale == 0 or not unit.active(step_index, num_steps):
                 continue  # skipped, not run at scale 0: scale 0 equals leaving the unit out
+            if runs_unet(unit.adapter):
+                scale: float | torch.Tensor = unit.scale
+                if guided and unit.mode == "control":  # no control on the unconditional half, as zero residuals
+                    half = noisy_latents.shape[0] // 2
+                    scale = torch.tensor([0.0] * half + [unit.scale] * half, device=noisy_latents.device)
+                parts.append(
+                    unit.adapter(
+                        _batch_twice(unit.condition) if guided else unit.condition,
+                        noisy_latents=noisy_latents,
+                        timesteps=timestep,
+                        encoder_hidden_states=encoder_hidden_states,
+                        conditioning_scale=scale,
+                        **extra,
+                    )
+                )
+                continue
             if guided and unit.mode == "control" and weighs_residuals(unit.adapter):
                 half = noisy_latents.shape[0] // 2
                 kwargs = unit.adapter(

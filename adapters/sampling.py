@@ -21,7 +21,7 @@ from diffusers import (
 from diffusers.configuration_utils import FrozenDict
 from tqdm.auto import tqdm
 
-from adapters.base import ConditioningAdapter
+from adapters.base import ConditioningAdapter, run_unet
 from adapters.composition import Composition, ControlUnit
 
 SCHEDULERS = {
@@ -149,7 +149,7 @@ def sample_latents(
         if init is not None and init.mask is not None and not blend:  # a 9-channel inpainting UNet
             extra = torch.cat([init.mask.to(dtype), init.masked_image_latents.to(dtype)], dim=1)
             unet_input = torch.cat([model_input, torch.cat([extra, extra]) if do_guidance else extra], dim=1)
-        noise_pred = unet(unet_input, timestep, encoder_hidden_states=hidden_states, **added_kw, **unet_kwargs).sample
+        noise_pred = run_unet(unet, unet_input, timestep, hidden_states, **added_kw, **unet_kwargs)
         if do_guidance:
             noise_uncond, noise_text = noise_pred.chunk(2)
             noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)

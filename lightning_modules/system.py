@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_constant_schedule
 
-from adapters.base import ConditioningAdapter
+from adapters.base import ConditioningAdapter, run_unet
 from adapters.grounding import GroundingCondition
 from lightning_modules.backbone import Backbone, prepare_condition
 from lightning_modules.checkpoints import capture_rng_states, restore_rng_states
@@ -404,9 +404,14 @@ class AdapterTrainingSystem(pl.LightningModule):
             encoder_hidden_states=inputs.encoder_hidden_states,
             **inputs.added_kwargs,
         )
-        return self.backbone.unet(
-            inputs.noisy_latents, inputs.timesteps, inputs.encoder_hidden_states, **inputs.added_kwargs, **unet_kwargs
-        ).sample
+        return run_unet(
+            self.backbone.unet,
+            inputs.noisy_latents,
+            inputs.timesteps,
+            inputs.encoder_hidden_states,
+            **inputs.added_kwargs,
+            **unet_kwargs,
+        )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         """The loss of one batch, or None (no update) for a batch of only bad items or a non-finite loss."""

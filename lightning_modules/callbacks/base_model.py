@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from adapters.base import run_unet
 from conditions.io import write_atomically
 from lightning_modules.condition_views import condition_key_bytes
 from lightning_modules.feature_cache import FeatureCache, module_fingerprint, tensor_key_bytes
@@ -59,7 +60,7 @@ def adapter_is_inert(pl_module: pl.LightningModule, batch: dict, seed: int = 0) 
             kwargs = adapter(
                 condition, noisy_latents=latents, timesteps=timesteps, encoder_hidden_states=text, **extra
             )
-            with_adapter = backbone.unet(latents, timesteps, text, **extra, **kwargs).sample
+            with_adapter = run_unet(backbone.unet, latents, timesteps, text, **extra, **kwargs)
             without = backbone.unet(latents, timesteps, text, **extra).sample
     finally:
         pl_module.train(was_training)

@@ -195,6 +195,10 @@ def run_generate(cfg: DictConfig, backbone: Backbone | None = None) -> list[Path
     backbone.check_image_size(size[0])
     backbone.check_image_size(size[1])
     units, maps = build_units(specs, backbone, size, len(prompts))
+    try:  # units that cannot be composed together (an adapter that runs the UNet itself, with others)
+        composition = Composition(units) if units else None
+    except ValueError as error:
+        raise CtrlkitError(str(error)) from error
     factor = backbone.vae_scale_factor
     generator = torch.Generator().manual_seed(cfg.seed)
     init = init_image(cfg, backbone, size, len(prompts), generator)  # drawn first, as diffusers' pipelines do
@@ -207,7 +211,7 @@ def run_generate(cfg: DictConfig, backbone: Backbone | None = None) -> list[Path
         make_scheduler(cfg.scheduler, backbone.noise_scheduler.config),
         hidden_states,
         (len(prompts), backbone.unet.config.in_channels, size[0] // factor, size[1] // factor),
-        composition=Composition(units) if units else None,
+        composition=composition,
         uncond_hidden_states=uncond_hidden_states,
         added_cond_kwargs=added,
         uncond_added_cond_kwargs=uncond_added,
