@@ -18,6 +18,7 @@ from diffusers import UNet2DConditionModel
 
 # the built-in families register themselves when their modules are imported
 import adapters.controlnet
+import adapters.controlnet_xs
 import adapters.gligen
 import adapters.gligen_masked
 import adapters.t2i_adapter  # noqa: F401
@@ -78,8 +79,8 @@ def adapter_class_for(path: str | Path) -> type[ConditioningAdapter]:
             return adapter_class
     raise AdapterFormatError(
         f"{path} holds no adapter ctrlkit can read: no {MARKER_NAME}, and no family recognizes it (a diffusers "
-        f"ControlNetModel or T2IAdapter folder, a GLIGEN folder, a ControlNet weights file); known families: "
-        f"{', '.join(ADAPTER_FAMILIES)}"
+        f"ControlNetModel, ControlNetXSAdapter or T2IAdapter folder, a GLIGEN folder, a ControlNet weights file); "
+        f"known families: {', '.join(ADAPTER_FAMILIES)}"
     )
 
 

@@ -27,17 +27,35 @@ CARD_NAME = "README.md"
 GRID_NAME = "samples.png"
 
 # adapter family (``ConditioningAdapter.family``, or a conf/adapter/<name>.yaml name) prefix -> the family's Hub tag
-FAMILY_TAGS = {"controlnet": "controlnet", "t2i_adapter": "t2i-adapter", "gligen": "gligen"}
+# (checked in order: controlnet_xs before its prefix controlnet)
+FAMILY_TAGS = {
+    "controlnet_xs": "controlnet-xs",
+    "controlnet": "controlnet",
+    "t2i_adapter": "t2i-adapter",
+    "gligen": "gligen",
+}
 
 HOW_TO_LOAD = {
     "controlnet": 'from diffusers import ControlNetModel\n\ncontrolnet = ControlNetModel.from_pretrained("{folder}")',
     "t2i-adapter": 'from diffusers import T2IAdapter\n\nadapter = T2IAdapter.from_pretrained("{folder}")',
+    "controlnet-xs": (
+        "from diffusers import ControlNetXSAdapter\n\n"
+        "# for StableDiffusionControlNetXSPipeline(..., unet=<the base UNet>, controlnet=controlnet)\n"
+        'controlnet = ControlNetXSAdapter.from_pretrained("{folder}")'
+    ),
     "gligen": (
         "from diffusers import UNet2DConditionModel\n\n"
         '# the whole UNet with its gated layers (attention_type="gated"); gligen.safetensors holds those layers only\n'
         'unet = UNet2DConditionModel.from_pretrained("{folder}/unet")'
     ),
 }
+# a ControlNet-XS for a UNet with one layer per block (config.json says layers_per_block): diffusers builds two
+CONTROLNET_XS_ONE_LAYER = (
+    "from adapters import load_adapter\n\n"
+    "# made for a UNet with one layer per block, which diffusers' ControlNet-XS classes do not build: load it with\n"
+    "# ctrlkit, which runs it with your base model's UNet\n"
+    'adapter, found = load_adapter("{folder}", unet)'
+)
 # a GLIGEN export without unet/ (adapter.build.export_unet=false): its layers load into a base UNet through ctrlkit
 GLIGEN_LAYERS_ONLY = (
     "from adapters import load_adapter\n\n"
@@ -285,6 +303,8 @@ class ModelCardCallback(pl.Callback):
     def how_to_load(family: str, folder: Path) -> str:
         if family == "gligen" and not (folder / "unet").is_dir():
             return GLIGEN_LAYERS_ONLY.format(folder=folder.name)
+        if family == "controlnet-xs" and "layers_per_block" in _json_or_empty(folder / "config.json"):
+            return CONTROLNET_XS_ONE_LAYER.format(folder=folder.name)
         return HOW_TO_LOAD.get(family, "# see the ctrlkit README for this adapter's format").format(folder=folder.name)
 
     # -- W&B
@@ -304,3 +324,10 @@ class ModelCardCallback(pl.Callback):
             artifact.add_dir(str(folder))
             run.log_artifact(artifact, aliases=["latest", f"step-{facts['step']}"])
             log.info("adapter logged to W&B as artifact %s", artifact.name)
+
+
+def _json_or_empty(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

@@ -22,8 +22,16 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from adapters.base import MARKER_NAME, UNET_FORWARD_ARGUMENTS, ConditioningAdapter, UNetKwargs
+from adapters.base import (
+    MARKER_NAME,
+    UNET_FORWARD_ARGUMENTS,
+    UNET_FORWARD_KEY,
+    ConditioningAdapter,
+    UNetKwargs,
+    run_unet,
+)
 from adapters.controlnet import ControlNetAdapter
+from adapters.controlnet_xs import ControlNetXS
 from adapters.gligen import GligenAdapter
 from adapters.gligen_masked import BoxMaskedGligenAdapter
 from adapters.grounding import GroundingCondition
@@ -93,6 +101,7 @@ def grounding_condition(batch: int, seed: int = 0) -> GroundingCondition:
 # family -> (build from a UNet, a condition for a batch)
 ADAPTERS: dict[str, tuple[Callable, Callable]] = {
     "controlnet": (lambda unet: ControlNetAdapter.from_unet(unet, vae_scale_factor=4), image_condition),
+    "controlnet_xs": (lambda unet: ControlNetXS.from_unet(unet, vae_scale_factor=4, size_ratio=0.5), image_condition),
     "t2i_adapter": (lambda unet: T2IAdapterAdapter.from_unet(unet, vae_scale_factor=4), image_condition),
     "gligen": (lambda unet: GligenAdapter.from_unet(unet, max_objects=4, export_unet=False), grounding_condition),
     "gligen_masked": (
@@ -120,7 +129,7 @@ def unet_output(unet, adapter=None, condition=None, inputs=None) -> torch.Tensor
     inputs = inputs or unet_inputs()
     kwargs = {} if adapter is None else adapter(condition, **inputs)
     with torch.no_grad():
-        return unet(inputs["noisy_latents"], inputs["timesteps"], inputs["encoder_hidden_states"], **kwargs).sample
+        return run_unet(unet, inputs["noisy_latents"], inputs["timesteps"], inputs["encoder_hidden_states"], **kwargs)
 
 
 def perturb(adapter: ConditioningAdapter, seed: int = 1) -> None:
@@ -153,7 +162,9 @@ def test_returned_keys_are_unet_arguments(family):
     build, make_condition = ADAPTERS[family]
     adapter = build(build_tiny_backbone().unet)
     kwargs = adapter(make_condition(2), **unet_inputs())
-    assert kwargs and set(kwargs) <= UNET_FORWARD_ARGUMENTS
+    # an adapter that runs the UNet itself gives the forward that replaces the UNet's (run_unet calls it)
+    allowed = UNET_FORWARD_ARGUMENTS | ({UNET_FORWARD_KEY} if adapter.runs_unet else set())
+    assert kwargs and set(kwargs) <= allowed
 
 
 def test_zero_initialised_adapters_leave_the_unet_output_unchanged(family):
@@ -232,7 +243,7 @@ def test_load_order_does_not_matter(tmp_path):
 
 def test_folders_without_a_marker_are_recognised_by_their_family(tmp_path):
     unet = build_tiny_backbone().unet
-    for family in ("controlnet", "t2i_adapter", "gligen"):
+    for family in ("controlnet", "controlnet_xs", "t2i_adapter", "gligen"):
         adapter = ADAPTERS[family][0](build_tiny_backbone().unet if family == "gligen" else unet)
         adapter.save_pretrained(tmp_path / family)
         (tmp_path / family / MARKER_NAME).unlink()  # as diffusers, TencentARC or an older ctrlkit wrote it
