@@ -5,6 +5,7 @@ branch on the adapter, guidance routing, composition limits, and the shipped tin
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from adapters.controlnet_xs import ControlNetXS
 from adapters.registry import load_adapter
 from lightning_modules.backbone import build_tiny_backbone, load_pretrained_backbone
 from lightning_modules.commands.generate import run_generate
+from lightning_modules.commands.train import train
 from lightning_modules.system import AdapterTrainingSystem
 from tests.lightning_modules.commands.test_generate import PROMPTS, compose_generate
 
@@ -260,3 +262,16 @@ def test_a_training_step_reaches_the_adapter_and_not_the_unet():
     zero_convs = adapter.controlnet.down_blocks[0].ctrl_to_base[0].weight  # zero at init, so only they get gradient
     assert zero_convs.grad is not None and zero_convs.grad.abs().sum() > 0
     assert all(parameter.grad is None for parameter in backbone.unet.parameters())
+
+
+def test_ctrlkit_train_controlnet_xs_exports_a_folder_that_loads_back(make_train_config):
+    cfg = make_train_config("adapter=controlnet_xs", "trainer.max_steps=2")
+    _, objects = train(cfg)
+    exported = Path(cfg.paths.output_dir) / "adapter"
+    assert json.loads((exported / "config.json").read_text())["layers_per_block"] == 1
+    # the tiny UNet's one-layer layout is ctrlkit's to load, and the model card says so
+    assert 'load_adapter("adapter", unet)' in (exported / "README.md").read_text()
+    loaded, _ = load_adapter(exported, objects["backbone"].unet)
+    trained_weights = objects["system"].adapter.state_dict()
+    assert all(torch.equal(tensor, trained_weights[name]) for name, tensor in loaded.state_dict().items())
+    assert any(tensor.abs().sum() > 0 for name, tensor in trained_weights.items() if "ctrl_to_base" in name)

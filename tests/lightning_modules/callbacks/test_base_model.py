@@ -28,7 +28,12 @@ def build_system(cfg):
 
 @pytest.mark.parametrize(
     ("overrides", "inert"),
-    [(["adapter=controlnet"], True), (["adapter=gligen", *GLIGEN], True), (["adapter=t2i_adapter"], False)],
+    [
+        (["adapter=controlnet"], True),
+        (["adapter=controlnet_xs"], True),
+        (["adapter=gligen", *GLIGEN], True),
+        (["adapter=t2i_adapter"], False),
+    ],
 )
 def test_an_inert_adapter_samples_exactly_as_the_base_model(make_train_config, overrides, inert):
     system, datamodule = build_system(make_train_config(*overrides))
