@@ -91,9 +91,10 @@ def follow_fused_group_norms(controlnet: ControlNetXSAdapter) -> None:
 
     ``ControlNetXSAdapter`` picks each group count as the largest divisor of the channels up to
     ``max_norm_num_groups``; ``UNetControlNetXSModel.from_unet`` (what ``StableDiffusionControlNetXSPipeline`` runs)
-    rebuilds each down block with the first control ResNet's count as that largest allowed instead. At SD's widths
-    the two agree; at small ones they differ, and weights trained under one rule would mean something else under
-    the other. The group count holds no weights, so following the pipeline keeps the saved folder unchanged."""
+    rebuilds each down block with the first control ResNet's count as that largest allowed instead. When every width
+    is a multiple of ``max_norm_num_groups`` (SD at the published size ratios) the two agree; at small widths they
+    differ, and weights trained under one rule would mean something else under the other. The group count holds no
+    weights, so following the pipeline leaves the saved folder as diffusers writes it."""
     for block in controlnet.down_blocks:
         largest = block.resnets[0].norm1.num_groups
         for resnet in block.resnets:
@@ -239,6 +240,7 @@ class ControlNetXS(ConditioningAdapter):
             conditioning_channels=conditioning_channels,
             conditioning_embedding_out_channels=hint_channels_for(vae_scale_factor),
         )
+        controlnet.float()  # trained weights stay float32 whatever the frozen UNet's dtype, as ControlNet's do
         fit_to_layers(controlnet, unet.config.layers_per_block)
         if controlnet.time_embedding is not None:  # so the UNet sees its own time embedding at init (zero init)
             controlnet.time_embedding.load_state_dict(unet.time_embedding.state_dict())
@@ -249,10 +251,6 @@ class ControlNetXS(ConditioningAdapter):
     def condition_channels(self) -> int:
         """Channels of the condition map this adapter takes."""
         return self.controlnet.config.conditioning_channels
-
-    @property
-    def layers_per_block(self) -> int:
-        return self.controlnet.config.get("layers_per_block", DIFFUSERS_LAYERS_PER_BLOCK)
 
     def forward(
         self,
