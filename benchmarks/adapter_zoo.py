@@ -78,6 +78,8 @@ def build(cfg):
 
 def inference_steps(system, batch):
     """(UNet alone, UNet + adapter) forward functions for one denoising step at batch 2."""
+    from adapters.base import run_unet
+
     backbone, adapter = system.backbone, system.adapter
     inputs = system.training_inputs({key: value[:2] for key, value in batch.items()})
     condition = adapter.prepare(inputs.condition)  # once per sample (T2I-Adapter's features)
@@ -90,7 +92,7 @@ def inference_steps(system, batch):
     @torch.no_grad()
     def with_adapter() -> None:
         kwargs = adapter(condition, noisy_latents=latents, timesteps=timesteps, encoder_hidden_states=text)
-        backbone.unet(latents, timesteps, text, **kwargs)
+        run_unet(backbone.unet, latents, timesteps, text, **kwargs)  # ControlNet-XS runs the UNet itself
 
     return base, with_adapter
 
