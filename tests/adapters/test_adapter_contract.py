@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from adapters.base import MARKER_NAME, UNET_FORWARD_ARGUMENTS, ConditioningAdapter, UNetKwargs
+from adapters.control_lora import ControlLoraAdapter
 from adapters.controlnet import ControlNetAdapter
 from adapters.gligen import GligenAdapter
 from adapters.gligen_masked import BoxMaskedGligenAdapter
@@ -92,6 +93,7 @@ def grounding_condition(batch: int, seed: int = 0) -> GroundingCondition:
 
 # family -> (build from a UNet, a condition for a batch)
 ADAPTERS: dict[str, tuple[Callable, Callable]] = {
+    "control_lora": (lambda unet: ControlLoraAdapter.from_unet(unet, vae_scale_factor=4), image_condition),
     "controlnet": (lambda unet: ControlNetAdapter.from_unet(unet, vae_scale_factor=4), image_condition),
     "t2i_adapter": (lambda unet: T2IAdapterAdapter.from_unet(unet, vae_scale_factor=4), image_condition),
     "gligen": (lambda unet: GligenAdapter.from_unet(unet, max_objects=4, export_unet=False), grounding_condition),
