@@ -17,6 +17,7 @@ from pathlib import Path
 from diffusers import UNet2DConditionModel
 
 # the built-in families register themselves when their modules are imported
+import adapters.control_lora
 import adapters.controlnet
 import adapters.controlnet_xs
 import adapters.gligen

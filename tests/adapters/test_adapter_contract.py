@@ -30,6 +30,7 @@ from adapters.base import (
     UNetKwargs,
     run_unet,
 )
+from adapters.control_lora import ControlLoraAdapter
 from adapters.controlnet import ControlNetAdapter
 from adapters.controlnet_xs import ControlNetXS
 from adapters.gligen import GligenAdapter
@@ -100,6 +101,7 @@ def grounding_condition(batch: int, seed: int = 0) -> GroundingCondition:
 
 # family -> (build from a UNet, a condition for a batch)
 ADAPTERS: dict[str, tuple[Callable, Callable]] = {
+    "control_lora": (lambda unet: ControlLoraAdapter.from_unet(unet, vae_scale_factor=4), image_condition),
     "controlnet": (lambda unet: ControlNetAdapter.from_unet(unet, vae_scale_factor=4), image_condition),
     "controlnet_xs": (lambda unet: ControlNetXS.from_unet(unet, vae_scale_factor=4, size_ratio=0.5), image_condition),
     "t2i_adapter": (lambda unet: T2IAdapterAdapter.from_unet(unet, vae_scale_factor=4), image_condition),

@@ -35,7 +35,7 @@ def test_help_and_unknown_command(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["adapter=contrlnet"], "unknown adapter 'contrlnet'; choose one of: controlnet"),
+        (["adapter=contrlnet"], "unknown adapter 'contrlnet'; choose one of: control_lora, controlnet"),
         (["condition=dept"], "unknown condition 'dept'; choose one of: boxes, canny"),
         (["model=sd99"], "unknown model 'sd99'; choose one of: sd15, sd15_random, sd2, sdxl, tiny, tiny_random"),
         (["model=sd15", "model.path=/no/such/pipeline"], "model path /no/such/pipeline does not exist"),

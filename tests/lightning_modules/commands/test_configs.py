@@ -109,7 +109,7 @@ def test_every_option_composes_and_its_light_parts_instantiate(make_train_config
 
 
 def test_unknown_option_names_the_group_and_the_choices():
-    with pytest.raises(CtrlkitError, match=r"unknown adapter 'contrlnet'; choose one of: controlnet"):
+    with pytest.raises(CtrlkitError, match=r"unknown adapter 'contrlnet'; choose one of: control_lora, controlnet"):
         check_group_overrides(["adapter=contrlnet"])
     choices = "sd15, sd15_random, sd2, sdxl, tiny, tiny_random"
     with pytest.raises(CtrlkitError, match=rf"unknown model 'sd99'; choose one of: {choices}"):
