@@ -47,7 +47,8 @@ def read_run(run: Path) -> dict:
     cfg = OmegaConf.load(run / "config.yaml")
     scores = json.loads((run / "controllability.json").read_text())
     metric = scores["jump_metric"]
-    weights = sum(f.stat().st_size for f in (run / "adapter").rglob("*.safetensors"))
+    # the adapter's own weights file(s), not extra exports in subfolders (Control-LoRA's merged controlnet/)
+    weights = sum(f.stat().st_size for f in (run / "adapter").glob("*.safetensors"))
     return {
         "run": run,
         "cfg": cfg,
@@ -120,16 +121,17 @@ def measure(row: dict, rounds: int) -> None:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| adapter | trainable params | weights (MB) | train step (ms) | steps to control | final score "
-        "(base) | caption accuracy | inference per step vs base |",
-        "|---|---|---|---|---|---|---|---|",
+        "| adapter | trainable params | weights (MB) | train step (ms) | steps trained | steps to control | "
+        "final score (base) | caption accuracy | inference per step vs base |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         control = row["control_step"] if row["control_step"] is not None else f"not in {row['final_step']}"
         caption = f"{row['caption_accuracy']:.2f}" if row["caption_accuracy"] is not None else "-"
         lines.append(
             f"| {row['name']} | {row['trainable_params'] / 1e6:.2f}M | {row['weights_mb']:.2f} | "
-            f"{row['step_ms']:.0f} | {control} | {row['metric']} {row['final']:.3f} ({row['base']:.3f}) | "
+            f"{row['step_ms']:.0f} | {row['final_step']} | {control} | "
+            f"{row['metric']} {row['final']:.3f} ({row['base']:.3f}) | "
             f"{caption} | {row['inference_overhead']:.2f}x |"
         )
     return "\n".join(lines)
