@@ -92,3 +92,18 @@ def test_the_reward_config_builds_the_term_and_refuses_another_condition(make_tr
     cause = raised.value.__cause__
     assert isinstance(cause, CtrlkitError) and "\n" not in str(cause)
     assert "re-extracts canny maps; this run's condition is shapes_mask" in str(cause)
+
+
+def test_bad_reward_settings_and_a_grounding_condition_are_named(tiny_backbone):
+    with pytest.raises(CtrlkitError, match="reward extractor 'sobel'; choose one of: soft_canny"):
+        CycleConsistencyReward(extractor="sobel")
+    with pytest.raises(CtrlkitError, match="0 < max_timestep <= 1000 and weight >= 0; got 0, 1.0"):
+        CycleConsistencyReward(max_timestep=0)
+    with pytest.raises(CtrlkitError, match="got 200, -1"):
+        CycleConsistencyReward(weight=-1)
+    reward = CycleConsistencyReward()
+    system = make_system(tiny_backbone, loss_terms={"reward": reward})
+    inputs = system.training_inputs(canny_batch(2), generator=torch.Generator().manual_seed(0), with_loss_terms=True)
+    inputs.condition = object()  # a grounding condition is no map to re-extract
+    with pytest.raises(CtrlkitError, match="needs an image condition"):
+        reward(system, inputs, inputs.term_draws["reward"])
