@@ -180,6 +180,13 @@ class ConditioningAdapter(nn.Module, ABC):
         keep = (~dropped).to(device=condition.device, dtype=condition.dtype)
         return condition * keep.view(-1, *([1] * (condition.ndim - 1)))
 
+    def training_condition(self, condition: Any, generator: Any) -> Any:
+        """The condition a training step trains on, after condition dropout: an adapter trained on varying views
+        of its condition (a multi-condition ControlNet's random subsets of parts) draws them here from the step's
+        ``generator`` (a ``torch.Generator``, or one per item). Default: the condition as it is, drawing nothing,
+        so other adapters' runs draw what they always did."""
+        return condition
+
     @classmethod
     @abstractmethod
     def from_pretrained(cls, path: str | Path, unet: UNet2DConditionModel) -> ConditioningAdapter:

@@ -23,7 +23,7 @@ here with the decorator and a known-answer test.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -286,4 +286,25 @@ def shapes_truth_scores(extractor, samples: list[EvalSample]) -> list[dict[str, 
             rows.append({"mask_iou": mask_iou(found > 127, s.condition[:, :, 0] > 127)})
         else:
             rows.append({"depth_rmse": aligned_rmse(found, s.condition[:, :, 0].astype(np.float64))})
+    return rows
+
+
+# ------------------------------------------------------------------ several conditions in one map
+
+
+def _multi_primary(extractor) -> str | None:
+    """The score of the first part given (a single-part evaluation scores like that part's own adapter)."""
+    return primary_metric(extractor.parts[extractor.use[0]])
+
+
+@reextraction_scorer("multi", primary=_multi_primary)
+def multi_scores(extractor, samples: list[EvalSample]) -> list[dict[str, float]]:
+    """Each given part scored by its own scorer on its channels of the condition (``conditions.multi``), so a
+    multi-condition adapter given one part is scored exactly as that part's dedicated adapter is."""
+    rows = [{} for _ in samples]
+    for name in extractor.use:
+        part = extractor.parts[name]
+        part_samples = [replace(s, condition=extractor.split(s.condition)[name]) for s in samples]
+        for row, scores in zip(rows, reextraction_scores(part, part_samples)):
+            row.update(scores)
     return rows

@@ -374,6 +374,7 @@ class AdapterTrainingSystem(pl.LightningModule):
             condition_kept = ~drop_condition.to(latents.device)
             if drop_condition.any():
                 condition = self.adapter.drop_condition(condition, drop_condition.to(self.device))
+            condition = self.adapter.training_condition(condition, generator)
         prediction_type = self.backbone.noise_scheduler.config.prediction_type
         if prediction_type == "epsilon":
             target = noise

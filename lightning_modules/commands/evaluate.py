@@ -119,8 +119,25 @@ def evaluation_units(cfg: DictConfig) -> tuple[list[EvalUnit], DictConfig | None
             raise CtrlkitError(
                 f"unit {index}: {folder} has no run config.yaml beside it; say its condition with extractor=<name>"
             )
+        condition = with_subset(condition, cfg.get("condition_subset"))
         units.append(EvalUnit(folder=folder, condition=condition, spec=spec))
     return units, first_run
+
+
+def with_subset(condition: DictConfig, subset) -> DictConfig:
+    """The condition config giving only the ``subset`` of its parts (a multi condition, ``conditions.multi``)."""
+    if subset is None:
+        return condition
+    if "use" not in condition.extractor:
+        raise CtrlkitError(
+            f"condition_subset={list(subset)}: the {condition.name} condition has no parts to choose from "
+            "(a multi-condition run has: condition=multi)"
+        )
+    condition = condition.copy()
+    with open_dict(condition):
+        condition.extractor.use = list(subset)
+        condition.metric = None  # the first given part's own score ranks (conditions.controllability.multi_scores)
+    return condition
 
 
 @torch.no_grad()
@@ -184,6 +201,7 @@ def run_evaluate(cfg: DictConfig) -> dict:
             {"adapter": str(unit.folder), "condition": unit.extractor.name, **_unit_options(unit)} for unit in units
         ],
         "primary_metric": metric,
+        **({"condition_subset": list(cfg.condition_subset)} if cfg.get("condition_subset") else {}),
         "num_items": count,
         "num_seeds": cfg.num_seeds,
         "sampling": OmegaConf.to_container(cfg.sampling),

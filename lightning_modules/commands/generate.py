@@ -27,6 +27,7 @@ from adapters.registry import load_adapters
 from conditions import read_image
 from conditions.boxes import GroundingRecord, draw_boxes, pad_grounding
 from conditions.io import check_writable_dir
+from conditions.multi import stack_parts
 from conditions.ranges import images_to_numpy, uint8_to_unit
 from conditions.resize import fit_map
 from lightning_modules.backbone import Backbone
@@ -61,6 +62,22 @@ def condition_map(spec: dict, size: tuple[int, int]) -> np.ndarray:
     )
 
 
+def parts_map(spec: dict, adapter, size: tuple[int, int]) -> np.ndarray:
+    """A multi-condition unit's ``parts`` ({part name: map image}, any subset) -> its stacked HxWxC uint8 map
+    (``conditions.multi``: the given parts, zeros and no presence for the others)."""
+    if not hasattr(adapter, "part_names"):
+        raise CtrlkitError(
+            f"unit {spec['adapter']}: parts= is for a multi-condition adapter (adapter=controlnet_multi); give this "
+            "one condition_image=<map>"
+        )
+    layout, parts = dict(zip(adapter.part_names, adapter.part_channels)), spec["parts"]
+    maps = {name: fit_map(read_image(file), size, "crop_and_resize", cv2.INTER_AREA) for name, file in parts.items()}
+    try:
+        return stack_parts(maps, layout, size)
+    except ValueError as error:
+        raise CtrlkitError(f"unit {spec['adapter']}: {error}") from error
+
+
 def to_condition_tensor(condition: np.ndarray, channels: int, batch: int) -> torch.Tensor:
     """HxWxC uint8 -> (batch, channels, H, W) float in [0, 1]; grey maps fill RGB, RGB maps give one channel."""
     tensor = uint8_to_unit(condition)
@@ -77,6 +94,9 @@ def build_units(specs: list[dict], backbone: Backbone, size: tuple[int, int], ba
         log.info("unit %d: %s read as %s", index, spec["adapter"], found)
         if adapter.accepts == "grounding":
             condition, drawn = grounding_condition(spec, adapter, backbone, size, batch)
+        elif spec.get("parts"):
+            drawn = parts_map(spec, adapter, size)
+            condition = to_condition_tensor(drawn, adapter.condition_channels, batch)
         else:
             drawn = condition_map(spec, size)
             condition = to_condition_tensor(drawn, adapter.condition_channels, batch)

@@ -30,6 +30,7 @@ UNIT_FIELDS = (
     "condition_image",
     "source_image",
     "extractor",
+    "parts",
     "boxes",
     "phrases",
     "scale",
@@ -135,6 +136,11 @@ def check_unit(spec, where: str, fields: tuple[str, ...] = UNIT_FIELDS) -> None:
             value = spec[key]
             if not isinstance(value, str) or not Path(value).expanduser().is_file():
                 raise CtrlkitError(f"{where}: {key}={value!r} is not an image file")
+    parts = spec.get("parts")
+    if parts is not None:
+        maps = parts.values() if isinstance(parts, dict) and parts else [None]
+        if not all(isinstance(value, str) and Path(value).expanduser().is_file() for value in maps):
+            raise CtrlkitError(f"{where}: parts={parts!r}; allowed: {{<part name>: <map image file>, ...}}")
     extractor = spec.get("extractor")
     if extractor is not None and extractor not in group_options("condition"):
         choices = ", ".join(group_options("condition"))

@@ -36,6 +36,7 @@ from adapters.controlnet_xs import ControlNetXS
 from adapters.gligen import GligenAdapter
 from adapters.gligen_masked import BoxMaskedGligenAdapter
 from adapters.grounding import GroundingCondition
+from adapters.multi_condition import MultiConditionControlNetAdapter
 from adapters.registry import adapter_class_for, adapter_families, load_adapter, load_adapters
 from adapters.t2i_adapter import T2IAdapterAdapter
 from lightning_modules.backbone import build_tiny_backbone
@@ -90,6 +91,11 @@ def image_condition(batch: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(batch, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
 
 
+def multi_condition(batch: int, seed: int = 0) -> torch.Tensor:
+    """Two parts (1 and 2 channels) with their presence planes set: the layout of ``conditions.multi``."""
+    return torch.cat([image_condition(batch, seed), torch.ones(batch, 2, 64, 64)], dim=1)
+
+
 def grounding_condition(batch: int, seed: int = 0) -> GroundingCondition:
     generator = torch.Generator().manual_seed(seed)
     corners = torch.rand(batch, 4, 2, generator=generator) * 0.5
@@ -103,6 +109,12 @@ def grounding_condition(batch: int, seed: int = 0) -> GroundingCondition:
 ADAPTERS: dict[str, tuple[Callable, Callable]] = {
     "control_lora": (lambda unet: ControlLoraAdapter.from_unet(unet, vae_scale_factor=4), image_condition),
     "controlnet": (lambda unet: ControlNetAdapter.from_unet(unet, vae_scale_factor=4), image_condition),
+    "controlnet_multi": (
+        lambda unet: MultiConditionControlNetAdapter.from_unet(
+            unet, vae_scale_factor=4, part_names=["edges", "depth"], part_channels=[1, 2]
+        ),
+        multi_condition,
+    ),
     "controlnet_xs": (lambda unet: ControlNetXS.from_unet(unet, vae_scale_factor=4, size_ratio=0.5), image_condition),
     "t2i_adapter": (lambda unet: T2IAdapterAdapter.from_unet(unet, vae_scale_factor=4), image_condition),
     "gligen": (lambda unet: GligenAdapter.from_unet(unet, max_objects=4, export_unet=False), grounding_condition),
