@@ -20,7 +20,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import pre_tokenizers
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -353,27 +353,37 @@ def _prepare_grounding(
 
 
 def build_shapes_tokenizer(max_length: int = 32) -> CLIPTokenizer:
-    """A CLIP BPE tokenizer trained offline on the ``shapes`` vocabulary: each shapes word is one token, and any
-    other text still tokenizes byte by byte (nothing maps to the unknown token)."""
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=10_000,
-        min_frequency=1,
-        show_progress=False,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix="</w>",
-    )
-    bpe.train_from_iterator(VOCABULARY, trainer)
-    model = json.loads(bpe.to_str())["model"]
-    vocab = dict(model["vocab"])
-    # CLIP marks the last character of a word with </w>; give every byte that form so unseen words tokenize.
+    """A CLIP BPE tokenizer for the ``shapes`` vocabulary: each shapes word is one token, and any other text still
+    tokenizes byte by byte (nothing maps to the unknown token).
+
+    Built without a trainer, as a pure function of ``VOCABULARY``: each word's pieces are merged left to right, in
+    sorted word order (the ``tokenizers`` BPE trainer breaks frequency ties differently from call to call, so two
+    tokenizers built in one process gave one caption different ids)."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    # CLIP marks the last character of a word with </w>; every byte has both forms, so unseen words tokenize
     for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab.setdefault(char, len(vocab))
         vocab.setdefault(char + "</w>", len(vocab))
-    merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in model["merges"]]
+    merges: list[tuple[str, str]] = []
+    for word in sorted(set(VOCABULARY)):
+        pieces = _bpe_pieces(word, {merge: rank for rank, merge in enumerate(merges)})
+        while len(pieces) > 1:  # merges added later rank below the earlier ones: earlier words stay one token
+            merges.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+            vocab.setdefault(pieces[0], len(vocab))
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def _bpe_pieces(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE of one word under ``ranks``: the lowest-ranked adjacent pair merged until none applies."""
+    pieces = [*word[:-1], word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), index) for index, pair in enumerate(zip(pieces, pieces[1:]))]
+        rank, index = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces[index : index + 2] = [pieces[index] + pieces[index + 1]]
+    return pieces
 
 
 def build_tiny_backbone(

@@ -59,3 +59,7 @@ def test_tokenizer_gives_each_shapes_word_one_token():
         assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
     ids = tokenizer("a zebra!", add_special_tokens=False).input_ids  # unknown words still tokenize, by bytes
     assert len(ids) > 2 and tokenizer.unk_token_id not in ids
+    # the same ids from every build (a BPE trainer's tie-breaking once made them differ within one process)
+    caption = "a red circle and a blue square on a white background"
+    assert all(build_shapes_tokenizer()(caption).input_ids == tokenizer(caption).input_ids for _ in range(5))
+    assert build_shapes_tokenizer().get_vocab() == tokenizer.get_vocab()
