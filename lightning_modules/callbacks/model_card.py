@@ -63,6 +63,30 @@ GLIGEN_LAYERS_ONLY = (
     'adapter, found = load_adapter("{folder}", unet)'
 )
 
+# one ControlNet over several conditions (adapters/multi_condition.py): a diffusers ControlNetModel whose condition
+# is the stacked map of conditions/multi.py
+MULTI_CONDITION = (
+    "from diffusers import ControlNetModel\n\n"
+    "# a ControlNetModel whose condition stacks the parts named in multi_condition.json (one map each, then a\n"
+    "# presence plane per part, 1 where given): see conditions/multi.py. With ctrlkit, any subset of the parts:\n"
+    "#   ctrlkit generate 'units=[{{adapter: {folder}, parts: {{canny: edges.png}}}}]' 'prompts=[...]'\n"
+    'controlnet = ControlNetModel.from_pretrained("{folder}")'
+)
+# Control-LoRA (adapters/control_lora.py): its file loads with ctrlkit, which rebuilds the frozen copy from the base
+CONTROL_LORA = (
+    "from adapters import load_adapter\n\n"
+    "# control_lora.safetensors holds the LoRA, hint encoder and zero convolutions; the frozen encoder copy is\n"
+    "# rebuilt from the base UNet it was trained on (ctrlkit refuses a base with other weights)\n"
+    'adapter, found = load_adapter("{folder}", unet)'
+)
+# ... and, exported with export_merged (the default), the LoRA merged into a plain diffusers ControlNetModel
+CONTROL_LORA_MERGED = (
+    "from diffusers import ControlNetModel\n\n"
+    "# controlnet/ is the LoRA merged into a plain ControlNetModel; control_lora.safetensors (LoRA, hint encoder and\n"
+    "# zero convolutions) loads with ctrlkit: adapters.load_adapter(\"{folder}\", unet)\n"
+    'controlnet = ControlNetModel.from_pretrained("{folder}/controlnet")'
+)
+
 
 def adapter_family(adapter_name: str) -> str:
     """The Hub tag of an adapter family or config name: controlnet, t2i-adapter or gligen (the name itself
@@ -305,6 +329,11 @@ class ModelCardCallback(pl.Callback):
             return GLIGEN_LAYERS_ONLY.format(folder=folder.name)
         if family == "controlnet-xs" and "layers_per_block" in _json_or_empty(folder / "config.json"):
             return CONTROLNET_XS_ONE_LAYER.format(folder=folder.name)
+        if (folder / "multi_condition.json").is_file():
+            return MULTI_CONDITION.format(folder=folder.name)
+        if (folder / "control_lora.safetensors").is_file():
+            merged = (folder / "controlnet").is_dir()
+            return (CONTROL_LORA_MERGED if merged else CONTROL_LORA).format(folder=folder.name)
         return HOW_TO_LOAD.get(family, "# see the ctrlkit README for this adapter's format").format(folder=folder.name)
 
     # -- W&B

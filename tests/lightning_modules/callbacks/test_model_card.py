@@ -84,6 +84,22 @@ def test_a_gligen_card_without_the_unet_export_loads_its_layers_through_ctrlkit(
     assert 'load_adapter("without", unet)' in usage and "from_pretrained" not in usage
 
 
+def test_multi_condition_and_control_lora_cards_say_how_their_files_load(tmp_path):
+    from lightning_modules.callbacks.model_card import ModelCardCallback
+
+    for name, files in {"multi": ["multi_condition.json"], "lora": ["control_lora.safetensors"]}.items():
+        (tmp_path / name).mkdir()
+        for file in files:
+            (tmp_path / name / file).touch()
+    (tmp_path / "merged" / "controlnet").mkdir(parents=True)
+    (tmp_path / "merged" / "control_lora.safetensors").touch()
+    multi = ModelCardCallback.how_to_load("controlnet", tmp_path / "multi")
+    assert "multi_condition.json" in multi and "parts: {canny: edges.png}" in multi
+    assert 'load_adapter("lora", unet)' in ModelCardCallback.how_to_load("controlnet", tmp_path / "lora")
+    merged = ModelCardCallback.how_to_load("controlnet", tmp_path / "merged")
+    assert 'ControlNetModel.from_pretrained("merged/controlnet")' in merged
+
+
 def test_a_resumed_run_that_redoes_its_end_gets_a_card(make_train_config, tmp_path):
     import shutil
 
