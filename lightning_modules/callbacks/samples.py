@@ -162,9 +162,21 @@ class ExportAdapterCallback(pl.Callback):
         temporary = self.output_dir.with_name(f".{self.output_dir.name}.tmp-{os.getpid()}")
         shutil.rmtree(temporary, ignore_errors=True)
         pl_module.adapter.save_pretrained(temporary)
+        readable_as_umask_allows(temporary)
         previous = self.output_dir.with_name(f".{self.output_dir.name}.old-{os.getpid()}")
         if self.output_dir.exists():  # a rerun replaces the export whole
             os.replace(self.output_dir, previous)
         os.replace(temporary, self.output_dir)
         shutil.rmtree(previous, ignore_errors=True)
         log.info("adapter exported to %s", self.output_dir)
+
+
+def readable_as_umask_allows(folder: Path) -> None:
+    """Give every file under ``folder`` the mode a new file gets under the process's umask (0644 under the usual
+    022), as config.json beside them has: safetensors writes its files 0600, so an export shared with a group or a
+    web server was unreadable to them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)

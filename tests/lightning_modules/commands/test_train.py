@@ -34,6 +34,8 @@ def test_short_run_leaves_checkpoint_adapter_and_grid(make_train_config, tmp_pat
     assert checkpoint["state_dict"] and all(name.startswith("adapter.") for name in checkpoint["state_dict"])
     assert (run / "checkpoints" / "step_000002.ckpt").is_file()
     exported = ControlNetModel.from_pretrained(run / "adapter")
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (run / "adapter").iterdir()}
+    assert modes["diffusion_pytorch_model.safetensors"] == modes["config.json"]  # safetensors alone wrote 0600
     for name, tensor in objects["adapter"].controlnet.state_dict().items():
         assert torch.equal(exported.state_dict()[name], tensor), name
     grids = sorted(p.name for p in (run / "samples").glob("*.png"))
