@@ -5,9 +5,9 @@
 # examples/images/multi_{canny,depth,mask}.png), with no retraining between them.
 # Usage:   bash examples/multi_condition.sh [output folder]
 # Expect:  in ~30 s on a 2-core CPU, four "ctrlkit generate: wrote <out>/<subset>/image_000.png" lines (canny, depth,
-#          mask, all three) and each grid.png (the stacked map's first three channels as RGB | the result); the
-#          circle and triangle sit where the maps put them in each (edges alone: outlines to fill; mask alone:
-#          silhouettes, colours from the prompt). To train one: ctrlkit train experiment=controlnet_multi_shapes;
+#          mask, all three) and each grid.png (the stacked map's parts as RGB: edges red, depth green, mask blue |
+#          the result). In each the purple triangle sits where the maps put it (the green circle behind it is
+#          mostly left out by the 1.5M-parameter base). To train one: ctrlkit train experiment=controlnet_multi_shapes;
 #          to score a subset: ctrlkit evaluate adapter_path=<run> condition_subset=[canny]
 set -euo pipefail
 cd "$(dirname "$0")/.."
