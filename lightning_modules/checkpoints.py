@@ -200,3 +200,43 @@ def _plain(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def apply_configured_learning_rates(checkpoint: dict, configured: list[float]) -> bool:
+    """Make a checkpoint's optimizer and LR schedule train at the ``configured`` learning rates (one per param
+    group), keeping its moments and its place in the schedule: where a group's base rate differs, its base rate
+    becomes the configured one and its current rate is rescaled by the same factor (diffusers' schedules multiply
+    the base rate). Without this, ``ckpt_path=<run>`` with another ``adapter.learning_rate`` (a fine-tuning at a
+    lower rate) silently trained at the checkpoint's rate. An exact resume (same config) changes nothing. Returns
+    whether anything changed."""
+    optimizers, schedulers = checkpoint.get("optimizer_states") or [], checkpoint.get("lr_schedulers") or []
+    if len(optimizers) != 1:
+        return False
+    groups = optimizers[0]["param_groups"]
+    if len(groups) != len(configured):
+        log.warning(
+            "the checkpoint has %d param groups, the adapter %d: its learning rates are kept",
+            len(groups),
+            len(configured),
+        )
+        return False
+    base = [group.get("initial_lr", group["lr"]) for group in groups]
+    if all(np.isclose(old, new, rtol=1e-9, atol=0.0) for old, new in zip(base, configured)):
+        return False
+    factors = [new / old if old else 0.0 for old, new in zip(base, configured)]
+    for group, new, factor in zip(groups, configured, factors):
+        group["lr"] = new if not group.get("initial_lr") else group["lr"] * factor
+        if "initial_lr" in group:
+            group["initial_lr"] = new
+    for scheduler in schedulers:
+        if "base_lrs" in scheduler:
+            scheduler["base_lrs"] = list(configured)
+        if "_last_lr" in scheduler:
+            scheduler["_last_lr"] = [group["lr"] for group in groups]
+    log.warning(
+        "learning rates from the config %s, not the checkpoint's %s (its optimizer moments and schedule position "
+        "are kept)",
+        [f"{rate:g}" for rate in configured],
+        [f"{rate:g}" for rate in base],
+    )
+    return True

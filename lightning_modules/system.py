@@ -20,7 +20,7 @@ from diffusers.optimization import get_constant_schedule
 from adapters.base import ConditioningAdapter, run_unet
 from adapters.grounding import GroundingCondition
 from lightning_modules.backbone import Backbone, prepare_condition
-from lightning_modules.checkpoints import capture_rng_states, restore_rng_states
+from lightning_modules.checkpoints import apply_configured_learning_rates, capture_rng_states, restore_rng_states
 from lightning_modules.distributed import all_ranks
 from lightning_modules.errors import CtrlkitError, NonFiniteLossError
 from lightning_modules.feature_cache import FeatureCache, module_fingerprint, tensor_key_bytes
@@ -534,6 +534,10 @@ class AdapterTrainingSystem(pl.LightningModule):
             self.nonfinite_steps = int(resume["nonfinite_steps"])
             self.nonfinite_in_a_row = int(resume["nonfinite_in_a_row"])
         self.check_checkpoint_fits(checkpoint)
+        # Lightning restores the optimizer and schedule from the checkpoint after this hook: the config's rates win
+        apply_configured_learning_rates(
+            checkpoint, [group["lr"] for group in self.adapter.param_groups(self.hparams.learning_rate)]
+        )
 
     def check_checkpoint_fits(self, checkpoint: dict) -> None:
         """Raise a one-line error when a training checkpoint's weights are not this adapter's (another family or

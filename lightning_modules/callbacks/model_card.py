@@ -83,7 +83,7 @@ CONTROL_LORA = (
 CONTROL_LORA_MERGED = (
     "from diffusers import ControlNetModel\n\n"
     "# controlnet/ is the LoRA merged into a plain ControlNetModel; control_lora.safetensors (LoRA, hint encoder and\n"
-    "# zero convolutions) loads with ctrlkit: adapters.load_adapter(\"{folder}\", unet)\n"
+    '# zero convolutions) loads with ctrlkit: adapters.load_adapter("{folder}", unet)\n'
     'controlnet = ControlNetModel.from_pretrained("{folder}/controlnet")'
 )
 

@@ -235,3 +235,49 @@ def test_best_checkpoint_follows_the_condition_score_and_its_direction(tmp_path)
     named = AdapterCheckpoint(dirpath=str(tmp_path / "b"), best_metric="val/mask_iou", best_mode="max")
     assert scores(named, reports) == [0, 3] and named.best_key == "val/mask_iou"
     assert scores(AdapterCheckpoint(dirpath=str(tmp_path / "c"), best_metric=None), reports) == []
+
+
+def test_a_new_run_from_a_checkpoint_trains_at_the_configured_learning_rate(make_train_config, tmp_path, caplog):
+    """ckpt_path=<run> with another adapter.learning_rate (fine-tuning lower): the config's rate, not the one the
+    checkpoint's optimizer was saved with; the same config resumes with its rate untouched."""
+    first = make_train_config("trainer.max_steps=2", "adapter.learning_rate=1e-3")
+    train(first)
+    checkpoint = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    for rate, expected in (("1e-4", 1e-4), ("1e-3", 1e-3)):
+        cfg = compose_train_config(
+            tmp_path / f"finetune_{rate}",
+            ["trainer.max_steps=3", f"adapter.learning_rate={rate}", f"ckpt_path={checkpoint}"],
+        )
+        with caplog.at_level(logging.WARNING):
+            _, objects = train(cfg)
+        assert objects["trainer"].global_step == 3
+        assert objects["trainer"].optimizers[0].param_groups[0]["lr"] == pytest.approx(expected)
+        said = "learning rates from the config ['0.0001'], not the checkpoint's ['0.001']" in caplog.text
+        assert said == (rate == "1e-4")
+        caplog.clear()
+
+
+def test_configured_rates_keep_the_schedule_position():
+    from diffusers.optimization import get_constant_schedule_with_warmup
+
+    from lightning_modules.checkpoints import apply_configured_learning_rates
+
+    def optimizer_and_schedule(rate: float):
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=rate)
+        return optimizer, get_constant_schedule_with_warmup(optimizer, num_warmup_steps=10)
+
+    optimizer, schedule = optimizer_and_schedule(1e-3)
+    for _ in range(4):
+        optimizer.step()
+        schedule.step()
+    checkpoint = {"optimizer_states": [optimizer.state_dict()], "lr_schedulers": [schedule.state_dict()]}
+    assert apply_configured_learning_rates(checkpoint, [1e-4])
+    resumed, resumed_schedule = optimizer_and_schedule(1e-4)
+    resumed.load_state_dict(checkpoint["optimizer_states"][0])
+    resumed_schedule.load_state_dict(checkpoint["lr_schedulers"][0])
+    assert resumed.param_groups[0]["lr"] == pytest.approx(1e-4 * 4 / 10)  # step 4 of a 10-step warm-up, at 1e-4
+    for _ in range(8):
+        resumed.step()
+        resumed_schedule.step()
+    assert resumed.param_groups[0]["lr"] == pytest.approx(1e-4)
+    assert not apply_configured_learning_rates(checkpoint, [1e-4])  # already at the configured rate
