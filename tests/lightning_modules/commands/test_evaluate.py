@@ -184,3 +184,27 @@ def test_a_single_unit_is_ranked_by_its_conditions_own_score():
     assert _primary([EvalUnit(Path("c"), canny, {}, CannyExtractor(), shapes)]) == "canny_f1"
     unnamed = OmegaConf.create({"name": "boxes"})  # no metric and no re-extraction score: the scene's
     assert _primary([EvalUnit(Path("g"), unnamed, {}, ShapesBoxesExtractor(4), shapes)]) == "mask_iou"
+
+
+def test_a_multi_condition_adapter_is_evaluated_on_the_subset_asked(tmp_path):
+    """condition_subset=[canny]: only the canny part is given and scored (as a dedicated canny adapter is), the
+    grid ranked by canny F1; a run without parts says so in one line."""
+    quick = ["num_samples=2", "num_seeds=1", "sampling.num_inference_steps=2", "grid_rows=1"]
+    absent = [f"quality.inception_weights={tmp_path / 'absent.pth'}", f"quality.clip_model={tmp_path / 'absent'}"]
+    cfg = compose_evaluate_config(
+        tmp_path / "canny", ["adapter_path=tiny/controlnet_multi", "condition_subset=[canny]", *quick, *absent]
+    )
+    summary = run_evaluate(cfg)
+    GlobalHydra.instance().clear()
+    assert summary["primary_metric"] == "canny_f1" and summary["condition_subset"] == ["canny"]
+    assert "canny_f1" in summary["adapter"] and "depth_rmse" not in summary["adapter"]
+    units, _ = evaluation_units(
+        compose_evaluate_config(tmp_path / "all", ["adapter_path=tiny/controlnet_multi", *quick])
+    )
+    GlobalHydra.instance().clear()
+    assert units[0].condition.extractor.use is None  # all parts when no subset is asked
+    with pytest.raises(CtrlkitError, match=r"condition_subset=\['canny'\]: the canny condition has no parts"):
+        evaluation_units(
+            compose_evaluate_config(tmp_path / "x", ["adapter_path=tiny/controlnet_canny", "condition_subset=[canny]"])
+        )
+    GlobalHydra.instance().clear()
