@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -227,3 +228,27 @@ def test_unit_from_spec_defaults_and_one_line_errors(tiny_backbone):
         unit_from_spec({"scale": 0.5}, gligen, {}, (64, 64), "boxes")
     with pytest.raises(CtrlkitError, match=r"unit 'boxes': need 0 <= start < end <= 1"):
         unit_from_spec({"start": 0.6, "end": 0.5}, gligen, {}, (64, 64), "boxes")
+
+
+def test_parts_of_a_multi_condition_unit_are_checked_in_one_line(tmp_path):
+    """``parts`` names map files for a multi-condition adapter's parts: bad values, unknown parts and an adapter
+    without parts are one-line errors naming the unit."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    edges = Path(__file__).resolve().parents[3] / "examples" / "images" / "multi_canny.png"
+    cases = [
+        (
+            "tiny/controlnet_multi",
+            f"{{edges: {edges}}}",
+            r"unknown part\(s\) \['edges'\]; this multi condition has: canny",
+        ),
+        ("tiny/controlnet_multi", "{canny: absent.png}", r"parts=\{'canny': 'absent.png'\}; allowed: \{<part name>"),
+        ("tiny/controlnet_canny", f"{{canny: {edges}}}", r"parts= is for a multi-condition adapter"),
+    ]
+    for index, (adapter, parts, message) in enumerate(cases):
+        cfg = compose_config(
+            "generate", tmp_path / str(index), [f"units=[{{adapter: {adapter}, parts: {parts}}}]", "prompts=[a]"]
+        )
+        with pytest.raises(CtrlkitError, match=message):
+            run_generate(cfg)
+        GlobalHydra.instance().clear()
