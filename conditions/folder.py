@@ -215,6 +215,11 @@ def extract_folder(
     """
     if getattr(extractor, "reads_scene", False):
         raise ExtractionError(f"condition '{extractor.name}' reads shapes scenes, not image files; pick e.g. canny")
+    if getattr(extractor, "kind", "image") == "image" and extractor.channels > 4:
+        raise ExtractionError(
+            f"condition '{extractor.name}' makes {extractor.channels}-channel maps, which no image file holds; "
+            "extract each of its parts as its own condition (e.g. condition=canny)"
+        )
     if num_workers < 0 or chunk_size < 1 or max_image_pixels < 1:
         raise ExtractionError(
             f"num_workers must be >= 0, chunk_size >= 1 and max_image_pixels >= 1, got {num_workers}, {chunk_size}, "

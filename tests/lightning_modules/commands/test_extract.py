@@ -73,6 +73,11 @@ def test_other_settings_and_output_inside_input_are_refused(tmp_path):
         extract_folder(CannyExtractor(), source, tmp_path, num_workers=0, progress=False)
     with pytest.raises(ExtractionError, match="input folder not found"):
         extract_folder(CannyExtractor(), tmp_path / "nope", tmp_path / "out2", num_workers=0, progress=False)
+    from conditions.multi import MultiConditionExtractor
+
+    stacked = MultiConditionExtractor({"canny": CannyExtractor(channels=1), "soft": CannyExtractor(50, 100, 3)})
+    with pytest.raises(ExtractionError, match="makes 6-channel maps, which no image file holds"):
+        extract_folder(stacked, source, tmp_path / "out3", num_workers=0, progress=False)
 
 
 def test_same_stem_with_two_suffixes_keeps_both(tmp_path):
