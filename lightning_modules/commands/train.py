@@ -100,9 +100,12 @@ def build_system(cfg: DictConfig) -> tuple:
     extractor = instantiate(cfg.condition.extractor, _convert_="all")
     datamodule = instantiate(cfg.data, extractor=extractor, _convert_="all")
     # Config gives the adapter's knobs, the loaded model gives its shapes.
-    adapter = instantiate(cfg.adapter.build, _convert_="all")(
-        backbone.unet, vae_scale_factor=backbone.vae_scale_factor
-    )
+    try:
+        adapter = instantiate(cfg.adapter.build, _convert_="all")(
+            backbone.unet, vae_scale_factor=backbone.vae_scale_factor
+        )
+    except ValueError as error:  # the adapter refusing its settings for this base or condition: one line
+        raise CtrlkitError(f"adapter={cfg.adapter.name}: {error}") from error
     # _convert_="all": plain lists in hparams, so checkpoints load with weights_only=True.
     system = instantiate(cfg.system, backbone=backbone, adapter=adapter, _convert_="all")
     return backbone, datamodule, adapter, system

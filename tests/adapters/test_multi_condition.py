@@ -89,3 +89,11 @@ def test_a_condition_without_parts_is_a_one_line_error():
         MultiConditionControlNetAdapter(plain, ["a", "b"], [3, 4])
     with pytest.raises(ValueError, match="keep_probability must be in"):
         build(keep_probability=0.0)
+
+
+def test_training_it_without_a_multi_condition_is_a_one_line_error(make_train_config):
+    from lightning_modules.commands.train import train
+    from lightning_modules.errors import CtrlkitError
+
+    with pytest.raises(CtrlkitError, match=r"adapter=controlnet_multi: .* needs a condition with parts"):
+        train(make_train_config("adapter=controlnet_multi", "trainer.max_steps=1"))
