@@ -20,12 +20,13 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from adapters.multi_condition import PARTS_NAME
 from conditions import read_image
 from lightning_modules.commands.config_checks import group_options, load_condition_config
 from lightning_modules.commands.evaluate import locate_adapter
 from lightning_modules.commands.generate import build_extractor, run_generate
 from lightning_modules.errors import CtrlkitError
-from lightning_modules.shipped_adapters import PREFIX, shipped_adapter_names
+from lightning_modules.shipped_adapters import PREFIX, SHIPPED_TINY_ADAPTERS, shipped_adapter_names
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,18 @@ MIN_BOX_AREA = 0.002
 def find_adapters(outputs_dir: str | Path | None) -> list[str]:
     """Adapters the page offers: the shipped ``tiny/<name>`` ones, then every exported ``adapter/`` folder under
     ``outputs_dir`` (newest first), as paths ``ctrlkit generate`` accepts."""
-    found = [PREFIX + name for name in shipped_adapter_names()]
+    # a multi-condition ControlNet takes several maps per unit (generate's parts=), which the page's one condition
+    # per unit cannot give: not offered here
+    found = [
+        PREFIX + name for name in shipped_adapter_names() if not (SHIPPED_TINY_ADAPTERS / name / PARTS_NAME).is_file()
+    ]
     root = Path(outputs_dir).expanduser() if outputs_dir else None
     if root is not None and root.is_dir():
-        folders = [f for f in root.rglob("adapter") if f.is_dir() and any(f.glob("*.safetensors"))]
+        folders = [
+            f
+            for f in root.rglob("adapter")
+            if f.is_dir() and any(f.glob("*.safetensors")) and not (f / PARTS_NAME).is_file()
+        ]
         found += [str(f) for f in sorted(folders, key=lambda f: f.stat().st_mtime, reverse=True)]
     return found
 

@@ -70,7 +70,12 @@ def parts_map(spec: dict, adapter, size: tuple[int, int]) -> np.ndarray:
             f"unit {spec['adapter']}: parts= is for a multi-condition adapter (adapter=controlnet_multi); give this "
             "one condition_image=<map>"
         )
-    layout, parts = dict(zip(adapter.part_names, adapter.part_channels)), spec["parts"]
+    layout, parts = dict(zip(adapter.part_names, adapter.part_channels)), spec.get("parts")
+    if not parts:
+        raise CtrlkitError(
+            f"unit {spec['adapter']}: a multi-condition adapter takes parts={{<part>: <map image>, ...}}, any of: "
+            f"{', '.join(layout)} (not condition_image or source_image)"
+        )
     maps = {name: fit_map(read_image(file), size, "crop_and_resize", cv2.INTER_AREA) for name, file in parts.items()}
     try:
         return stack_parts(maps, layout, size)
@@ -94,7 +99,7 @@ def build_units(specs: list[dict], backbone: Backbone, size: tuple[int, int], ba
         log.info("unit %d: %s read as %s", index, spec["adapter"], found)
         if adapter.accepts == "grounding":
             condition, drawn = grounding_condition(spec, adapter, backbone, size, batch)
-        elif spec.get("parts"):
+        elif spec.get("parts") or hasattr(adapter, "part_names"):
             drawn = parts_map(spec, adapter, size)
             condition = to_condition_tensor(drawn, adapter.condition_channels, batch)
         else:

@@ -245,6 +245,13 @@ def test_parts_of_a_multi_condition_unit_are_checked_in_one_line(tmp_path):
         ("tiny/controlnet_multi", "{canny: absent.png}", r"parts=\{'canny': 'absent.png'\}; allowed: \{<part name>"),
         ("tiny/controlnet_canny", f"{{canny: {edges}}}", r"parts= is for a multi-condition adapter"),
     ]
+    plain = f"units=[{{adapter: tiny/controlnet_multi, condition_image: {edges}}}]"
+    cfg = compose_config("generate", tmp_path / "plain", [plain, "prompts=[a]"])
+    with pytest.raises(
+        CtrlkitError, match=r"a multi-condition adapter takes parts=\{<part>: <map image>, ...\}, any of: canny"
+    ):
+        run_generate(cfg)
+    GlobalHydra.instance().clear()
     for index, (adapter, parts, message) in enumerate(cases):
         cfg = compose_config(
             "generate", tmp_path / str(index), [f"units=[{{adapter: {adapter}, parts: {parts}}}]", "prompts=[a]"]
