@@ -227,8 +227,11 @@ def configure(cfg: DictConfig) -> list[EvalUnit]:
         if len(units) == 1 and cfg.get("adapter_path") and trained is not None:
             cfg.adapter, cfg.condition = trained.adapter, trained.condition
         scene_objects = [unit.condition.scene_objects for unit in units if "scene_objects" in unit.condition]
-        if len(units) > 1 and scene_objects and "num_objects" in cfg.data:
-            cfg.data.num_objects = scene_objects[0]  # the scenes a grounding unit was trained on (GLIGEN: 1-3)
+        # units=[...] (one or several): the scenes a grounding unit was trained on (GLIGEN: 1-3), not those of
+        # this config's default condition (one object); adapter_path took the run's condition, which says the same
+        from_units = not (len(units) == 1 and cfg.get("adapter_path"))
+        if from_units and scene_objects and "num_objects" in cfg.data:
+            cfg.data.num_objects = scene_objects[0]
     check_train_config(cfg)
     return units
 

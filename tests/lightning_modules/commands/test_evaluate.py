@@ -208,3 +208,17 @@ def test_a_multi_condition_adapter_is_evaluated_on_the_subset_asked(tmp_path):
             compose_evaluate_config(tmp_path / "x", ["adapter_path=tiny/controlnet_canny", "condition_subset=[canny]"])
         )
     GlobalHydra.instance().clear()
+
+
+def test_a_grounding_unit_is_evaluated_on_the_scenes_it_was_trained_on(tmp_path):
+    """units=[{adapter: <GLIGEN>}] alone: 1-3-object scenes as in its training, not the default condition's one."""
+    from lightning_modules.commands.evaluate import configure
+
+    for overrides in (
+        ["units=[{adapter: tiny/gligen_masked_boxes, end: 1.0}]"],
+        ["adapter_path=tiny/gligen_masked_boxes"],
+    ):
+        cfg = compose_evaluate_config(tmp_path / "out", overrides)
+        units = configure(cfg)
+        GlobalHydra.instance().clear()
+        assert list(cfg.data.num_objects) == [1, 3] and units[0].condition.name == "boxes"
