@@ -40,6 +40,10 @@ class MultiConditionControlNetAdapter(ControlNetAdapter):
         part_channels: channels of each part's map.
         keep_probability: in training, the chance each part of an item is kept; an item that would keep none keeps
             all (with 3 parts at 0.5: the full set 1/4 of the time, each single part 1/8, each pair 1/8).
+        single_probability: in training, the chance an item keeps exactly one of its given parts (each alike)
+            instead of a ``keep_probability`` subset. A part that says less than another (canny edges beside a
+            mask) is otherwise learned mostly beside it, where the model can ignore it; single-part items make each
+            part work alone. 0 draws nothing extra (the random stream of runs without it is unchanged).
     """
 
     family = "controlnet_multi"
@@ -51,6 +55,7 @@ class MultiConditionControlNetAdapter(ControlNetAdapter):
         part_names: list[str],
         part_channels: list[int],
         keep_probability: float = 0.5,
+        single_probability: float = 0.0,
     ) -> None:
         super().__init__(controlnet)
         if len(part_names) != len(part_channels) or not part_names:
@@ -65,7 +70,10 @@ class MultiConditionControlNetAdapter(ControlNetAdapter):
             raise ValueError(f"keep_probability must be in (0, 1], got {keep_probability}")
         self.part_names = list(part_names)
         self.part_channels = list(part_channels)
+        if not 0.0 <= single_probability <= 1.0:
+            raise ValueError(f"single_probability must be in [0, 1], got {single_probability}")
         self.keep_probability = keep_probability
+        self.single_probability = single_probability
 
     @classmethod
     def from_unet(
@@ -76,6 +84,7 @@ class MultiConditionControlNetAdapter(ControlNetAdapter):
         part_names: list[str] | None = None,
         part_channels: list[int] | None = None,
         keep_probability: float = 0.5,
+        single_probability: float = 0.0,
         conditioning_embedding_out_channels: tuple[int, ...] | None = None,
     ) -> MultiConditionControlNetAdapter:
         """A ControlNet copied from ``unet`` (zero convolutions) taking the stacked map of ``part_names``."""
@@ -90,7 +99,7 @@ class MultiConditionControlNetAdapter(ControlNetAdapter):
             conditioning_channels=sum(part_channels) + len(part_names),
             conditioning_embedding_out_channels=conditioning_embedding_out_channels,
         )
-        return cls(plain.controlnet, list(part_names), list(part_channels), keep_probability)
+        return cls(plain.controlnet, list(part_names), list(part_channels), keep_probability, single_probability)
 
     def part_mask(self, kept: torch.Tensor) -> torch.Tensor:
         """(B, K) bool parts kept -> (B, channels) float: 1 on the kept parts' channels and presence planes."""
@@ -107,6 +116,12 @@ class MultiConditionControlNetAdapter(ControlNetAdapter):
         kept = drawn & given
         empty = ~kept.any(dim=1)
         kept[empty] = given[empty]  # an item never loses all its parts here (condition dropout does that)
+        if self.single_probability > 0:
+            single = (_rand(generator, batch) < self.single_probability) & given.any(dim=1)
+            # the k-th of the item's given parts, k uniform over how many it has
+            rank = (_rand(generator, batch) * given.sum(dim=1)).long()
+            one = given & (given.long().cumsum(dim=1) - 1 == rank[:, None])
+            kept[single] = one[single]
         mask = self.part_mask(kept.to(condition.device))
         return condition * mask.to(condition.dtype)[:, :, None, None]
 

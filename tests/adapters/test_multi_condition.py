@@ -73,6 +73,25 @@ def test_keep_probability_one_keeps_everything_and_absent_parts_stay_absent():
     assert kept_parts(out) == [{"edges"}] * 4  # kept even when the draw dropped it: an item keeps a part
 
 
+def test_single_probability_makes_items_keep_one_of_their_given_parts():
+    condition = full_condition(90)
+    condition[:30, [0, 4]] = 0  # the first 30 items come without edges
+    kept = kept_parts(build(single_probability=1.0).training_condition(condition, torch.Generator().manual_seed(0)))
+    assert all(len(parts) == 1 for parts in kept)
+    assert all(parts != {"edges"} for parts in kept[:30])  # a part the data left out is never the one kept
+    counts = {name: sum(parts == {name} for parts in kept) for name in CHANNELS}
+    assert all(counts[name] >= 18 for name in CHANNELS), counts  # each alike: 20 / 35 / 35 expected
+    mixed = kept_parts(build(single_probability=0.5).training_condition(condition, torch.Generator().manual_seed(0)))
+    assert 50 <= sum(len(parts) == 1 for parts in mixed) <= 85  # half single, plus the subsets' own singles
+    # 0 draws nothing more than one number per part and item: later draws of the step are those of earlier runs
+    generator, reference = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    build(single_probability=0.0).training_condition(condition, generator)
+    [torch.rand(90, generator=reference) for _ in CHANNELS]
+    assert torch.equal(generator.get_state(), reference.get_state())
+    with pytest.raises(ValueError, match="single_probability must be in"):
+        build(single_probability=1.5)
+
+
 def test_parts_are_saved_and_loaded_back(tmp_path):
     adapter = build()
     adapter.save_pretrained(tmp_path / "multi")
