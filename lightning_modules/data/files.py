@@ -34,6 +34,18 @@ log = logging.getLogger(__name__)
 CONDITION_SOURCES = ("files", "extractor")
 
 
+def check_condition_source(conditions: str, extractor: ConditionExtractor, maps_from: str) -> None:
+    """One-line errors for a ``data.conditions`` that is not a known source, and for ``extractor`` with a condition
+    that reads drawn ``shapes`` scenes (shapes_mask, shapes_depth, boxes, multi with such a part), which files do
+    not hold; ``maps_from`` says where such maps come from for this data."""
+    if conditions not in CONDITION_SOURCES:
+        raise CtrlkitError(f"unknown data.conditions '{conditions}'; choose one of: {', '.join(CONDITION_SOURCES)}")
+    if conditions == "extractor" and getattr(extractor, "reads_scene", False):
+        raise CtrlkitError(
+            f"the '{extractor.name}' condition extractor reads drawn shapes scenes, not pixels: {maps_from}"
+        )
+
+
 @dataclass(frozen=True)
 class PairRecord:
     """One training pair; ``where`` (``file:line``) names the index line it came from in errors."""
@@ -234,10 +246,9 @@ class FileDataModule(ConditionedDataModule):
         super().__init__()
         if layout not in self.LAYOUTS:
             raise CtrlkitError(f"unknown data.layout '{layout}'; choose one of: {', '.join(self.LAYOUTS)}")
-        if conditions not in CONDITION_SOURCES:
-            raise CtrlkitError(
-                f"unknown data.conditions '{conditions}'; choose one of: {', '.join(CONDITION_SOURCES)}"
-            )
+        check_condition_source(
+            conditions, extractor, "train it on data=shapes, or pick an image extractor (e.g. condition=canny)"
+        )
         if batch_size < 1:
             raise CtrlkitError(f"data.batch_size must be >= 1, got {batch_size}")
         if not Path(root).is_dir():

@@ -34,7 +34,7 @@ from conditions import ConditionExtractor
 from conditions.io import MAX_IMAGE_PIXELS
 from conditions.shapes import ShapeScene
 from lightning_modules.data.common import ConditionedDataModule, check_on_error, collate_skipping
-from lightning_modules.data.files import CONDITION_SOURCES
+from lightning_modules.data.files import check_condition_source
 from lightning_modules.data.shapes import ShapesDataset
 from lightning_modules.data.shard_format import (
     SampleDecoder,
@@ -287,10 +287,11 @@ class WebDataModule(ConditionedDataModule):
         world_size: int | None = None,
     ) -> None:
         super().__init__()
-        if conditions not in CONDITION_SOURCES:
-            raise CtrlkitError(
-                f"unknown data.conditions '{conditions}'; choose one of: {', '.join(CONDITION_SOURCES)}"
-            )
+        check_condition_source(
+            conditions,
+            extractor,
+            "use data.conditions=files with shards that hold its maps (ctrlkit shards source=shapes condition=...)",
+        )
         for key, value, least in (
             ("batch_size", batch_size, 1),
             ("val_size", val_size, 1),
@@ -300,11 +301,6 @@ class WebDataModule(ConditionedDataModule):
             if value < least:
                 raise CtrlkitError(f"data.{key}={value} must be >= {least}")
         check_on_error(on_error)
-        if conditions == "extractor" and getattr(extractor, "reads_scene", False):
-            raise CtrlkitError(
-                f"condition '{extractor.name}' reads shapes scenes, not pixels: use data.conditions=files with shards "
-                "that hold its maps (ctrlkit shards source=shapes condition=...)"
-            )
         self.on_error = on_error
         self.shuffle_seed = seed
         self.image_size = image_size

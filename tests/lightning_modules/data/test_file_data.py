@@ -10,6 +10,8 @@ import torch
 
 from conditions import CannyExtractor, ImageDecodeError, read_image
 from conditions.circles import write_circles
+from conditions.multi import MultiConditionExtractor
+from conditions.shapes_truth import ShapesTruthExtractor
 from lightning_modules.data.files import FileDataModule
 from lightning_modules.errors import CtrlkitError
 
@@ -89,6 +91,16 @@ def test_bad_settings_are_named(tmp_path):
         FileDataModule(str(root), CannyExtractor(), layout="coco")
     with pytest.raises(CtrlkitError, match="unknown data.conditions 'cache'; choose one of: files, extractor"):
         FileDataModule(str(root), CannyExtractor(), conditions="cache")
+    # ground truth of drawn shapes scenes cannot be extracted from files' pixels: said before any item loads
+    multi = MultiConditionExtractor(
+        {"canny": CannyExtractor(channels=1), "shapes_mask": ShapesTruthExtractor("mask", channels=1)}
+    )
+    for extractor, name in [(ShapesTruthExtractor("mask"), "shapes_truth"), (multi, "multi")]:
+        with pytest.raises(
+            CtrlkitError,
+            match=f"the '{name}' condition extractor reads drawn shapes scenes, not pixels: train it on data=shapes",
+        ):
+            FileDataModule(str(root), extractor, conditions="extractor")
     with pytest.raises(CtrlkitError, match=r"data.val_size=3 must be >= 1 and below the 3 usable pairs"):
         FileDataModule(str(root), CannyExtractor(), val_size=3)
     with pytest.raises(CtrlkitError, match=r"dataset index not found: .*metadata\.jsonl"):
