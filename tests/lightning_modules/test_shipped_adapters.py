@@ -164,8 +164,10 @@ MULTI_PROMPT = "a green circle and a purple triangle on a orange background"  # 
 
 def test_the_shipped_multi_condition_controlnet_takes_any_subset_of_its_parts(tmp_path):
     """tiny/controlnet_multi given each non-empty subset of its three maps (examples/images/multi_*.png): every
-    subset gives another image, and each draws the scene's silhouette (measured: mask IoU 0.72-0.77 for the seven
-    subsets; the base alone, same prompt, seeds 0-2: 0.48, 0.03, 0.29)."""
+    subset gives another image, each draws the scene's silhouette (measured: mask IoU 0.71-0.82 for the seven
+    subsets; the base alone, same prompt, seeds 0-2: 0.48, 0.03, 0.29), and on this scene the full set draws it best
+    (0.82; canny, depth, mask alone 0.72, 0.79, 0.72). Over the 64 x 2 evaluation set the full set ties the mask
+    alone and is 0.005 below depth alone (README), so this is one scene's regression check, not the set's claim."""
     from itertools import combinations
 
     from conditions.metrics import colour_mask, mask_iou
@@ -187,6 +189,10 @@ def test_the_shipped_multi_condition_controlnet_takes_any_subset_of_its_parts(tm
     for first, second in combinations(subsets, 2):
         assert np.abs(images[first] - images[second]).mean() > 1.0, (first, second)  # each subset changes it
     target = read_image(str(ROOT / "examples" / "images" / MULTI_MAPS["shapes_mask"]))[:, :, 0] > 127
+    scores = {}
     for subset, image in images.items():
         drawn = colour_mask(image.astype(np.uint8), "green") | colour_mask(image.astype(np.uint8), "purple")
-        assert mask_iou(drawn, target) >= 0.65, subset
+        scores[subset] = mask_iou(drawn, target)
+        assert scores[subset] >= 0.65, subset
+    full = tuple(MULTI_MAPS)
+    assert all(scores[full] > scores[(name,)] for name in MULTI_MAPS), scores
