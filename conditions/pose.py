@@ -18,6 +18,25 @@ BODY_PARTS = (
 )  # fmt: skip
 
 
+# OpenPose's estimator scales an image's height to 184 px and its width alike, so a wide strip (1 x 700 px) becomes
+# a 184 x 128,800 network input (minutes of CPU and gigabytes for one image) and a tall one (600 x 2 px) a width
+# under one pixel (an OpenCV assertion). Images longer than this ratio either way are padded with black (below or
+# to the right) up to it, detected there and mapped back: the same people, bounded work.
+MAX_ASPECT = 4
+
+
+def pad_to_aspect(image: np.ndarray) -> np.ndarray:
+    """HxWx3 -> H'xW'x3, black rows below a wide image and columns right of a tall one, so that neither side is
+    more than ``MAX_ASPECT`` times the other; the image itself when it already is."""
+    height, width = image.shape[:2]
+    padded_height, padded_width = max(height, -(-width // MAX_ASPECT)), max(width, -(-height // MAX_ASPECT))
+    if (padded_height, padded_width) == (height, width):
+        return image
+    padded = np.zeros((padded_height, padded_width, *image.shape[2:]), dtype=image.dtype)
+    padded[:height, :width] = image
+    return padded
+
+
 class PoseExtractor(ConditionExtractor):
     """OpenPose body skeletons drawn as controlnet_aux's ``OpenposeDetector`` draws them (body only), at the input's
     size; ``keypoints`` gives the detected people as normalised coordinates.
@@ -66,12 +85,22 @@ class PoseExtractor(ConditionExtractor):
     def keypoints(self, image: np.ndarray) -> list[list[tuple[float, float] | None]]:
         """HxWx3 uint8 RGB -> one list per person of 18 ``(x, y)`` in [0, 1] (``BODY_PARTS`` order), None where
         a part was not found."""
-        poses = self._detector.detect_poses(image)
-        return [[None if k is None else (float(k.x), float(k.y)) for k in pose.body.keypoints] for pose in poses]
+        padded = pad_to_aspect(image)
+        # detect_poses normalises by the padded size; points in the padding (none expected on black) are dropped
+        stretch_x, stretch_y = padded.shape[1] / image.shape[1], padded.shape[0] / image.shape[0]
+        people = []
+        for pose in self._detector.detect_poses(padded):
+            points = [
+                None if k is None else (float(k.x * stretch_x), float(k.y * stretch_y)) for k in pose.body.keypoints
+            ]
+            people.append([None if p is None or max(p) > 1 else p for p in points])
+        return people
 
     def extract(self, image: np.ndarray) -> np.ndarray:
         """HxWx3 uint8 RGB -> HxWx3 uint8 skeleton drawing on black."""
         from controlnet_aux.open_pose import draw_poses
 
-        poses = self._detector.detect_poses(image)
-        return draw_poses(poses, *image.shape[:2], draw_body=True, draw_hand=False, draw_face=False)
+        padded = pad_to_aspect(image)
+        poses = self._detector.detect_poses(padded)
+        drawing = draw_poses(poses, *padded.shape[:2], draw_body=True, draw_hand=False, draw_face=False)
+        return drawing[: image.shape[0], : image.shape[1]]

@@ -4,6 +4,7 @@ grounding records from annotation files and shapes scenes."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -78,6 +79,23 @@ def test_pose_equals_controlnet_aux_and_gives_keypoints(openpose_weights_dir):
     people = extractor.keypoints(photo)
     assert all(len(person) == 18 for person in people)
     assert all(0 <= v <= 1 for person in people for point in person if point for v in point)
+
+
+def test_pose_on_a_long_strip_pads_it_instead_of_hanging_or_failing(openpose_weights_dir):
+    """A 1 x 700 image would be a 184 x 128,800 network input upstream (minutes, gigabytes), a 600 x 2 one a width
+    under a pixel (an OpenCV assertion); padded to 4:1 each takes about a second and gives a map of its own size."""
+    from conditions.pose import pad_to_aspect
+
+    wide, tall = np.full((1, 700, 3), 200, np.uint8), np.full((600, 2, 3), 200, np.uint8)
+    assert pad_to_aspect(wide).shape == (175, 700, 3) and pad_to_aspect(tall).shape == (600, 150, 3)
+    assert (pad_to_aspect(wide)[:1] == wide).all() and not pad_to_aspect(wide)[1:].any()
+    photo = photographs()["astronaut"][:96, :192]
+    assert pad_to_aspect(photo) is photo  # 2:1 is left alone
+    extractor = PoseExtractor(weights_dir=openpose_weights_dir)
+    for strip in (wide, tall):
+        started = time.perf_counter()
+        assert extractor(strip).shape == (3, *strip.shape[:2]) and time.perf_counter() - started < 20
+        assert extractor.keypoints(strip) == []
 
 
 def test_missing_weights_and_model_folders_are_named(tmp_path):
