@@ -68,10 +68,10 @@ class MultiConditionControlNetAdapter(ControlNetAdapter):
             )
         if not 0.0 < keep_probability <= 1.0:
             raise ValueError(f"keep_probability must be in (0, 1], got {keep_probability}")
-        self.part_names = list(part_names)
-        self.part_channels = list(part_channels)
         if not 0.0 <= single_probability <= 1.0:
             raise ValueError(f"single_probability must be in [0, 1], got {single_probability}")
+        self.part_names = list(part_names)
+        self.part_channels = list(part_channels)
         self.keep_probability = keep_probability
         self.single_probability = single_probability
 

@@ -20,7 +20,7 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from adapters.multi_condition import PARTS_NAME
+from adapters.multi_condition import MultiConditionControlNetAdapter
 from conditions import read_image
 from lightning_modules.commands.config_checks import group_options, load_condition_config
 from lightning_modules.commands.evaluate import locate_adapter
@@ -43,16 +43,11 @@ def find_adapters(outputs_dir: str | Path | None) -> list[str]:
     ``outputs_dir`` (newest first), as paths ``ctrlkit generate`` accepts."""
     # a multi-condition ControlNet takes several maps per unit (generate's parts=), which the page's one condition
     # per unit cannot give: not offered here
-    found = [
-        PREFIX + name for name in shipped_adapter_names() if not (SHIPPED_TINY_ADAPTERS / name / PARTS_NAME).is_file()
-    ]
+    multi = MultiConditionControlNetAdapter.recognizes
+    found = [PREFIX + name for name in shipped_adapter_names() if not multi(SHIPPED_TINY_ADAPTERS / name)]
     root = Path(outputs_dir).expanduser() if outputs_dir else None
     if root is not None and root.is_dir():
-        folders = [
-            f
-            for f in root.rglob("adapter")
-            if f.is_dir() and any(f.glob("*.safetensors")) and not (f / PARTS_NAME).is_file()
-        ]
+        folders = [f for f in root.rglob("adapter") if f.is_dir() and any(f.glob("*.safetensors")) and not multi(f)]
         found += [str(f) for f in sorted(folders, key=lambda f: f.stat().st_mtime, reverse=True)]
     return found
 
