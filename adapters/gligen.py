@@ -252,14 +252,17 @@ class GligenAdapter(ConditioningAdapter):
         """Write ``gligen.safetensors`` (GLIGEN's layers only, UNet key names) and ``gligen_config.json``; with
         ``export_unet`` also ``unet/``, the whole gated UNet as a diffusers folder."""
         save_file(self.gligen_state_dict(), str(directory / WEIGHTS_NAME))
-        config = {
+        (directory / CONFIG_NAME).write_text(json.dumps(self.saved_config(), indent=2) + "\n")
+        if self.export_unet:
+            self.unet.save_pretrained(directory / UNET_FOLDER, safe_serialization=True)
+
+    def saved_config(self) -> dict:
+        """``gligen_config.json``: the variant and the ``from_unet`` options that change how the weights run."""
+        return {
             "variant": self.variant,
             "max_objects": self.max_objects,
             "scheduled_sampling_beta": self.scheduled_sampling_beta,
         }
-        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        if self.export_unet:
-            self.unet.save_pretrained(directory / UNET_FOLDER, safe_serialization=True)
 
     @classmethod
     def recognizes(cls, path: Path) -> bool:

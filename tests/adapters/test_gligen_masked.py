@@ -17,7 +17,12 @@ from PIL import Image
 from adapters import AdapterFormatError, ControlNetAdapter, GroundingCondition
 from adapters.composition import Composition, ControlUnit
 from adapters.gligen import GligenAdapter
-from adapters.gligen_masked import BoxMaskedGligenAdapter, token_grid
+from adapters.gligen_masked import (
+    BoxedGroundingTokens,
+    BoxMaskedGatedSelfAttention,
+    BoxMaskedGligenAdapter,
+    token_grid,
+)
 from adapters.registry import load_adapter
 from lightning_modules.backbone import build_tiny_backbone, load_tiny_backbone
 from lightning_modules.commands.config_checks import check_train_config
@@ -272,3 +277,37 @@ def test_the_experiment_composes_and_trains_three_steps(make_train_config):
     exported = Path(cfg.paths.output_dir) / "adapter"
     assert json.loads((exported / "gligen_config.json").read_text())["variant"] == "gligen_masked"
     assert (exported / "README.md").is_file()
+
+
+@pytest.mark.parametrize("instance_attention", [False, True])
+def test_instance_attention_keeps_a_boxed_token_to_its_own_boxes_tokens(instance_attention):
+    fuser = BoxMaskedGatedSelfAttention(query_dim=8, context_dim=8, n_heads=2, d_head=4)
+    with torch.no_grad():
+        fuser.alpha_attn.fill_(1.0)
+        fuser.alpha_dense.fill_(0.0)  # the attention alone: the feed-forward mixes no tokens anyway
+    boxes = torch.tensor([[TOP_LEFT, BOTTOM_RIGHT]])
+    objs = BoxedGroundingTokens(torch.randn(1, 2, 8), boxes, torch.ones(1, 2), (4, 4), instance_attention)
+    x = torch.randn(1, 16, 8, generator=torch.Generator().manual_seed(0))
+    changed = x.clone()
+    bottom_right = torch.tensor([10, 11, 14, 15])  # the 4 x 4 grid's cells inside BOTTOM_RIGHT only
+    changed[:, bottom_right] += torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(1))  # not a shift:
+    # the fuser's LayerNorm would remove one
+    with torch.no_grad():
+        before, after = fuser(x, objs), fuser(changed, objs)
+    top_left, outside = torch.tensor([0, 1, 4, 5]), torch.tensor([2, 3, 6, 7, 8, 9, 12, 13])
+    moved = (after - before)[0, top_left].abs().max()
+    # with instance attention the top-left box's tokens read only each other (and their grounding token)
+    assert (moved < 1e-6) if instance_attention else (moved > 1e-3)
+    assert (after - before)[0, outside].abs().max() > 1e-3  # a token in no box still reads every visual token
+
+
+def test_instance_attention_is_saved_and_loaded(tiny_backbone, tmp_path):
+    adapter = BoxMaskedGligenAdapter.from_unet(tiny_backbone.unet, instance_attention=True, export_unet=False)
+    open_gates(adapter)
+    condition = grounding([TOP_LEFT, RIGHT_EDGE])
+    expected = unet_output(adapter, condition)
+    adapter.save_pretrained(tmp_path / "instance")
+    loaded = BoxMaskedGligenAdapter.from_pretrained(tmp_path / "instance", build_tiny_backbone(seed=0).unet)
+    assert loaded.instance_attention and torch.equal(unet_output(loaded, condition), expected)
+    loaded.instance_attention = False  # the option changes the model: the comparison can fail
+    assert (unet_output(loaded, condition) - expected).abs().max() > 1e-4
