@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from adapters.sampling import make_scheduler, sample_latents
 from conditions.differentiable import edge_consistency_loss, soft_canny
 from lightning_modules.errors import CtrlkitError
 from lightning_modules.step_inputs import Draws, TrainingInputs, randint, randn
@@ -47,6 +48,12 @@ class CycleConsistencyReward:
         low_threshold, high_threshold: the Canny thresholds the condition was made with (conf/condition/canny).
         tolerance: pixels of slack between the soft and the Canny edges (``edge_consistency_loss``).
         condition: the run's condition name; the extractor must re-extract that condition.
+        start: "data": noise the training latents (the paper's); "samples": noise the adapter's own samples instead,
+            drawn without gradients from pure noise for the batch's prompts and conditions (``sample_steps`` steps of
+            UniPC, classifier-free guidance ``guidance_scale``), so the term sees the errors sampling makes (soft
+            or shifted edges) where the training latents have none (ReFL-style; DRaFT and ReFL reward a model's own
+            samples).
+        max_items: reward at most this many items of a batch (the first kept ones): bounds a "samples" step's cost.
     """
 
     def __init__(
@@ -58,6 +65,10 @@ class CycleConsistencyReward:
         high_threshold: float = 200.0,
         tolerance: int = 1,
         condition: str = "canny",
+        start: str = "data",
+        sample_steps: int = 10,
+        guidance_scale: float = 7.5,
+        max_items: int | None = None,
     ) -> None:
         if extractor not in REWARD_EXTRACTORS:
             raise CtrlkitError(f"reward extractor '{extractor}'; choose one of: {', '.join(REWARD_EXTRACTORS)}")
@@ -68,6 +79,18 @@ class CycleConsistencyReward:
             )
         if not 0 < max_timestep <= 1000 or weight < 0:
             raise CtrlkitError(f"reward needs 0 < max_timestep <= 1000 and weight >= 0; got {max_timestep}, {weight}")
+        if start not in ("data", "samples"):
+            raise CtrlkitError(
+                f"reward start '{start}'; choose data (training latents) or samples (the adapter's own)"
+            )
+        if sample_steps < 1 or (max_items is not None and max_items < 1):
+            raise CtrlkitError(f"reward needs sample_steps >= 1 and max_items >= 1; got {sample_steps}, {max_items}")
+        self.start, self.sample_steps, self.guidance_scale, self.max_items = (
+            start,
+            sample_steps,
+            guidance_scale,
+            max_items,
+        )
         self.weight = weight
         self.max_timestep = max_timestep
         self.thresholds = (low_threshold, high_threshold)
@@ -76,7 +99,10 @@ class CycleConsistencyReward:
     def draw(self, latents: torch.Tensor, generator: Draws) -> dict[str, torch.Tensor]:
         timesteps = randint(self.max_timestep, latents.shape[0], generator).to(latents.device)
         noise = randn(latents.shape, generator, dtype=latents.dtype).to(latents.device)
-        return {"timesteps": timesteps, "noise": noise}
+        draws = {"timesteps": timesteps, "noise": noise}
+        if self.start == "samples":  # the samples' seed comes from the step's generator too: resume stays exact
+            draws["sample_seed"] = randint(2**31 - 1, latents.shape[0], generator)[:1]
+        return draws
 
     def __call__(
         self, system: AdapterTrainingSystem, inputs: TrainingInputs, draws: dict[str, torch.Tensor]
@@ -87,24 +113,46 @@ class CycleConsistencyReward:
         if kept is None or not kept.any():  # every condition dropped: nothing to be consistent with
             zero = inputs.noisy_latents.sum() * 0.0
             return zero, {"reward_loss": 0.0}
+        if self.max_items is not None:  # the first max_items kept items
+            kept = kept & (kept.cumsum(0) <= self.max_items)
         scheduler = system.backbone.noise_scheduler
+        hidden, condition = inputs.encoder_hidden_states[kept], inputs.condition[kept]
+        added = _select(inputs.added_cond_kwargs, kept)
         latents, timesteps = inputs.latents[kept], draws["timesteps"][kept]
+        if self.start == "samples":
+            latents = self.own_samples(system, hidden, condition, added, latents.shape, int(draws["sample_seed"]))
         noisy = scheduler.add_noise(latents, draws["noise"][kept], timesteps)
         prediction = system.unet_prediction(
-            TrainingInputs(
-                noisy,
-                timesteps,
-                inputs.encoder_hidden_states[kept],
-                inputs.condition[kept],
-                inputs.target[kept],
-                _select(inputs.added_cond_kwargs, kept),
-            )
+            TrainingInputs(noisy, timesteps, hidden, condition, inputs.target[kept], added)
         )
         images = system.backbone.decode_latents_with_grad(predicted_clean(scheduler, noisy, timesteps, prediction))
         edges = soft_canny(images, *self.thresholds)
-        target = (inputs.condition[kept][:, :1] > 0.5).to(edges.dtype)
+        target = (condition[:, :1] > 0.5).to(edges.dtype)
         loss = edge_consistency_loss(edges.float(), target.float(), self.tolerance).mean()
         return self.weight * loss, {"reward_loss": float(loss.detach())}
+
+    def own_samples(self, system, hidden, condition, added, shape, seed: int) -> torch.Tensor:
+        """Latents (B, C, h, w) the adapter samples without gradients for these prompt embeddings and conditions."""
+        backbone = system.backbone
+        empty = [""] * shape[0]
+        uncond_hidden = backbone.encode_prompts(empty).to(hidden)
+        uncond_added = None
+        if added is not None:  # SDXL: the empty prompt's pooled text and time ids
+            uncond_added = backbone.unet_added_inputs(empty, tuple(s * backbone.vae_scale_factor for s in shape[-2:]))
+        return sample_latents(
+            backbone.unet,
+            make_scheduler("unipc", backbone.noise_scheduler.config),
+            hidden,
+            tuple(shape),
+            adapter=system.adapter,
+            condition=condition,
+            uncond_hidden_states=uncond_hidden,
+            guidance_scale=self.guidance_scale,
+            num_inference_steps=self.sample_steps,
+            generator=torch.Generator().manual_seed(seed),
+            added_cond_kwargs=added,
+            uncond_added_cond_kwargs=uncond_added,
+        ).to(hidden.dtype)
 
 
 def predicted_clean(scheduler, noisy: torch.Tensor, timesteps: torch.Tensor, prediction: torch.Tensor):

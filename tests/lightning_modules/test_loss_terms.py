@@ -107,3 +107,28 @@ def test_bad_reward_settings_and_a_grounding_condition_are_named(tiny_backbone):
     inputs.condition = object()  # a grounding condition is no map to re-extract
     with pytest.raises(CtrlkitError, match="needs an image condition"):
         reward(system, inputs, inputs.term_draws["reward"])
+
+
+def test_a_samples_reward_noises_the_adapters_own_samples_of_at_most_max_items(tiny_backbone):
+    reward = CycleConsistencyReward(start="samples", sample_steps=2, max_items=2)
+    system = make_system(tiny_backbone, loss_terms={"reward": reward})
+    inputs = system.training_inputs(canny_batch(), generator=torch.Generator().manual_seed(0), with_loss_terms=True)
+    draws = inputs.term_draws["reward"]
+    sampled = []
+    own_samples = reward.own_samples
+    reward.own_samples = lambda *args: sampled.append(own_samples(*args)) or sampled[-1]
+    value, _ = reward(system, inputs, draws)
+    assert sampled[0].shape == (2, *inputs.latents.shape[1:])  # the first two kept items only
+    assert not torch.allclose(sampled[0], inputs.latents[:2], atol=0.1)  # samples, not the training latents
+    again = own_samples(system, inputs.encoder_hidden_states[:2], inputs.condition[:2], None, (2, 4, 16, 16), 7)
+    assert torch.equal(
+        again, own_samples(system, inputs.encoder_hidden_states[:2], inputs.condition[:2], None, (2, 4, 16, 16), 7)
+    )  # the drawn seed fixes them: resume stays exact
+    value.backward()
+    assert sum(float(p.grad.abs().sum()) for p in system.adapter.trainable_parameters() if p.grad is not None) > 0
+    data_value, _ = CycleConsistencyReward(max_items=2)(system, inputs, draws)
+    assert data_value.item() != pytest.approx(value.item())
+    with pytest.raises(CtrlkitError, match="reward start 'noise'; choose data"):
+        CycleConsistencyReward(start="noise")
+    with pytest.raises(CtrlkitError, match="sample_steps >= 1 and max_items >= 1; got 10, 0"):
+        CycleConsistencyReward(max_items=0)
