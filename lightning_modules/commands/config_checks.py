@@ -491,6 +491,11 @@ def check_values(cfg: DictConfig) -> None:
     on_error = OmegaConf.select(cfg, "data.on_error", default=None)
     if on_error is not None and on_error not in ON_ERROR:
         raise CtrlkitError(f"data.on_error='{on_error}'; choose one of: {', '.join(ON_ERROR)}")
+    from lightning_modules.data.files import CONDITION_SOURCES  # here: the data module imports torch
+
+    conditions = OmegaConf.select(cfg, "data.conditions", default=None)  # file data's source of condition maps
+    if conditions is not None and conditions not in CONDITION_SOURCES:
+        raise CtrlkitError(f"unknown data.conditions '{conditions}'; choose one of: {', '.join(CONDITION_SOURCES)}")
     warmup = OmegaConf.select(cfg, "lr_scheduler.scheduler.num_warmup_steps", default=None)
     if isinstance(warmup, int) and warmup < 0:
         raise CtrlkitError(f"lr_scheduler.scheduler.num_warmup_steps={warmup} must be >= 0; allowed: an integer >= 0")

@@ -179,6 +179,15 @@ def test_bad_config_fails_before_any_model_loads(make_train_config, monkeypatch,
         train(cfg)
 
 
+def test_an_unknown_condition_source_of_file_data_fails_before_any_model_loads(make_train_config, monkeypatch):
+    import lightning_modules.backbone as backbone
+
+    monkeypatch.setattr(backbone, "build_tiny_backbone", lambda *args, **kwargs: pytest.fail("a model was loaded"))
+    cfg = make_train_config("data=imagefolder", "data.root=/nowhere", "data.conditions=cache")
+    with pytest.raises(CtrlkitError, match="unknown data.conditions 'cache'; choose one of: files, extractor"):
+        train(cfg)
+
+
 def test_good_configs_pass_the_checks(make_train_config):
     for overrides in ([], ["model=tiny_random"], ["condition=hed", "condition.extractor.weights_dir=/x"]):
         check_train_config(make_train_config(*overrides))
