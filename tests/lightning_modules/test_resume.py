@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lightning_modules.checkpoints import AtomicCheckpointIO, find_resume_checkpoint
 from lightning_modules.commands.train import train
@@ -281,3 +282,23 @@ def test_configured_rates_keep_the_schedule_position():
         resumed_schedule.step()
     assert resumed.param_groups[0]["lr"] == pytest.approx(1e-4)
     assert not apply_configured_learning_rates(checkpoint, [1e-4])  # already at the configured rate
+
+
+@pytest.mark.slow
+def test_a_killed_control_lora_run_resumes_to_identical_weights_from_checkpoints_without_its_frozen_copy(tmp_path):
+    """Control-LoRA's checkpoints leave out the frozen copy (the build makes it again from the base): a killed run
+    still resumes bit for bit, the exported file included."""
+    run = [*RUN, "adapter=control_lora"]
+    train(compose_train_config(tmp_path / "whole", run))
+    killed = tmp_path / "killed"
+    kill_after_step_3(killed, tmp_path / "reached", run)
+    _, objects = train(compose_train_config(killed, [*run, "resume=auto"]))
+    assert objects["trainer"].global_step == 6
+    assert_identical(
+        adapter_weights(tmp_path / "whole" / "checkpoints" / "last.ckpt"),
+        adapter_weights(killed / "checkpoints" / "last.ckpt"),
+    )
+    exported = [
+        load_file(run_dir / "adapter" / "control_lora.safetensors") for run_dir in (tmp_path / "whole", killed)
+    ]
+    assert_identical(*exported)
