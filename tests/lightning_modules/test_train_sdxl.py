@@ -157,3 +157,25 @@ def test_evaluate_scores_an_sdxl_run_with_its_base(sdxl_folder, tmp_path):
     for model in ("base", "adapter"):
         assert 0.0 <= summary[model]["canny_f1"] <= 1.0 and 0.0 <= summary[model]["mask_iou"] <= 1.0
     assert (tmp_path / "evaluation" / "grid.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra",
+    [["adapter=controlnet_xs"], ["adapter=control_lora"], ["adapter=controlnet_multi", "condition=multi"]],
+    ids=["controlnet_xs", "control_lora", "controlnet_multi"],
+)
+def test_the_zoo_trains_and_evaluates_on_sdxl(sdxl_folder, tmp_path, extra):
+    """ControlNet-XS, Control-LoRA and the multi-condition ControlNet train on the SDXL base and their runs are
+    scored by `ctrlkit evaluate` (loaded back onto the SDXL UNet, sampled with SDXL's added inputs); a changed
+    adapter the base does not equal."""
+    from lightning_modules.commands.evaluate import run_evaluate
+    from tests.lightning_modules.commands.test_evaluate import compose_evaluate_config
+
+    run = tmp_path / "run"
+    overrides = [*sdxl_overrides([f"model.path={sdxl_folder}"]), *extra, "trainer.max_steps=2"]
+    _, objects = train(compose_train_config(run, overrides))
+    assert objects["trainer"].global_step == 2
+    settings = ["num_samples=2", "num_seeds=1", "batch_size=2", "sampling.num_inference_steps=2", "grid_rows=1"]
+    summary = run_evaluate(compose_evaluate_config(tmp_path / "evaluation", [f"adapter_path={run}", *settings]))
+    assert 0.0 <= summary["adapter"]["mask_iou"] <= 1.0 and summary["adapter"] != summary["base"]
