@@ -85,12 +85,10 @@ class CycleConsistencyReward:
             )
         if sample_steps < 1 or (max_items is not None and max_items < 1):
             raise CtrlkitError(f"reward needs sample_steps >= 1 and max_items >= 1; got {sample_steps}, {max_items}")
-        self.start, self.sample_steps, self.guidance_scale, self.max_items = (
-            start,
-            sample_steps,
-            guidance_scale,
-            max_items,
-        )
+        self.start = start
+        self.sample_steps = sample_steps
+        self.guidance_scale = guidance_scale
+        self.max_items = max_items
         self.weight = weight
         self.max_timestep = max_timestep
         self.thresholds = (low_threshold, high_threshold)
