@@ -110,6 +110,16 @@ def kill_after_step_3(killed: Path, marker: Path, run: list[str]) -> None:
     kill_after_step(killed, marker, run)
 
 
+def straight_and_resumed(tmp_path: Path, run: list[str]) -> tuple[Path, Path, int]:
+    """``run`` trained straight through, and again SIGKILLed after step 3 and resumed (``resume=auto``): the two
+    run directories and the resumed run's final global step."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    train(compose_train_config(straight, run))
+    kill_after_step_3(killed, tmp_path / "reached", run)
+    _, objects = train(compose_train_config(killed, [*run, "resume=auto"]))
+    return straight, killed, objects["trainer"].global_step
+
+
 def test_killed_run_resumes_to_identical_weights(uninterrupted, tmp_path):
     killed = tmp_path / "killed"
     kill_after_step_3(killed, tmp_path / "reached", RUN)
@@ -288,17 +298,10 @@ def test_configured_rates_keep_the_schedule_position():
 def test_a_killed_control_lora_run_resumes_to_identical_weights_from_checkpoints_without_its_frozen_copy(tmp_path):
     """Control-LoRA's checkpoints leave out the frozen copy (the build makes it again from the base): a killed run
     still resumes bit for bit, the exported file included."""
-    run = [*RUN, "adapter=control_lora"]
-    train(compose_train_config(tmp_path / "whole", run))
-    killed = tmp_path / "killed"
-    kill_after_step_3(killed, tmp_path / "reached", run)
-    _, objects = train(compose_train_config(killed, [*run, "resume=auto"]))
-    assert objects["trainer"].global_step == 6
+    straight, killed, global_step = straight_and_resumed(tmp_path, [*RUN, "adapter=control_lora"])
+    assert global_step == 6
     assert_identical(
-        adapter_weights(tmp_path / "whole" / "checkpoints" / "last.ckpt"),
-        adapter_weights(killed / "checkpoints" / "last.ckpt"),
+        adapter_weights(straight / "checkpoints" / "last.ckpt"), adapter_weights(killed / "checkpoints" / "last.ckpt")
     )
-    exported = [
-        load_file(run_dir / "adapter" / "control_lora.safetensors") for run_dir in (tmp_path / "whole", killed)
-    ]
+    exported = [load_file(run_dir / "adapter" / "control_lora.safetensors") for run_dir in (straight, killed)]
     assert_identical(*exported)

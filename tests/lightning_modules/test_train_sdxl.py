@@ -18,7 +18,7 @@ from lightning_modules.commands.train import train
 from lightning_modules.system import AdapterTrainingSystem
 from tests.conftest import compose_train_config
 from tests.helpers.tiny_sdxl import save_tiny_sdxl_pipeline
-from tests.lightning_modules.test_resume import RUN, adapter_weights, assert_identical, kill_after_step_3
+from tests.lightning_modules.test_resume import RUN, adapter_weights, assert_identical, straight_and_resumed
 
 
 @pytest.fixture(scope="module")
@@ -118,16 +118,10 @@ def test_train_on_sdxl_exports_what_diffusers_sdxl_pipelines_load(sdxl_folder, s
 
 def test_a_killed_sdxl_run_resumes_to_identical_weights(sdxl_source, tmp_path):
     run = [*RUN, *sdxl_overrides(sdxl_source), "trainer.max_steps=4", "data.train_size=4"]  # 2 epochs
-    train(compose_train_config(tmp_path / "uninterrupted", run))
-    killed = tmp_path / "killed"
-    kill_after_step_3(killed, tmp_path / "reached", run)
-
-    _, objects = train(compose_train_config(killed, [*run, "resume=auto"]))
-
-    assert objects["trainer"].global_step == 4
+    straight, killed, global_step = straight_and_resumed(tmp_path, run)
+    assert global_step == 4
     assert_identical(
-        adapter_weights(tmp_path / "uninterrupted" / "checkpoints" / "last.ckpt"),
-        adapter_weights(killed / "checkpoints" / "last.ckpt"),
+        adapter_weights(straight / "checkpoints" / "last.ckpt"), adapter_weights(killed / "checkpoints" / "last.ckpt")
     )
 
 
