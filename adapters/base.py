@@ -119,6 +119,9 @@ class ConditioningAdapter(nn.Module, ABC):
             ``f`` in place of the UNet. A composition scales it through ``conditioning_scale`` and gives it the
             conditional half of guidance only under "control" mode (scale 0 for the other half); it has no
             residuals to weigh by depth or region, and one such unit composes with no other unit.
+        reads_phrase_contexts: whether its grounding condition must carry ``phrase_contexts`` (each phrase encoded
+            as a prompt; ``Backbone.embed_grounding``), which callers then ask the text encoder for. False by
+            default; box-masked GLIGEN with regional prompts reads them.
     """
 
     family: ClassVar[str | None] = None
@@ -129,6 +132,7 @@ class ConditioningAdapter(nn.Module, ABC):
     guidance_mode: ClassVar[Literal["balanced", "prompt", "control"]] = "balanced"
     weighs_residuals: ClassVar[bool] = True
     runs_unet: ClassVar[bool] = False
+    reads_phrase_contexts: bool = False
     # how the weights it was loaded from were stored; ``from_pretrained`` of a family with several formats sets it
     source_format: str = "ctrlkit adapter folder"
 

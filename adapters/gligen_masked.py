@@ -19,6 +19,10 @@ attention: a visual token inside a box reads only the visual tokens sharing one 
 token is one of a few keys instead of one of all (on the tiny model, 700 steps: ``ctrlkit evaluate`` box IoU 0.563
 against 0.539 without it, README). The weights are the same; ``gligen_config.json`` records the option.
 
+``regional_prompts`` (off by default) also changes the frozen UNet's text cross-attention: inside a box it reads
+that object's phrase, encoded alone as a prompt, instead of the caption (``adapters.regional_prompts``), so the base
+draws each named object in its box; the gated layers learn on top of it. Saved in ``gligen_config.json`` when on.
+
 Null grounding (every slot empty: the dropped condition, guidance's unconditional half): a visual token reads no
 grounding token, only the visual tokens, as a token outside every box of a grounded image does. Chosen over reading
 the learnt null tokens (plain GLIGEN's null grounding) because then "no box" means the same as "outside every box",
@@ -50,7 +54,9 @@ from diffusers.models.embeddings import GLIGENTextBoundingboxProjection
 
 from adapters.base import UNetKwargs
 from adapters.gligen import UNET_FOLDER, GligenAdapter
-from adapters.grounding import GroundingCondition
+from adapters.grounding import GroundingCondition, cell_box_overlap
+from adapters.regional_prompts import KWARG as REGIONAL_PROMPTS_KWARG
+from adapters.regional_prompts import RegionalPrompts, install_regional_processors
 
 MODEL_CARD_NAME = "README.md"
 
@@ -68,38 +74,6 @@ class BoxedGroundingTokens:
     masks: torch.Tensor
     latent_size: tuple[int, int]
     instance_attention: bool = False
-
-
-def token_grid(latent_size: tuple[int, int], num_tokens: int) -> tuple[int, int, int]:
-    """(rows, cols, stride) of a block's ``num_tokens`` visual tokens (row-major). The UNet halves the latent
-    (H, W) per level, rounding up, so a block's grid is ceil(H / s) x ceil(W / s) for the stride s = 2^k whose cell
-    count is ``num_tokens``."""
-    height, width = latent_size
-    stride = 1
-    while True:
-        rows, cols = -(-height // stride), -(-width // stride)
-        if rows * cols == num_tokens:
-            return rows, cols, stride
-        if rows * cols < num_tokens:
-            raise ValueError(
-                f"{num_tokens} visual tokens fit no grid of a {height}x{width} latent halved per level "
-                f"(ceil(H / 2^k) x ceil(W / 2^k))"
-            )
-        stride *= 2
-
-
-def cell_box_overlap(boxes: torch.Tensor, latent_size: tuple[int, int], num_tokens: int) -> torch.Tensor:
-    """(B, num_tokens, N) bool: whether each visual token's cell overlaps each box (B, N, 4, normalised xyxy) with
-    positive area. Cell (r, c) covers latent rows [r s, (r + 1) s) and columns [c s, (c + 1) s), clipped to the
-    latent, in normalised coordinates."""
-    rows, cols, stride = token_grid(latent_size, num_tokens)
-    height, width = latent_size
-    row_edges = (torch.arange(rows + 1, device=boxes.device) * stride).clamp(max=height) / height
-    col_edges = (torch.arange(cols + 1, device=boxes.device) * stride).clamp(max=width) / width
-    x0, y0, x1, y1 = boxes.float().unbind(-1)  # each (B, N)
-    in_rows = (y0[:, None, :] < row_edges[None, 1:, None]) & (y1[:, None, :] > row_edges[None, :-1, None])
-    in_cols = (x0[:, None, :] < col_edges[None, 1:, None]) & (x1[:, None, :] > col_edges[None, :-1, None])
-    return (in_rows[:, :, None, :] & in_cols[:, None, :, :]).reshape(boxes.shape[0], rows * cols, -1)
 
 
 def visual_attention_mask(grounding: BoxedGroundingTokens, num_visual: int) -> torch.Tensor:
@@ -180,22 +154,49 @@ class BoxMaskedGligenAdapter(GligenAdapter):
     fuser_class = BoxMaskedGatedSelfAttention
     position_net_class = BoxedGroundingProjection
 
-    def __init__(self, unet: UNet2DConditionModel, *args, instance_attention: bool = False, **kwargs) -> None:
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        *args,
+        instance_attention: bool = False,
+        regional_prompts: bool = False,
+        **kwargs,
+    ) -> None:
         """``GligenAdapter``'s arguments; ``instance_attention``: a visual token in a box reads only the visual
-        tokens sharing one of its boxes (``visual_attention_mask``), InstanceDiffusion's instance-masked attention."""
+        tokens sharing one of its boxes (``visual_attention_mask``), InstanceDiffusion's instance-masked attention;
+        ``regional_prompts``: the UNet's cross-attention reads each box's phrase inside it (module docstring; the
+        UNet's transformer blocks must carry ``RegionalAttnProcessor``, which ``from_unet`` installs)."""
         super().__init__(unet, *args, **kwargs)
         self.instance_attention = bool(instance_attention)
+        self.regional_prompts = bool(regional_prompts)
 
     @classmethod
-    def from_unet(cls, unet: UNet2DConditionModel, *, instance_attention: bool = False, **options):
-        """``GligenAdapter.from_unet`` with ``instance_attention`` (``__init__``)."""
+    def from_unet(
+        cls,
+        unet: UNet2DConditionModel,
+        *,
+        instance_attention: bool = False,
+        regional_prompts: bool = False,
+        **options,
+    ):
+        """``GligenAdapter.from_unet`` with ``instance_attention`` and ``regional_prompts`` (``__init__``)."""
         adapter = super().from_unet(unet, **options)
         adapter.instance_attention = bool(instance_attention)
+        adapter.regional_prompts = bool(regional_prompts)
+        if adapter.regional_prompts:
+            install_regional_processors(unet)
         return adapter
 
+    @property
+    def reads_phrase_contexts(self) -> bool:
+        """Regional prompts read each phrase encoded as a prompt (``GroundingCondition.phrase_contexts``)."""
+        return self.regional_prompts
+
     def saved_config(self) -> dict:
-        """GLIGEN's, plus ``instance_attention`` when on (without it a folder is what it was before the option)."""
-        return {**super().saved_config(), **({"instance_attention": True} if self.instance_attention else {})}
+        """GLIGEN's, plus ``instance_attention`` and ``regional_prompts`` when on (a folder saved without them is
+        what it was before the options)."""
+        options = {"instance_attention": self.instance_attention, "regional_prompts": self.regional_prompts}
+        return {**super().saved_config(), **{name: True for name, on in options.items() if on}}
 
     def forward(
         self,
@@ -206,7 +207,13 @@ class BoxMaskedGligenAdapter(GligenAdapter):
         encoder_hidden_states: torch.Tensor,
         added_cond_kwargs: dict | None = None,  # SDXL's pooled text and time ids: the UNet reads them itself
     ) -> UNetKwargs:
-        """GLIGEN's ``cross_attention_kwargs["gligen"]`` plus ``latent_size``, the (h, w) of ``noisy_latents``."""
+        """GLIGEN's ``cross_attention_kwargs["gligen"]`` plus ``latent_size``, the (h, w) of ``noisy_latents``;
+        with regional prompts also ``cross_attention_kwargs["regional_prompts"]`` (``RegionalPrompts``)."""
+        if self.regional_prompts and getattr(condition, "phrase_contexts", None) is None:
+            raise ValueError(
+                "box-masked GLIGEN with regional_prompts needs the grounding's phrase_contexts (each phrase encoded "
+                "as a prompt): embed it with Backbone.embed_grounding(condition, contexts=True)"
+            )
         kwargs = super().forward(
             condition,
             noisy_latents=noisy_latents,
@@ -217,6 +224,13 @@ class BoxMaskedGligenAdapter(GligenAdapter):
         gligen["latent_size"] = tuple(noisy_latents.shape[-2:])
         if self.instance_attention:  # only then, so that folders saved before the option read the same kwargs
             gligen["instance_attention"] = True
+        if self.regional_prompts:
+            kwargs["cross_attention_kwargs"][REGIONAL_PROMPTS_KWARG] = RegionalPrompts(
+                condition.phrase_contexts.to(noisy_latents.dtype),
+                gligen["boxes"],
+                gligen["masks"],
+                gligen["latent_size"],
+            )
         return kwargs
 
     def save_weights(self, directory: Path) -> None:

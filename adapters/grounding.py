@@ -3,7 +3,9 @@
 It travels as this one type from the collated batch (or the dataset item, a batch of one) to the adapter; the
 methods below are everything callers do with it (move, index, stack, drop), so none of them looks inside.
 Plain tensors and lists only: the ``conditions`` package builds padded slots, ``lightning_modules`` turns them into
-this, and the text encoder fills ``phrase_embeddings`` from ``phrases`` (``Backbone.embed_grounding``).
+this, and the text encoder fills ``phrase_embeddings`` (and, for adapters that read them, ``phrase_contexts``) from
+``phrases`` (``Backbone.embed_grounding``). The last two functions are the geometry of boxes over a UNet block's
+token grid, shared by the box-masked attention and regional prompts.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ class GroundingCondition:
         phrases: B lists of N strings ("" in empty slots), or None once only the embeddings are needed.
         phrase_embeddings: (B, N, D) pooled text-encoder embeddings of the phrases (D = the text encoder's width),
             or None until the text encoder has embedded ``phrases``.
+        phrase_contexts: (B, N, L, D) each phrase encoded alone as a prompt is (the text encoder's hidden states,
+            L tokens), or None: only adapters with ``reads_phrase_contexts`` ask for them (regional prompts).
     """
 
     boxes: torch.Tensor
     masks: torch.Tensor
     phrases: list[list[str]] | None = None
     phrase_embeddings: torch.Tensor | None = None
+    phrase_contexts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.boxes.ndim != 3 or self.boxes.shape[-1] != 4 or self.masks.shape != self.boxes.shape[:2]:
@@ -45,6 +50,12 @@ class GroundingCondition:
         ):
             raise ValueError(
                 f"phrase_embeddings {tuple(self.phrase_embeddings.shape)} do not match ({batch}, {slots}, D) slots"
+            )
+        if self.phrase_contexts is not None and (
+            self.phrase_contexts.ndim != 4 or self.phrase_contexts.shape[:2] != (batch, slots)
+        ):
+            raise ValueError(
+                f"phrase_contexts {tuple(self.phrase_contexts.shape)} do not match ({batch}, {slots}, L, D) slots"
             )
 
     @classmethod
@@ -72,11 +83,13 @@ class GroundingCondition:
             raise ValueError("nothing to concatenate")
         has_phrases = all(c.phrases is not None for c in conditions)
         has_embeddings = all(c.phrase_embeddings is not None for c in conditions)
+        has_contexts = all(c.phrase_contexts is not None for c in conditions)
         return cls(
             boxes=torch.cat([c.boxes for c in conditions]),
             masks=torch.cat([c.masks for c in conditions]),
             phrases=[row for c in conditions for row in c.phrases] if has_phrases else None,
             phrase_embeddings=torch.cat([c.phrase_embeddings for c in conditions]) if has_embeddings else None,
+            phrase_contexts=torch.cat([c.phrase_contexts for c in conditions]) if has_contexts else None,
         )
 
     def __len__(self) -> int:
@@ -98,6 +111,7 @@ class GroundingCondition:
             masks=self.masks[index],
             phrases=None if self.phrases is None else [self.phrases[row] for row in rows],
             phrase_embeddings=None if self.phrase_embeddings is None else self.phrase_embeddings[index],
+            phrase_contexts=None if self.phrase_contexts is None else self.phrase_contexts[index],
         )
 
     def expand(self, batch: int) -> GroundingCondition:
@@ -115,6 +129,9 @@ class GroundingCondition:
             phrase_embeddings=None
             if self.phrase_embeddings is None
             else self.phrase_embeddings.to(device=device, dtype=dtype),
+            phrase_contexts=None
+            if self.phrase_contexts is None
+            else self.phrase_contexts.to(device=device, dtype=dtype),
         )
 
     def pin_memory(self) -> GroundingCondition:
@@ -124,6 +141,7 @@ class GroundingCondition:
             boxes=self.boxes.pin_memory(),
             masks=self.masks.pin_memory(),
             phrase_embeddings=None if self.phrase_embeddings is None else self.phrase_embeddings.pin_memory(),
+            phrase_contexts=None if self.phrase_contexts is None else self.phrase_contexts.pin_memory(),
         )
 
     def drop(self, dropped: torch.Tensor) -> GroundingCondition:
@@ -132,9 +150,11 @@ class GroundingCondition:
         keep = (~dropped).to(device=self.masks.device, dtype=self.masks.dtype)
         return dataclasses.replace(self, masks=self.masks * keep[:, None])
 
-    def with_embeddings(self, phrase_embeddings: torch.Tensor) -> GroundingCondition:
-        """The same grounding with ``phrase_embeddings`` (B, N, D)."""
-        return dataclasses.replace(self, phrase_embeddings=phrase_embeddings)
+    def with_embeddings(
+        self, phrase_embeddings: torch.Tensor, phrase_contexts: torch.Tensor | None = None
+    ) -> GroundingCondition:
+        """The same grounding with ``phrase_embeddings`` (B, N, D) and ``phrase_contexts`` (B, N, L, D) or None."""
+        return dataclasses.replace(self, phrase_embeddings=phrase_embeddings, phrase_contexts=phrase_contexts)
 
     def filled_slots(self) -> list[tuple[torch.Tensor, list[str]]]:
         """Per image, the real boxes (n, 4) and their phrases, in slot order (needs ``phrases``)."""
@@ -145,3 +165,35 @@ class GroundingCondition:
             slots = [slot for slot in range(len(phrases)) if masks[slot] > 0]
             filled.append((boxes[slots], [phrases[slot] for slot in slots]))
         return filled
+
+
+def token_grid(latent_size: tuple[int, int], num_tokens: int) -> tuple[int, int, int]:
+    """(rows, cols, stride) of a block's ``num_tokens`` visual tokens (row-major). The UNet halves the latent
+    (H, W) per level, rounding up, so a block's grid is ceil(H / s) x ceil(W / s) for the stride s = 2^k whose cell
+    count is ``num_tokens``."""
+    height, width = latent_size
+    stride = 1
+    while True:
+        rows, cols = -(-height // stride), -(-width // stride)
+        if rows * cols == num_tokens:
+            return rows, cols, stride
+        if rows * cols < num_tokens:
+            raise ValueError(
+                f"{num_tokens} visual tokens fit no grid of a {height}x{width} latent halved per level "
+                f"(ceil(H / 2^k) x ceil(W / 2^k))"
+            )
+        stride *= 2
+
+
+def cell_box_overlap(boxes: torch.Tensor, latent_size: tuple[int, int], num_tokens: int) -> torch.Tensor:
+    """(B, num_tokens, N) bool: whether each visual token's cell overlaps each box (B, N, 4, normalised xyxy) with
+    positive area. Cell (r, c) covers latent rows [r s, (r + 1) s) and columns [c s, (c + 1) s), clipped to the
+    latent, in normalised coordinates."""
+    rows, cols, stride = token_grid(latent_size, num_tokens)
+    height, width = latent_size
+    row_edges = (torch.arange(rows + 1, device=boxes.device) * stride).clamp(max=height) / height
+    col_edges = (torch.arange(cols + 1, device=boxes.device) * stride).clamp(max=width) / width
+    x0, y0, x1, y1 = boxes.float().unbind(-1)  # each (B, N)
+    in_rows = (y0[:, None, :] < row_edges[None, 1:, None]) & (y1[:, None, :] > row_edges[None, :-1, None])
+    in_cols = (x0[:, None, :] < col_edges[None, 1:, None]) & (x1[:, None, :] > col_edges[None, :-1, None])
+    return (in_rows[:, :, None, :] & in_cols[:, None, :, :]).reshape(boxes.shape[0], rows * cols, -1)

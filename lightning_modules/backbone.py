@@ -225,12 +225,14 @@ class Backbone(nn.Module):
 
     @torch.no_grad()
     def embed_grounding(
-        self, condition: GroundingCondition, cache: dict[str, torch.Tensor] | None = None
+        self, condition: GroundingCondition, cache: dict[str, torch.Tensor] | None = None, contexts: bool = False
     ) -> GroundingCondition:
         """``condition`` with ``phrase_embeddings`` (B, N, D) of its phrases (``encode_phrases``), on its boxes'
         device: the one phrase encoder of training, sampling grids, ``generate`` and ``evaluate``. Each distinct
         phrase is encoded once; ``cache`` (phrase -> (D,) embedding), when given, is read and filled, so a training
-        system encodes a phrase once per run."""
+        system encodes a phrase once per run. ``contexts``: also ``phrase_contexts`` (B, N, L, D), each phrase's
+        hidden states as a prompt's (regional prompts); not cached (L x D per phrase would grow without bound on a
+        real dataset), so each call encodes its distinct phrases once."""
         if condition.phrases is None:
             raise CtrlkitError("this grounding has no phrases to embed")
         cache = {} if cache is None else cache
@@ -239,7 +241,13 @@ class Backbone(nn.Module):
             for phrase, embedding in zip(new, self.encode_phrases(new)):
                 cache[phrase] = embedding
         embeddings = torch.stack([torch.stack([cache[phrase] for phrase in row]) for row in condition.phrases])
-        return condition.with_embeddings(embeddings.to(condition.boxes.device))
+        phrase_contexts = None
+        if contexts:
+            distinct = sorted({phrase for row in condition.phrases for phrase in row})
+            encoded = dict(zip(distinct, self.encode_prompts(distinct)))
+            rows = [torch.stack([encoded[phrase] for phrase in row]) for row in condition.phrases]
+            phrase_contexts = torch.stack(rows).to(condition.boxes.device)
+        return condition.with_embeddings(embeddings.to(condition.boxes.device), phrase_contexts)
 
     @torch.no_grad()
     def generate(
@@ -333,23 +341,32 @@ class Backbone(nn.Module):
 
 
 @functools.singledispatch
-def prepare_condition(condition, backbone: Backbone, device, phrase_cache: dict[str, torch.Tensor] | None = None):
+def prepare_condition(
+    condition,
+    backbone: Backbone,
+    device,
+    phrase_cache: dict[str, torch.Tensor] | None = None,
+    phrase_contexts: bool = False,
+):
     """A batch's condition -> what adapters take, on ``device``. One rule per condition form, never per adapter:
     a map (B, C, H, W) is moved; a ``GroundingCondition`` is moved and its phrases embedded by
-    ``backbone.embed_grounding`` (``phrase_cache``: see there)."""
+    ``backbone.embed_grounding`` (``phrase_cache``, ``phrase_contexts``: see there; the caller passes the adapter's
+    ``reads_phrase_contexts``)."""
     raise CtrlkitError(f"a batch condition must be a tensor or a GroundingCondition, got {type(condition).__name__}")
 
 
 @prepare_condition.register
-def _prepare_map(condition: torch.Tensor, backbone: Backbone, device, phrase_cache=None) -> torch.Tensor:
+def _prepare_map(
+    condition: torch.Tensor, backbone: Backbone, device, phrase_cache=None, phrase_contexts=False
+) -> torch.Tensor:
     return condition.to(device)
 
 
 @prepare_condition.register
 def _prepare_grounding(
-    condition: GroundingCondition, backbone: Backbone, device, phrase_cache=None
+    condition: GroundingCondition, backbone: Backbone, device, phrase_cache=None, phrase_contexts=False
 ) -> GroundingCondition:
-    return backbone.embed_grounding(condition.to(device), phrase_cache)
+    return backbone.embed_grounding(condition.to(device), phrase_cache, contexts=phrase_contexts)
 
 
 def build_shapes_tokenizer(max_length: int = 32) -> CLIPTokenizer:

@@ -325,8 +325,10 @@ class AdapterTrainingSystem(pl.LightningModule):
 
     def prepare_condition(self, condition: Any) -> Any:
         """A batch's condition -> what adapters take, on this device (``backbone.prepare_condition``): a map is
-        moved; a ``GroundingCondition`` has its phrases embedded by the frozen text encoder, cached per phrase."""
-        return prepare_condition(condition, self.backbone, self.device, self._phrase_cache)
+        moved; a ``GroundingCondition`` has its phrases embedded by the frozen text encoder, cached per phrase (and
+        encoded as prompts when the adapter ``reads_phrase_contexts``)."""
+        contexts = self.adapter.reads_phrase_contexts
+        return prepare_condition(condition, self.backbone, self.device, self._phrase_cache, contexts)
 
     def compute_loss(
         self,

@@ -148,7 +148,10 @@ def generate(backbone, units: list[EvalUnit] | None, conditions: list, prompts: 
     composition = None
     if units:
         device = backbone.unet.device
-        prepared = [prepare_condition(condition, backbone, device) for condition in conditions]
+        prepared = [
+            prepare_condition(condition, backbone, device, phrase_contexts=unit.adapter.reads_phrase_contexts)
+            for unit, condition in zip(units, conditions)
+        ]
         composition = Composition(
             [
                 unit_from_spec(unit.spec, unit.adapter, condition, size, unit.name)

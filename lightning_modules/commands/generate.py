@@ -121,7 +121,8 @@ def grounding_condition(spec: dict, adapter, backbone: Backbone, size: tuple[int
         slots = pad_grounding(GroundingRecord(np.array(spec["boxes"]), list(spec["phrases"])), adapter.max_objects)
     except ValueError as error:
         raise CtrlkitError(f"unit {spec['adapter']}: {error}") from error
-    condition = backbone.embed_grounding(GroundingCondition.from_slots(**slots).expand(batch))
+    condition = GroundingCondition.from_slots(**slots).expand(batch)
+    condition = backbone.embed_grounding(condition, contexts=adapter.reads_phrase_contexts)
     boxes = torch.tensor(spec["boxes"], dtype=torch.float32)[None]
     drawn = images_to_numpy(draw_boxes(torch.zeros(1, 3, *size), boxes))[0]
     return condition, drawn

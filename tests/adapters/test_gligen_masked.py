@@ -21,8 +21,8 @@ from adapters.gligen_masked import (
     BoxedGroundingTokens,
     BoxMaskedGatedSelfAttention,
     BoxMaskedGligenAdapter,
-    token_grid,
 )
+from adapters.grounding import token_grid
 from adapters.registry import load_adapter
 from lightning_modules.backbone import build_tiny_backbone, load_tiny_backbone
 from lightning_modules.commands.config_checks import check_train_config
