@@ -1,25 +1,28 @@
 #!/usr/bin/env bash
-# ControlNet++ reward fine-tuning (conf/reward/canny.yaml): continue a trained ControlNet with the cycle-consistency
-# reward, and the same continuation without it, then evaluate both on the same items and seeds.
-# Usage:   bash examples/reward_finetune.sh [run dir of a trained canny ControlNet] [more steps, default 300]
-#          with no run dir it first trains the default ControlNet (1000 steps, ~8.5 min on this 2-core CPU)
+# ControlNet++ reward fine-tuning (conf/reward/canny.yaml, conf/reward/shapes_mask.yaml): continue a trained
+# ControlNet with the cycle-consistency reward, and the same continuation without it, then evaluate both on the same
+# items and seeds.
+# Usage:   bash examples/reward_finetune.sh [run dir of a trained ControlNet] [more steps, default 300] [condition]
+#          condition: canny (default; soft-Canny reward) or shapes_mask (the shipped shapes segmenter's reward);
+#          with no run dir it first trains the default ControlNet on that condition (1000 steps, ~8.5 min here)
 # Expect:  two "ctrlkit train: 1300 steps in ... s" lines (with the reward ~2.4x slower per step: a second UNet +
 #          adapter pass at t < 200 and the VAE decoder's backward), then two `ctrlkit evaluate` tables
-#          (canny_f1 <- primary score, caption_accuracy, base beside adapter). The README's "Reward fine-tuning"
+#          (canny_f1 or mask_iou <- primary score, caption_accuracy, base beside adapter). The README's "Reward fine-tuning"
 #          gives the figures measured here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 outputs=${CTRLKIT_OUTPUTS:-outputs}
 run=${1:-}
 more=${2:-300}
+condition=${3:-canny}
 if [ -z "$run" ]; then
-  run=$outputs/reward_base
-  ctrlkit train logger=csv hydra.run.dir="$run"
+  run=$outputs/reward_base_$condition
+  ctrlkit train condition="$condition" logger=csv hydra.run.dir="$run"
 fi
 steps=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['final']['step'])" "$run/controllability.json")
 for variant in reward plain; do
-  extra=(); [ "$variant" = reward ] && extra=(reward=canny)
-  ctrlkit train "${extra[@]}" ckpt_path="$run/checkpoints/last.ckpt" trainer.max_steps=$((steps + more)) logger=csv \
+  extra=(); [ "$variant" = reward ] && extra=(reward="$condition")
+  ctrlkit train condition="$condition" "${extra[@]}" ckpt_path="$run/checkpoints/last.ckpt" trainer.max_steps=$((steps + more)) logger=csv \
     hydra.run.dir="$outputs/reward_$variant"
 done
 for variant in reward plain; do

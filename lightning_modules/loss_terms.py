@@ -16,6 +16,7 @@ import torch
 
 from adapters.sampling import make_scheduler, sample_latents
 from conditions.differentiable import edge_consistency_loss, soft_canny
+from conditions.shapes_segmenter import mask_consistency_loss
 from lightning_modules.errors import CtrlkitError
 from lightning_modules.step_inputs import Draws, TrainingInputs, randint, randn
 
@@ -35,7 +36,7 @@ class LossTerm(Protocol):
 
 
 # differentiable extractor -> the condition it re-extracts
-REWARD_EXTRACTORS = {"soft_canny": "canny"}
+REWARD_EXTRACTORS = {"soft_canny": "canny", "shapes_segmenter": "shapes_mask"}
 
 
 class CycleConsistencyReward:
@@ -44,7 +45,10 @@ class CycleConsistencyReward:
     Args:
         weight: the term's weight beside the diffusion MSE (the paper's lambda: 0.5 to 1 by condition).
         max_timestep: reward timesteps are drawn uniformly from [0, max_timestep) (paper: 200 of 1000).
-        extractor: ``soft_canny`` (``conditions.differentiable``) against a Canny condition.
+        extractor: ``soft_canny`` (``conditions.differentiable``) against a Canny condition, or
+            ``shapes_segmenter`` (``conditions.shapes_segmenter``: the project's shapes segmentation network, its
+            cross-entropy to the mask) against ``shapes_mask``.
+        segmenter_path: the segmenter's folder (None: the shipped one, ``lightning_modules.reward_models``).
         low_threshold, high_threshold: the Canny thresholds the condition was made with (conf/condition/canny).
         tolerance: pixels of slack between the soft and the Canny edges (``edge_consistency_loss``).
         condition: the run's condition name; the extractor must re-extract that condition.
@@ -69,6 +73,7 @@ class CycleConsistencyReward:
         sample_steps: int = 10,
         guidance_scale: float = 7.5,
         max_items: int | None = None,
+        segmenter_path: str | None = None,
     ) -> None:
         if extractor not in REWARD_EXTRACTORS:
             raise CtrlkitError(f"reward extractor '{extractor}'; choose one of: {', '.join(REWARD_EXTRACTORS)}")
@@ -93,6 +98,12 @@ class CycleConsistencyReward:
         self.max_timestep = max_timestep
         self.thresholds = (low_threshold, high_threshold)
         self.tolerance = tolerance
+        self.extractor = extractor
+        self.segmenter = None
+        if extractor == "shapes_segmenter":  # loaded now: a missing model fails before training starts
+            from lightning_modules.reward_models import load_shapes_segmenter
+
+            self.segmenter = load_shapes_segmenter(segmenter_path)
 
     def draw(self, latents: torch.Tensor, generator: Draws) -> dict[str, torch.Tensor]:
         timesteps = randint(self.max_timestep, latents.shape[0], generator).to(latents.device)
@@ -124,10 +135,15 @@ class CycleConsistencyReward:
             TrainingInputs(noisy, timesteps, hidden, condition, inputs.target[kept], added)
         )
         images = system.backbone.decode_latents_with_grad(predicted_clean(scheduler, noisy, timesteps, prediction))
-        edges = soft_canny(images, *self.thresholds)
-        target = (condition[:, :1] > 0.5).to(edges.dtype)
-        loss = edge_consistency_loss(edges.float(), target.float(), self.tolerance).mean()
+        loss = self.consistency(images.float(), (condition[:, :1] > 0.5).float()).mean()
         return self.weight * loss, {"reward_loss": float(loss.detach())}
+
+    def consistency(self, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-item (B,) distance of the condition re-extracted from ``images`` (B, 3, H, W) in [0, 1] to the binary
+        input condition ``target`` (B, 1, H, W)."""
+        if self.segmenter is not None:
+            return mask_consistency_loss(self.segmenter.to(images.device)(images), target)
+        return edge_consistency_loss(soft_canny(images, *self.thresholds), target, self.tolerance)
 
     def own_samples(self, system, hidden, condition, added, shape, seed: int) -> torch.Tensor:
         """Latents (B, C, h, w) the adapter samples without gradients for these prompt embeddings and conditions."""
