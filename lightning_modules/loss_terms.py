@@ -18,6 +18,7 @@ from adapters.sampling import make_scheduler, sample_latents
 from conditions.differentiable import edge_consistency_loss, soft_canny
 from conditions.shapes_segmenter import mask_consistency_loss
 from lightning_modules.errors import CtrlkitError
+from lightning_modules.reward_models import load_shapes_segmenter
 from lightning_modules.step_inputs import Draws, TrainingInputs, randint, randn
 
 if TYPE_CHECKING:
@@ -101,8 +102,6 @@ class CycleConsistencyReward:
         self.extractor = extractor
         self.segmenter = None
         if extractor == "shapes_segmenter":  # loaded now: a missing model fails before training starts
-            from lightning_modules.reward_models import load_shapes_segmenter
-
             self.segmenter = load_shapes_segmenter(segmenter_path)
 
     def draw(self, latents: torch.Tensor, generator: Draws) -> dict[str, torch.Tensor]:

@@ -109,3 +109,11 @@ def test_the_backbone_encodes_each_phrase_as_a_prompt(tiny_backbone):
     assert torch.allclose(embedded.phrase_contexts[1, 0], expected, atol=1e-6)
     assert torch.equal(GroundingCondition.cat([embedded, embedded])[3].phrase_contexts, embedded[1].phrase_contexts)
     assert tiny_backbone.embed_grounding(condition).phrase_contexts is None  # only when asked
+
+
+def test_contexts_of_the_wrong_shape_are_refused():
+    boxes, masks = torch.rand(2, 3, 4), torch.ones(2, 3)
+    with pytest.raises(ValueError, match=r"phrase_contexts \(2, 2, 32, 64\) do not match \(2, 3, L, D\) slots"):
+        GroundingCondition(boxes, masks, phrase_contexts=torch.zeros(2, 2, 32, 64))
+    with pytest.raises(ValueError, match=r"phrase_contexts \(2, 3, 64\) do not match"):
+        GroundingCondition(boxes, masks, phrase_contexts=torch.zeros(2, 3, 64))
