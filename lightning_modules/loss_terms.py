@@ -99,7 +99,6 @@ class CycleConsistencyReward:
         self.max_timestep = max_timestep
         self.thresholds = (low_threshold, high_threshold)
         self.tolerance = tolerance
-        self.extractor = extractor
         self.segmenter = None
         if extractor == "shapes_segmenter":  # loaded now: a missing model fails before training starts
             self.segmenter = load_shapes_segmenter(segmenter_path)

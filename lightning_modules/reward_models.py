@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from conditions.metrics import mask_iou
 from conditions.shapes import render_scene
 from conditions.shapes_segmenter import ShapesSegmenter
 from lightning_modules.backbone import Backbone, load_tiny_backbone
@@ -34,7 +35,12 @@ def load_shapes_segmenter(path: str | Path | None = None) -> ShapesSegmenter:
             f"no shapes segmenter at {folder} (config.json not found); train one with "
             f"`python -m lightning_modules.reward_models {folder}`"
         )
-    return ShapesSegmenter.from_pretrained(folder).eval().requires_grad_(False)
+    try:
+        model = ShapesSegmenter.from_pretrained(folder)
+    except (OSError, ValueError, RuntimeError, TypeError) as error:  # a corrupt or foreign file: one line
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CtrlkitError(f"cannot load the shapes segmenter from {folder}: {first_line}") from error
+    return model.eval().requires_grad_(False)
 
 
 def scene_batch(rng: np.random.Generator, count: int, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,11 +96,11 @@ def held_out_mask_iou(model: ShapesSegmenter, backbone: Backbone | None = None, 
     (``decoded``)."""
     images, masks = scene_batch(np.random.default_rng([HELD_OUT_SEED, 7]), count)
     inputs = {"drawn": images, **({"decoded": vae_round_trip(backbone, images)} if backbone is not None else {})}
+    targets = (masks[:, 0] > 0.5).numpy()
     scores = {}
     for name, batch in inputs.items():
-        predicted, target = model.predict_mask(batch), masks > 0.5
-        union = (predicted | target).sum(dim=(1, 2, 3)).clamp(min=1)
-        scores[name] = float(((predicted & target).sum(dim=(1, 2, 3)) / union).mean())
+        found = model.predict_mask(batch)[:, 0].numpy()
+        scores[name] = float(np.mean([mask_iou(mask, target) for mask, target in zip(found, targets)]))
     return scores
 
 

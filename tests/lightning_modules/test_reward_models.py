@@ -61,6 +61,10 @@ def test_the_mask_reward_trains_the_adapter_and_prefers_the_true_mask(tiny_backb
     assert all(p.grad is None for p in reward.segmenter.parameters())  # the reward model stays frozen
     with pytest.raises(CtrlkitError, match="no shapes segmenter at .*config.json not found"):
         CycleConsistencyReward(extractor="shapes_segmenter", condition="shapes_mask", segmenter_path=str(tmp_path))
+    segmenter.save_pretrained(tmp_path / "corrupt")
+    (tmp_path / "corrupt" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CtrlkitError, match=r"cannot load the shapes segmenter from .*corrupt: "):
+        load_shapes_segmenter(tmp_path / "corrupt")
 
 
 def test_the_shapes_mask_reward_config_builds_the_shipped_segmenter(make_train_config):
