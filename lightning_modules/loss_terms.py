@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from adapters.sampling import make_scheduler, sample_latents
-from conditions.differentiable import edge_consistency_loss, soft_canny
+from conditions.differentiable import edge_consistency_loss, soft_canny, soft_canny_nms, soft_f1_loss
 from conditions.shapes_segmenter import mask_consistency_loss
 from lightning_modules.errors import CtrlkitError
 from lightning_modules.reward_models import load_shapes_segmenter
@@ -37,7 +37,8 @@ class LossTerm(Protocol):
 
 
 # differentiable extractor -> the condition it re-extracts
-REWARD_EXTRACTORS = {"soft_canny": "canny", "shapes_segmenter": "shapes_mask"}
+REWARD_EXTRACTORS = {"soft_canny": "canny", "soft_canny_nms": "canny", "shapes_segmenter": "shapes_mask"}
+EDGE_EXTRACTORS = {"soft_canny": soft_canny, "soft_canny_nms": soft_canny_nms}
 
 
 class CycleConsistencyReward:
@@ -46,12 +47,17 @@ class CycleConsistencyReward:
     Args:
         weight: the term's weight beside the diffusion MSE (the paper's lambda: 0.5 to 1 by condition).
         max_timestep: reward timesteps are drawn uniformly from [0, max_timestep) (paper: 200 of 1000).
-        extractor: ``soft_canny`` (``conditions.differentiable``) against a Canny condition, or
+        extractor: ``soft_canny`` or ``soft_canny_nms`` (``conditions.differentiable``: the latter one pixel wide
+            as Canny's edges, for tolerance 0, the pixel-exact placement that canny F1 scores) against a Canny
+            condition, or
             ``shapes_segmenter`` (``conditions.shapes_segmenter``: the project's shapes segmentation network, its
             cross-entropy to the mask) against ``shapes_mask``.
         segmenter_path: the segmenter's folder (None: the shipped one, ``lightning_modules.reward_models``).
         low_threshold, high_threshold: the Canny thresholds the condition was made with (conf/condition/canny).
         tolerance: pixels of slack between the soft and the Canny edges (``edge_consistency_loss``).
+        edge_loss: how soft edges are compared with the Canny map: ``cross_entropy`` (``edge_consistency_loss``,
+            with ``tolerance``) or ``soft_f1`` (1 - Dice, pixel-exact and bounded: what canny F1 scores; meant for
+            ``soft_canny_nms``, whose edges are one pixel wide).
         condition: the run's condition name; the extractor must re-extract that condition.
         start: "data": noise the training latents (the paper's); "samples": noise the adapter's own samples instead,
             drawn without gradients from pure noise for the batch's prompts and conditions (``sample_steps`` steps of
@@ -75,6 +81,7 @@ class CycleConsistencyReward:
         guidance_scale: float = 7.5,
         max_items: int | None = None,
         segmenter_path: str | None = None,
+        edge_loss: str = "cross_entropy",
     ) -> None:
         if extractor not in REWARD_EXTRACTORS:
             raise CtrlkitError(f"reward extractor '{extractor}'; choose one of: {', '.join(REWARD_EXTRACTORS)}")
@@ -89,6 +96,8 @@ class CycleConsistencyReward:
             raise CtrlkitError(
                 f"reward start '{start}'; choose data (training latents) or samples (the adapter's own)"
             )
+        if edge_loss not in ("cross_entropy", "soft_f1"):
+            raise CtrlkitError(f"reward edge_loss '{edge_loss}'; choose cross_entropy or soft_f1")
         if sample_steps < 1 or (max_items is not None and max_items < 1):
             raise CtrlkitError(f"reward needs sample_steps >= 1 and max_items >= 1; got {sample_steps}, {max_items}")
         self.start = start
@@ -99,6 +108,8 @@ class CycleConsistencyReward:
         self.max_timestep = max_timestep
         self.thresholds = (low_threshold, high_threshold)
         self.tolerance = tolerance
+        self.edge_loss = edge_loss
+        self.edges = EDGE_EXTRACTORS.get(extractor)
         self.segmenter = None
         if extractor == "shapes_segmenter":  # loaded now: a missing model fails before training starts
             self.segmenter = load_shapes_segmenter(segmenter_path)
@@ -141,7 +152,10 @@ class CycleConsistencyReward:
         input condition ``target`` (B, 1, H, W)."""
         if self.segmenter is not None:
             return mask_consistency_loss(self.segmenter.to(images.device)(images), target)
-        return edge_consistency_loss(soft_canny(images, *self.thresholds), target, self.tolerance)
+        edges = self.edges(images, *self.thresholds)
+        if self.edge_loss == "soft_f1":
+            return soft_f1_loss(edges, target)
+        return edge_consistency_loss(edges, target, self.tolerance)
 
     def own_samples(self, system, hidden, condition, added, shape, seed: int) -> torch.Tensor:
         """Latents (B, C, h, w) the adapter samples without gradients for these prompt embeddings and conditions."""

@@ -86,6 +86,8 @@ def test_the_reward_config_builds_the_term_and_refuses_another_condition(make_tr
     cfg = make_train_config("reward=canny")
     term = instantiate(cfg.system.loss_terms.reward)
     assert isinstance(term, CycleConsistencyReward) and term.thresholds == (100, 200) and term.max_timestep == 200
+    cfg = make_train_config("reward=canny", "system.loss_terms.reward.extractor=soft_canny_nms")
+    assert instantiate(cfg.system.loss_terms.reward).edges.__name__ == "soft_canny_nms"
     cfg = make_train_config("reward=canny", "condition=shapes_mask")
     with pytest.raises(InstantiationException) as raised:  # the ctrlkit CLI prints its cause, one line
         instantiate(cfg.system.loss_terms.reward)
@@ -97,6 +99,8 @@ def test_the_reward_config_builds_the_term_and_refuses_another_condition(make_tr
 def test_bad_reward_settings_and_a_grounding_condition_are_named(tiny_backbone):
     with pytest.raises(CtrlkitError, match="reward extractor 'sobel'; choose one of: soft_canny"):
         CycleConsistencyReward(extractor="sobel")
+    with pytest.raises(CtrlkitError, match="reward edge_loss 'l2'; choose cross_entropy or soft_f1"):
+        CycleConsistencyReward(edge_loss="l2")
     with pytest.raises(CtrlkitError, match="0 < max_timestep <= 1000 and weight >= 0; got 0, 1.0"):
         CycleConsistencyReward(max_timestep=0)
     with pytest.raises(CtrlkitError, match="got 200, -1"):
@@ -132,3 +136,15 @@ def test_a_samples_reward_noises_the_adapters_own_samples_of_at_most_max_items(t
         CycleConsistencyReward(start="noise")
     with pytest.raises(CtrlkitError, match="sample_steps >= 1 and max_items >= 1; got 10, 0"):
         CycleConsistencyReward(max_items=0)
+
+
+def test_the_pixel_exact_edge_reward_scores_the_true_edges_above_edges_one_pixel_off():
+    reward = CycleConsistencyReward(extractor="soft_canny_nms", edge_loss="soft_f1", tolerance=0)
+    scene = render_scene(np.random.default_rng(3), 64)
+    image = (torch.from_numpy(scene.image).permute(2, 0, 1)[None].float() / 255).requires_grad_()
+    target = (CannyExtractor()(scene.image)[:1] > 0.5).float()[None]
+    exact = reward.consistency(image, target)
+    assert exact.shape == (1,) and exact.item() < 0.1
+    assert reward.consistency(image.roll(1, dims=3), target).item() > 0.5
+    exact.sum().backward()
+    assert image.grad.abs().sum() > 0
