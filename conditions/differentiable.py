@@ -89,14 +89,20 @@ def soft_canny_nms(
     return torch.sigmoid((magnitude - centre) / softness) * torch.sigmoid((magnitude - neighbour) / nms_softness)
 
 
-def edge_consistency_loss(edges: torch.Tensor, target: torch.Tensor, tolerance: int = 1) -> torch.Tensor:
+def edge_consistency_loss(
+    edges: torch.Tensor, target: torch.Tensor, tolerance: int = 1, precision_tolerance: int | None = None
+) -> torch.Tensor:
     """How far soft ``edges`` (B, 1, H, W) in (0, 1) are from a binary edge map ``target`` (B, 1, H, W) in {0, 1},
     per item (B,): recall (every target edge pixel has a soft edge within ``tolerance`` pixels, the max over the
     window near 1) plus precision (no soft edge farther than ``tolerance`` from every target edge), each a mean
-    binary cross-entropy over its pixels. The tolerance absorbs the width difference of soft and Canny edges."""
+    binary cross-entropy over its pixels. The tolerance absorbs the width difference of soft and Canny edges.
+    ``precision_tolerance`` (default ``tolerance``) sets the precision's slack alone: exact recall with one pixel
+    of precision slack asks for every Canny edge on its pixel without punishing the gradient Canny drops next to
+    it (a square's corners, where non-maximum suppression leaves gaps: punished, the corners round off)."""
     window = 2 * tolerance + 1
     near_edge = F.max_pool2d(edges, window, stride=1, padding=tolerance)
-    near_target = F.max_pool2d(target, window, stride=1, padding=tolerance)
+    slack = tolerance if precision_tolerance is None else precision_tolerance
+    near_target = F.max_pool2d(target, 2 * slack + 1, stride=1, padding=slack)
     eps = 1e-6
     recall = -(target * torch.log(near_edge.clamp_min(eps))).sum(dim=(1, 2, 3))
     recall = recall / target.sum(dim=(1, 2, 3)).clamp_min(1.0)

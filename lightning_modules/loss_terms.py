@@ -55,6 +55,7 @@ class CycleConsistencyReward:
         segmenter_path: the segmenter's folder (None: the shipped one, ``lightning_modules.reward_models``).
         low_threshold, high_threshold: the Canny thresholds the condition was made with (conf/condition/canny).
         tolerance: pixels of slack between the soft and the Canny edges (``edge_consistency_loss``).
+        precision_tolerance: the slack of the cross-entropy's precision half alone (None: ``tolerance``).
         edge_loss: how soft edges are compared with the Canny map: ``cross_entropy`` (``edge_consistency_loss``,
             with ``tolerance``) or ``soft_f1`` (1 - Dice, pixel-exact and bounded: what canny F1 scores; meant for
             ``soft_canny_nms``, whose edges are one pixel wide).
@@ -82,6 +83,7 @@ class CycleConsistencyReward:
         max_items: int | None = None,
         segmenter_path: str | None = None,
         edge_loss: str = "cross_entropy",
+        precision_tolerance: int | None = None,
     ) -> None:
         if extractor not in REWARD_EXTRACTORS:
             raise CtrlkitError(f"reward extractor '{extractor}'; choose one of: {', '.join(REWARD_EXTRACTORS)}")
@@ -108,6 +110,7 @@ class CycleConsistencyReward:
         self.max_timestep = max_timestep
         self.thresholds = (low_threshold, high_threshold)
         self.tolerance = tolerance
+        self.precision_tolerance = precision_tolerance
         self.edge_loss = edge_loss
         self.edges = EDGE_EXTRACTORS.get(extractor)
         self.segmenter = None
@@ -155,7 +158,7 @@ class CycleConsistencyReward:
         edges = self.edges(images, *self.thresholds)
         if self.edge_loss == "soft_f1":
             return soft_f1_loss(edges, target)
-        return edge_consistency_loss(edges, target, self.tolerance)
+        return edge_consistency_loss(edges, target, self.tolerance, self.precision_tolerance)
 
     def own_samples(self, system, hidden, condition, added, shape, seed: int) -> torch.Tensor:
         """Latents (B, C, h, w) the adapter samples without gradients for these prompt embeddings and conditions."""

@@ -100,3 +100,17 @@ def test_soft_f1_loss_is_one_minus_the_pixel_exact_f1_of_hard_maps_and_bounded()
     assert float(soft_f1_loss(target, target)) == 0.0
     assert float(soft_f1_loss(torch.ones_like(target), target)) <= 1.0
     assert float(soft_f1_loss(torch.zeros_like(target), target)) == 1.0
+
+
+def test_precision_tolerance_forgives_an_extra_edge_next_to_the_target_only():
+    target = torch.zeros(1, 1, 16, 16)
+    target[..., 8, 4:12] = 1.0  # a horizontal edge
+    beside, far = target.clone(), target.clone()
+    beside[..., 9, 4:12] = 1.0  # a second row right under it
+    far[..., 2, 4:12] = 1.0  # a stray edge far from it
+    soft = lambda edges: edges.clamp(0.01, 0.99)  # noqa: E731 (edge probabilities, never exactly 0 or 1)
+    exact = edge_consistency_loss(soft(target), target, tolerance=0)
+    assert edge_consistency_loss(soft(beside), target, tolerance=0) > exact + 0.1
+    forgiven = edge_consistency_loss(soft(beside), target, 0, precision_tolerance=1)
+    assert float(forgiven) == pytest.approx(float(exact), abs=1e-6)
+    assert edge_consistency_loss(soft(far), target, 0, precision_tolerance=1) > exact + 0.1

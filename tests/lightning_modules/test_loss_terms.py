@@ -86,8 +86,9 @@ def test_the_reward_config_builds_the_term_and_refuses_another_condition(make_tr
     cfg = make_train_config("reward=canny")
     term = instantiate(cfg.system.loss_terms.reward)
     assert isinstance(term, CycleConsistencyReward) and term.thresholds == (100, 200) and term.max_timestep == 200
-    cfg = make_train_config("reward=canny", "system.loss_terms.reward.extractor=soft_canny_nms")
-    assert instantiate(cfg.system.loss_terms.reward).edges.__name__ == "soft_canny_nms"
+    exact = instantiate(make_train_config("reward=canny_exact").system.loss_terms.reward)
+    assert exact.edges.__name__ == "soft_canny_nms" and exact.edge_loss == "soft_f1" and exact.tolerance == 0
+    assert exact.start == "samples" and exact.max_items == 8 and exact.thresholds == (100, 200)
     cfg = make_train_config("reward=canny", "condition=shapes_mask")
     with pytest.raises(InstantiationException) as raised:  # the ctrlkit CLI prints its cause, one line
         instantiate(cfg.system.loss_terms.reward)
