@@ -88,7 +88,8 @@ def test_the_reward_config_builds_the_term_and_refuses_another_condition(make_tr
     assert isinstance(term, CycleConsistencyReward) and term.thresholds == (100, 200) and term.max_timestep == 200
     exact = instantiate(make_train_config("reward=canny_exact").system.loss_terms.reward)
     assert exact.edges.__name__ == "soft_canny_nms" and exact.edge_loss == "cross_entropy" and exact.tolerance == 0
-    assert exact.start == "samples" and exact.max_items == 8 and exact.weight == 0.03 and exact.thresholds == (100, 200)
+    assert exact.start == "samples" and exact.max_items == 8 and exact.weight == 0.03
+    assert exact.thresholds == (100, 200) and exact.max_timestep == 200
     cfg = make_train_config("reward=canny", "condition=shapes_mask")
     with pytest.raises(InstantiationException) as raised:  # the ctrlkit CLI prints its cause, one line
         instantiate(cfg.system.loss_terms.reward)
