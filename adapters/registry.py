@@ -22,6 +22,7 @@ import adapters.controlnet
 import adapters.controlnet_xs
 import adapters.gligen
 import adapters.gligen_masked
+import adapters.layout_controlnet
 import adapters.multi_condition
 import adapters.t2i_adapter  # noqa: F401
 from adapters.base import ADAPTER_FAMILIES, MARKER_NAME, AdapterFormatError, ConditioningAdapter

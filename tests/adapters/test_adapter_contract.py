@@ -36,6 +36,7 @@ from adapters.controlnet_xs import ControlNetXS
 from adapters.gligen import GligenAdapter
 from adapters.gligen_masked import BoxMaskedGligenAdapter
 from adapters.grounding import GroundingCondition
+from adapters.layout_controlnet import LayoutControlNetAdapter
 from adapters.multi_condition import MultiConditionControlNetAdapter
 from adapters.registry import adapter_class_for, adapter_families, load_adapter, load_adapters
 from adapters.t2i_adapter import T2IAdapterAdapter
@@ -120,6 +121,10 @@ ADAPTERS: dict[str, tuple[Callable, Callable]] = {
     "gligen": (lambda unet: GligenAdapter.from_unet(unet, max_objects=4, export_unet=False), grounding_condition),
     "gligen_masked": (
         lambda unet: BoxMaskedGligenAdapter.from_unet(unet, max_objects=4, export_unet=False),
+        grounding_condition,
+    ),
+    "layout_controlnet": (
+        lambda unet: LayoutControlNetAdapter.from_unet(unet, vae_scale_factor=4, embedding_channels=4),
         grounding_condition,
     ),
     "test_conv_identity": (lambda unet: ConvIdentityAdapter.from_unet(unet, vae_scale_factor=4), image_condition),

@@ -43,6 +43,7 @@ REQUIRED = {
     # a grounding adapter and a grounding condition only come in pairs
     "adapter=gligen": ["condition=boxes"],
     "adapter=gligen_masked": ["condition=boxes"],
+    "adapter=layout_controlnet": ["condition=boxes"],
     "condition=boxes": ["adapter=gligen"],
     "condition=detected_boxes": ["condition.extractor.model={owlvit_dir}", "condition.extractor.phrases=[a cat]"],
 }

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# A layout ControlNet (adapter=layout_controlnet, adapters/layout_controlnet.py) on the boxes + phrases of shapes
+# scenes with 1-3 objects: each box painted with its phrase's projected text embedding (SpaText-style), read by a
+# ControlNet; then `ctrlkit evaluate` of the run on the 64-item x 2-seed grounding set.
+# Usage: bash examples/layout_controlnet.sh [steps]   (1000 by default: ~7 min of training on a 2-core CPU)
+# Expect: "ctrlkit train: <steps> steps in ... s; outputs in outputs/train/runs/<run>" with val/box_iou rising from
+# the base's ~0.19 (0.44 at step 100, 0.64 at step 1000 measured), an adapter/ folder holding a diffusers
+# ControlNetModel (config.json, conditioning_channels 18) + layout_projection.safetensors + layout_controlnet.json,
+# then the evaluation's table: box IoU base ~0.22 -> adapter ~0.55 (0.79 / 0.48 / 0.39 for 1 / 2 / 3 objects).
+set -euo pipefail
+steps=${1:-1000}
+out=outputs/examples/layout_controlnet
+ctrlkit train experiment=layout_controlnet_boxes_shapes trainer.max_steps="$steps" logger=csv hydra.run.dir="$out"
+ctrlkit evaluate adapter_path="$out/adapter" num_samples=64 num_seeds=2 hydra.run.dir="$out/evaluate"
