@@ -26,7 +26,7 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from adapters.base import AdapterFormatError, UNetKwargs, load_diffusers_folder
+from adapters.base import AdapterFormatError, UNetKwargs
 from adapters.controlnet import ControlNetAdapter
 from adapters.grounding import GroundingCondition
 
@@ -67,14 +67,22 @@ class LayoutControlNetAdapter(ControlNetAdapter):
         controlnet: the diffusers model; ``conditioning_channels`` = ``projection.out_features`` + 2.
         projection: phrase embedding (D) -> the map's ``embedding_channels`` values, learnt with the ControlNet.
         max_objects: most boxes per image (GLIGEN's 30 by default, so a unit's boxes suit either family).
+        unet_decoder, decoder_learning_rate: the UNet's decoder when it trains too (``ControlNetAdapter``).
     """
 
     family = "layout_controlnet"
     title = "layout ControlNet"
     accepts = "grounding"
 
-    def __init__(self, controlnet: ControlNetModel, projection: nn.Linear, max_objects: int = 30) -> None:
-        super().__init__(controlnet)
+    def __init__(
+        self,
+        controlnet: ControlNetModel,
+        projection: nn.Linear,
+        max_objects: int = 30,
+        unet_decoder: nn.ModuleDict | None = None,
+        decoder_learning_rate: float = 2e-6,
+    ) -> None:
+        super().__init__(controlnet, unet_decoder=unet_decoder, decoder_learning_rate=decoder_learning_rate)
         expected = projection.out_features + EXTRA_PLANES
         if controlnet.config.conditioning_channels != expected:
             raise ValueError(
@@ -95,10 +103,13 @@ class LayoutControlNetAdapter(ControlNetAdapter):
         phrase_dim: int | None = None,
         conditioning_embedding_out_channels: tuple[int, ...] | None = None,
         max_objects: int = 30,
+        unlock_unet_decoder: bool = False,
+        decoder_learning_rate: float = 2e-6,
     ) -> LayoutControlNetAdapter:
         """A ControlNet copied from ``unet`` (zero convolutions: the UNet is unchanged at init) and a projection of
         ``phrase_dim``-wide phrase embeddings (default: the UNet's ``cross_attention_dim``, the text encoder's width
-        in SD1.x/2.x) to ``embedding_channels`` map values."""
+        in SD1.x/2.x) to ``embedding_channels`` map values; ``unlock_unet_decoder`` also trains the UNet's decoder
+        at ``decoder_learning_rate`` (the original ControlNet's ``sd_locked=False``)."""
         if embedding_channels < 1:
             raise ValueError(f"embedding_channels must be at least 1, got {embedding_channels}")
         if phrase_dim is None:
@@ -110,8 +121,11 @@ class LayoutControlNetAdapter(ControlNetAdapter):
             vae_scale_factor=vae_scale_factor,
             conditioning_channels=embedding_channels + EXTRA_PLANES,
             conditioning_embedding_out_channels=conditioning_embedding_out_channels,
+            unlock_unet_decoder=unlock_unet_decoder,
+            decoder_learning_rate=decoder_learning_rate,
         )
-        return cls(plain.controlnet, nn.Linear(phrase_dim, embedding_channels), max_objects)
+        projection = nn.Linear(phrase_dim, embedding_channels)
+        return cls(plain.controlnet, projection, max_objects, plain.unet_decoder, decoder_learning_rate)
 
     def layout_map(self, condition: GroundingCondition, size: tuple[int, int]) -> torch.Tensor:
         """The grounding -> (B, embedding_channels + 2, H, W): the front box's projected phrase (0 outside every
@@ -165,7 +179,10 @@ class LayoutControlNetAdapter(ControlNetAdapter):
         return condition.drop(dropped)
 
     def param_groups(self, learning_rate: float) -> list[dict]:
-        return [{"params": self.trainable_parameters(), "lr": learning_rate}]
+        """The ControlNet's groups (the unlocked decoder at its own rate), the projection with the ControlNet."""
+        groups = super().param_groups(learning_rate)
+        groups[0]["params"] = groups[0]["params"] + list(self.projection.parameters())
+        return groups
 
     def save_weights(self, directory: Path) -> None:
         """The diffusers ControlNet folder, the projection (safetensors) and the layout's settings."""
@@ -195,6 +212,7 @@ class LayoutControlNetAdapter(ControlNetAdapter):
         settings = json.loads(settings_file.read_text())
         projection = nn.Linear(settings["phrase_dim"], settings["embedding_channels"])
         projection.load_state_dict(load_file(str(projection_file)))
-        adapter = cls(load_diffusers_folder(ControlNetModel, path), projection, settings.get("max_objects", 30))
+        plain = ControlNetAdapter.from_pretrained(path, unet)  # the ControlNet, and a saved decoder loaded into unet
+        adapter = cls(plain.controlnet, projection, settings.get("max_objects", 30), plain.unet_decoder)
         adapter.source_format = "diffusers folder + layout projection"
         return adapter

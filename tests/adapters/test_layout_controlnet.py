@@ -71,3 +71,22 @@ def test_a_condition_it_cannot_draw_is_a_one_line_error():
         adapter.layout_map(torch.zeros(1, 3, *SIZE), SIZE)
     with pytest.raises(ValueError, match="phrase embeddings are 5-dimensional"):
         adapter.layout_map(two_boxes(5), SIZE)
+
+
+def test_an_unlocked_decoder_trains_at_its_own_rate_and_loads_back_into_the_unet(tmp_path):
+    unet = build_tiny_backbone().unet
+    adapter = LayoutControlNetAdapter.from_unet(
+        unet, vae_scale_factor=4, embedding_channels=3, unlock_unet_decoder=True, decoder_learning_rate=1e-4
+    )
+    groups = adapter.param_groups(1e-3)
+    grouped = {id(parameter): group["lr"] for group in groups for parameter in group["params"]}
+    assert grouped[id(adapter.projection.weight)] == 1e-3
+    assert grouped[id(unet.conv_out.weight)] == 1e-4  # the decoder is the UNet's own, trained in place
+    assert set(grouped) == {id(parameter) for parameter in adapter.trainable_parameters()}
+    with torch.no_grad():
+        unet.conv_out.weight.add_(1.0)
+    adapter.save_pretrained(tmp_path / "layout")
+    fresh = build_tiny_backbone().unet
+    loaded, _ = load_adapter(tmp_path / "layout", fresh)
+    assert loaded.unet_decoder is not None
+    torch.testing.assert_close(fresh.conv_out.weight, unet.conv_out.weight)
