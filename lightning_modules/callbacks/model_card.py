@@ -86,6 +86,19 @@ CONTROL_LORA_MERGED = (
     '# zero convolutions) loads with ctrlkit: adapters.load_adapter("{folder}", unet)\n'
     'controlnet = ControlNetModel.from_pretrained("{folder}/controlnet")'
 )
+# a layout ControlNet (adapters/layout_controlnet.py): a ControlNetModel whose map ctrlkit draws from boxes + phrases
+LAYOUT_CONTROLNET = (
+    "from adapters import load_adapter\n\n"
+    "# a diffusers ControlNetModel whose condition is a layout map that adapter.layout_map(grounding, size) draws\n"
+    "# from boxes + phrases through layout_projection.safetensors; load both with ctrlkit:\n"
+    'adapter, found = load_adapter("{folder}", unet)'
+)
+# a ControlNet trained with its UNet's decoder (unlock_unet_decoder): the ControlNet alone is not the model
+DECODER_NOTE = (
+    "# unet_decoder.safetensors: this run also trained the base UNet's decoder (unlock_unet_decoder), so the\n"
+    "# ControlNet alone is not the model: ctrlkit's load_adapter loads that decoder into the UNet it is given,\n"
+    "# in place (every adapter then composed with it sees the changed decoder)\n"
+)
 
 
 def adapter_family(adapter_name: str) -> str:
@@ -334,7 +347,13 @@ class ModelCardCallback(pl.Callback):
         if (folder / "control_lora.safetensors").is_file():
             merged = (folder / "controlnet").is_dir()
             return (CONTROL_LORA_MERGED if merged else CONTROL_LORA).format(folder=folder.name)
-        return HOW_TO_LOAD.get(family, "# see the ctrlkit README for this adapter's format").format(folder=folder.name)
+        if (folder / "layout_controlnet.json").is_file():
+            usage = LAYOUT_CONTROLNET
+        else:
+            usage = HOW_TO_LOAD.get(family, "# see the ctrlkit README for this adapter's format")
+        if (folder / "unet_decoder.safetensors").is_file():
+            usage = DECODER_NOTE + usage
+        return usage.format(folder=folder.name)
 
     # -- W&B
     def _log_artifact(self, trainer: pl.Trainer, folder: Path, facts: dict) -> None:

@@ -100,6 +100,28 @@ def test_multi_condition_and_control_lora_cards_say_how_their_files_load(tmp_pat
     assert 'ControlNetModel.from_pretrained("merged/controlnet")' in merged
 
 
+def test_layout_controlnet_and_unlocked_decoder_cards_say_the_controlnet_alone_is_not_the_model(tmp_path):
+    from lightning_modules.callbacks.model_card import ModelCardCallback
+
+    for name, files in {
+        "layout": ["layout_controlnet.json"],
+        "unlocked": ["unet_decoder.safetensors"],
+        "plain": [],
+        "layout_unlocked": ["layout_controlnet.json", "unet_decoder.safetensors"],
+    }.items():
+        (tmp_path / name).mkdir()
+        for file in files:
+            (tmp_path / name / file).touch()
+    layout = ModelCardCallback.how_to_load("layout_controlnet", tmp_path / "layout")
+    assert 'load_adapter("layout", unet)' in layout and "layout_map" in layout and "decoder" not in layout
+    plain = ModelCardCallback.how_to_load("controlnet", tmp_path / "plain")
+    assert 'ControlNetModel.from_pretrained("plain")' in plain and "decoder" not in plain
+    unlocked = ModelCardCallback.how_to_load("controlnet", tmp_path / "unlocked")
+    assert "not the model" in unlocked and 'ControlNetModel.from_pretrained("unlocked")' in unlocked
+    both = ModelCardCallback.how_to_load("layout_controlnet", tmp_path / "layout_unlocked")
+    assert "not the model" in both and 'load_adapter("layout_unlocked", unet)' in both
+
+
 def test_a_resumed_run_that_redoes_its_end_gets_a_card(make_train_config, tmp_path):
     import shutil
 
