@@ -73,6 +73,10 @@ class LayoutControlNetAdapter(ControlNetAdapter):
     family = "layout_controlnet"
     title = "layout ControlNet"
     accepts = "grounding"
+    # the layout on guidance's conditional half only, so guidance pushes towards it (as GLIGEN's null grounding):
+    # on the 1-3-object shapes set (ctrlkit evaluate 64 x 2, decoder unlocked, 2000 steps) box IoU 0.625 -> 0.650
+    # at guidance 7.5 and 0.647 -> 0.674 at guidance 3 against "balanced"
+    guidance_mode = "control"
 
     def __init__(
         self,

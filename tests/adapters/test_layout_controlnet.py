@@ -90,3 +90,22 @@ def test_an_unlocked_decoder_trains_at_its_own_rate_and_loads_back_into_the_unet
     loaded, _ = load_adapter(tmp_path / "layout", fresh)
     assert loaded.unet_decoder is not None
     torch.testing.assert_close(fresh.conv_out.weight, unet.conv_out.weight)
+
+
+def test_by_default_guidance_gives_the_layout_to_the_conditional_half_only():
+    """Its guidance_mode is "control": with no mode, a unit's unconditional half gets no residual."""
+    from adapters.composition import Composition, ControlUnit
+    from tests.adapters.test_adapters import randomize_zero_convs
+
+    backbone = build_tiny_backbone()
+    adapter = LayoutControlNetAdapter.from_unet(backbone.unet, vae_scale_factor=4, embedding_channels=3)
+    randomize_zero_convs(adapter)  # zero convolutions would give zeros on both halves
+    condition = two_boxes(backbone.unet.config.cross_attention_dim)
+    unit = ControlUnit(adapter, condition)
+    assert unit.mode == "control"
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(2, 4, backbone.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        kwargs = Composition([unit])(latents, torch.tensor(500), hidden, step_index=0, num_steps=1, guided=True)
+    mid = kwargs["mid_block_additional_residual"]
+    assert torch.count_nonzero(mid[:1]) == 0 and torch.count_nonzero(mid[1:]) > 0
