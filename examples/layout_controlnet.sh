@@ -2,11 +2,12 @@
 # A layout ControlNet (adapter=layout_controlnet, adapters/layout_controlnet.py) on the boxes + phrases of shapes
 # scenes with 1-3 objects: each box painted with its phrase's projected text embedding (SpaText-style), read by a
 # ControlNet; then `ctrlkit evaluate` of the run on the 64-item x 2-seed grounding set.
-# Usage: bash examples/layout_controlnet.sh [steps]   (1000 by default: ~7 min of training on a 2-core CPU)
+# Usage: bash examples/layout_controlnet.sh [steps]   (1000 by default: 5-7 min of training on a 2-core CPU)
 # Expect: "ctrlkit train: <steps> steps in ... s; outputs in outputs/train/runs/<run>" with val/box_iou rising from
-# the base's ~0.19 (0.44 at step 100, 0.64 at step 1000 measured), an adapter/ folder holding a diffusers
+# the base's ~0.19 (0.45 at step 100, 0.68 at step 1000 measured), an adapter/ folder holding a diffusers
 # ControlNetModel (config.json, conditioning_channels 18) + layout_projection.safetensors + layout_controlnet.json,
-# then the evaluation's table: box IoU base ~0.22 -> adapter ~0.55 (0.79 / 0.48 / 0.39 for 1 / 2 / 3 objects).
+# then the evaluation's table: box IoU base ~0.22 -> adapter ~0.60 (0.82 / 0.54 / 0.45 for 1 / 2 / 3 objects).
+# The README's "Where grounding reaches 0.7" gives the 4000-step recipe with the UNet decoder unlocked (~0.70).
 set -euo pipefail
 steps=${1:-1000}
 out=outputs/examples/layout_controlnet
