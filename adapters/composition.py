@@ -13,7 +13,8 @@ Modes, as in sd-webui-controlnet:
               half gets no residual, so guidance pushes towards the condition (diffusers' guess mode routing).
 A grounding unit (GLIGEN) has no residuals to weigh: "balanced" gives both halves its grounding, "control" gives the
 unconditional half null grounding (every slot empty), as diffusers' ``StableDiffusionGLIGENPipeline`` does. A unit
-given no mode takes its adapter's ``guidance_mode``: "balanced" for ControlNet and T2I-Adapter, "control" for GLIGEN.
+given no mode takes its adapter's ``guidance_mode``: "balanced" for ControlNet and T2I-Adapter, "control" for GLIGEN
+and the layout ControlNet.
 A unit whose adapter runs the UNet itself (``runs_unet``: ControlNet-XS) gives the UNet call a forward of its own
 (``unet_forward``) with ``scale`` as its conditioning scale; under "control" that scale is 0 for the unconditional
 half. It has no residuals for "prompt" mode or a region mask, and it composes with no other unit: its UNet is not
