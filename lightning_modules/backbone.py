@@ -132,6 +132,15 @@ class Backbone(nn.Module):
         return signed_to_unit(images.float())
 
     @torch.no_grad()
+    def vae_round_trip(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] encoded (the posterior mean) and decoded by the VAE, in [0, 1]: what this
+        VAE keeps of an image, and so about the best a sample it decodes is expected to score."""
+        if self.vae is None:
+            return images
+        mean, _ = self.encode_posterior(images * 2.0 - 1.0)
+        return self.decode_latents(mean * self.vae.config.scaling_factor).clamp(0.0, 1.0)
+
+    @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> text embeddings (B, L, D) from the frozen text encoder's last hidden state, as SD1.x/2.x use;
         with a second text encoder (SDXL) both encoders' penultimate hidden states, concatenated (D = D1 + D2)."""

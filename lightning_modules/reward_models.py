@@ -51,19 +51,12 @@ def scene_batch(rng: np.random.Generator, count: int, size: int = 64) -> tuple[t
     return images, masks
 
 
-@torch.no_grad()
-def vae_round_trip(backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
-    """Images (B, 3, H, W) in [0, 1] encoded (posterior mean) and decoded by the backbone's VAE."""
-    mean, _ = backbone.encode_posterior(images * 2.0 - 1.0)
-    return backbone.decode_latents(mean * backbone.vae.config.scaling_factor).clamp(0.0, 1.0)
-
-
 def decoded_half(backbone: Backbone | None, images: torch.Tensor) -> torch.Tensor:
     """The batch with its first half replaced by VAE round trips (all drawn without a backbone)."""
     if backbone is None:
         return images
     half = images.shape[0] // 2
-    return torch.cat([vae_round_trip(backbone, images[:half]), images[half:]])
+    return torch.cat([backbone.vae_round_trip(images[:half]), images[half:]])
 
 
 def train_shapes_segmenter(
@@ -95,7 +88,7 @@ def held_out_mask_iou(model: ShapesSegmenter, backbone: Backbone | None = None, 
     """Mean mask IoU on ``count`` held-out scenes, drawn (``drawn``) and, with a backbone, VAE round trips
     (``decoded``)."""
     images, masks = scene_batch(np.random.default_rng([HELD_OUT_SEED, 7]), count)
-    inputs = {"drawn": images, **({"decoded": vae_round_trip(backbone, images)} if backbone is not None else {})}
+    inputs = {"drawn": images, **({"decoded": backbone.vae_round_trip(images)} if backbone is not None else {})}
     targets = (masks[:, 0] > 0.5).numpy()
     scores = {}
     for name, batch in inputs.items():

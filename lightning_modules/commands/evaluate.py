@@ -9,6 +9,8 @@ CLIP score (``conditions.image_quality``). Each unit's condition comes from the 
 is read once per unit, with that unit's extractor, so every unit sees the same images and prompts.
 Writes ``metrics.json`` (means), ``per_sample.csv``, ``grid.png`` (best and worst adapter samples:
 condition | base | adapter | reference) and, with ``logger=wandb``, a W&B table (condition | prompt | sample | scores).
+With ``score_references`` the items' own images and their VAE round trips are scored the same way (``truth`` and
+``truth_vae``): what a perfect model would score, and what the base model's VAE leaves of it.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from conditions.map_metrics import average_precision
 from conditions.ranges import signed_to_unit, unit_to_uint8
 from lightning_modules.backbone import prepare_condition
 from lightning_modules.commands.config_checks import check_settings, check_train_config, load_condition_config
-from lightning_modules.commands.evaluation_report import MODELS, log_wandb, report, write_csv, write_grid
+from lightning_modules.commands.evaluation_report import MODELS, REFERENCES, log_wandb, report, write_csv, write_grid
 from lightning_modules.commands.unit_checks import unit_from_spec, unit_specs
 from lightning_modules.condition_views import evaluation_samples
 from lightning_modules.data.common import collate
@@ -179,6 +181,8 @@ def run_evaluate(cfg: DictConfig) -> dict:
         unit.adapter = adapter.to(cfg.device).eval()
         log.info("%s read as %s", unit.folder, found)
     images["adapter"] = _sample_all(backbone, units, batches, sampling, cfg)
+    if cfg.score_references:
+        images.update(_reference_images(backbone, batches, cfg.device))
 
     detector = _box_detector(cfg, units)
     rows, detections = _score(units, batches, images, cfg, detector)
@@ -209,6 +213,7 @@ def run_evaluate(cfg: DictConfig) -> dict:
         "num_seeds": cfg.num_seeds,
         "sampling": OmegaConf.to_container(cfg.sampling),
         **{model: {**_mean_of(rows, model), **quality[model], **detections.get(model, {})} for model in MODELS},
+        **{model: {**_mean_of(rows, model), **detections.get(model, {})} for model in REFERENCES if model in images},
     }
     write_csv(rows, output_dir / "per_sample.csv")
     if metric is not None:
@@ -295,11 +300,11 @@ def _box_detector(cfg: DictConfig, units: list[EvalUnit]):
 def _score(units, batches, images, cfg: DictConfig, detector) -> tuple[list[dict], dict]:
     """Per-sample score rows for both models (scene scores once, each unit's re-extraction scores, named
     ``unit<k>/<score>`` when there are several units), and per model the detector's AP@0.5 over the set."""
-    rows, ap_inputs = [], {model: ([], []) for model in MODELS}
-    for model in MODELS:
-        for seed_index in range(cfg.num_seeds):
+    rows, ap_inputs = [], {model: ([], []) for model in images}
+    for model, model_images in images.items():
+        for seed_index in range(len(model_images) // len(batches)):  # the references have one "seed"
             for batch_number, unit_batches in enumerate(batches):
-                generated = images[model][seed_index * len(batches) + batch_number]
+                generated = model_images[seed_index * len(batches) + batch_number]
                 first = unit_batches[0]
                 scores = [{} for _ in range(len(generated))]
                 for k, (unit, batch) in enumerate(zip(units, unit_batches)):
@@ -317,7 +322,7 @@ def _score(units, batches, images, cfg: DictConfig, detector) -> tuple[list[dict
                         {"model": model, "item": item, "seed": seed_index, "prompt": first["prompt"][offset], **row}
                     )
     detections = {
-        model: {"detected_box_ap50": average_precision(*ap_inputs[model])} for model in MODELS if ap_inputs[model][0]
+        model: {"detected_box_ap50": average_precision(*ap_inputs[model])} for model in images if ap_inputs[model][0]
     }
     return rows, detections
 
@@ -347,6 +352,14 @@ def _sample_all(backbone, units, batches: list[list[dict]], sampling: dict, cfg:
             prompts = list(unit_batches[0]["prompt"])
             results.append(generate(backbone, units, conditions, prompts, sampling, seed))
     return results
+
+
+def _reference_images(backbone, batches: list[list[dict]], device: str) -> dict[str, list[torch.Tensor]]:
+    """The items' own images per batch (B, 3, H, W) in [0, 1] ("truth": the ceiling of each score, below 1 where
+    the scorer cannot recover the condition, e.g. shapes of one colour that touch), and the same encoded and decoded
+    by the base model's VAE ("truth_vae": about the best a sample this VAE decodes is expected to score)."""
+    truth = [signed_to_unit(unit_batches[0]["pixel_values"]).float() for unit_batches in batches]
+    return {"truth": truth, "truth_vae": [backbone.vae_round_trip(images.to(device)).cpu() for images in truth]}
 
 
 def _mean_of(rows: list[dict], model: str) -> dict[str, float]:

@@ -20,6 +20,8 @@ from conditions.ranges import signed_to_unit
 from lightning_modules.condition_views import condition_picture
 
 MODELS = ("base", "adapter")
+# scored beside the models (``score_references``): the items' own images, and the same through the base's VAE
+REFERENCES = ("truth", "truth_vae")
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -92,8 +94,8 @@ def log_wandb(cfg: DictConfig, rows: list[dict], images: dict, batches: list[lis
             )
         means = {
             f"evaluate/{model}/{key}": value
-            for model in MODELS
-            for key, value in summary[model].items()
+            for model in (*MODELS, *REFERENCES)
+            for key, value in summary.get(model, {}).items()
             if isinstance(value, float)
         }
         logger.experiment.log({"evaluate/samples": table, **means})
@@ -106,15 +108,22 @@ def report(summary: dict, output_dir: Path, seconds: float) -> str:
     lines = [
         f"ctrlkit evaluate: {what} on {summary['num_items']} items x {summary['num_seeds']} seeds ({seconds:.0f} s)",
         *(f"  unit{k}: {unit['adapter']} ({unit['condition']})" for k, unit in enumerate(units) if len(units) > 1),
-        f"  {'score':<24}{'base':>12}{'adapter':>12}",
     ]
+    references = [model for model in REFERENCES if model in summary]
+    lines.append(f"  {'score':<24}" + "".join(f"{model:>12}" for model in (*MODELS, *references)))
     keys = [k for k in dict.fromkeys([*summary["base"], *summary["adapter"]])]
     for key in keys:
         base, adapter = summary["base"].get(key), summary["adapter"].get(key)
         if isinstance(base, float) and isinstance(adapter, float):
+            values = [base, adapter, *(summary[model].get(key, float("nan")) for model in references)]
             marker = "  <- primary score" if key == summary["primary_metric"] else ""
-            lines.append(f"  {key:<24}{base:>12.4f}{adapter:>12.4f}{marker}")
+            lines.append(f"  {key:<24}" + "".join(f"{value:>12.4f}" for value in values) + marker)
         else:
             lines.append(f"  {key:<24}{base}")
+    if references:
+        lines.append(
+            "  (truth: the items' own images scored the same way; truth_vae: the same encoded and decoded by the "
+            "base model's VAE, about the best its samples can be expected to reach)"
+        )
     lines.append(f"  {'outputs:':<24}{output_dir} (metrics.json, per_sample.csv, grid.png)")
     return "\n".join(lines)

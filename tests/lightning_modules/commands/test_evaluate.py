@@ -56,21 +56,27 @@ def test_evaluate_a_trained_adapter(trained_run, tmp_path, capsys, monkeypatch):
         assert scores["clip_score"].startswith("unavailable:")
     assert json.loads((out / "metrics.json").read_text()) == summary
     rows = list(csv.DictReader((out / "per_sample.csv").open()))
-    assert len(rows) == 2 * 2 * 3  # models x seeds x items
+    assert len(rows) == 2 * 2 * 3 + 2 * 3  # models x seeds x items, and the two references once per item
     assert {(row["model"], row["item"], row["seed"]) for row in rows} == {
         (model, str(item), str(seed)) for model in ("base", "adapter") for item in range(3) for seed in range(2)
-    }
+    } | {(model, str(item), "0") for model in ("truth", "truth_vae") for item in range(3)}
+    # the items' own images are the ceiling: their edges are the condition itself and their mask is the scene's
+    assert summary["truth"]["canny_f1"] == 1.0 and summary["truth"]["mask_iou"] == 1.0
+    # the VAE round trip loses some of it, and is scored as a model is
+    assert 0.0 < summary["truth_vae"]["canny_f1"] < 1.0 and set(summary["truth_vae"]) >= {"canny_f1", "mask_iou"}
     # two seeds give two different images of the same item
     base = [row for row in rows if row["model"] == "base" and row["item"] == "0"]
     assert base[0]["canny_ssim"] != base[1]["canny_ssim"]
     assert (out / "grid.png").is_file() and [row["rank"] for row in summary["grid"]["rows"]] == ["best", "worst"]
     assert "canny_f1" in printed and "mask_iou" in printed and "base" in printed and "adapter" in printed
+    assert "truth_vae" in printed
     (run_dir,) = (out / "wandb").glob("offline-run-*")
     history = read_history(run_dir)
-    assert history["evaluate/samples/_type"] == ["table-file"] and history["evaluate/samples/nrows"] == [12]
+    assert history["evaluate/samples/_type"] == ["table-file"] and history["evaluate/samples/nrows"] == [18]
     table = json.loads((run_dir / "files" / history["evaluate/samples/path"][0]).read_text())
     assert table["columns"][:4] == ["model", "condition", "prompt", "sample"] and "canny_f1" in table["columns"]
     assert history["evaluate/adapter/canny_f1"] == [summary["adapter"]["canny_f1"]]
+    assert history["evaluate/truth_vae/canny_f1"] == [summary["truth_vae"]["canny_f1"]]
 
 
 def test_adapter_path_errors(tmp_path):
@@ -144,7 +150,9 @@ def test_evaluate_a_composition_of_controlnet_and_gligen(tmp_path, owlvit_dir, c
             assert 0.0 <= scores[key] <= 1.0, (model, key)
         assert "canny_f1" not in scores  # a composition's scores are named by unit
     rows = list(csv.DictReader((out / "per_sample.csv").open()))
-    assert len(rows) == 2 * 2 and {"unit0/canny_ssim", "unit1/detected_box_recall50"} <= set(rows[0])
+    assert len(rows) == 2 * 2 + 2 * 2 and {"unit0/canny_ssim", "unit1/detected_box_recall50"} <= set(rows[0])
+    # the references are scored per unit as the models are; the scenes' own images have the scenes' masks
+    assert summary["truth"]["mask_iou"] == 1.0 and "unit1/detected_box_iou" in summary["truth_vae"]
     # the composition changes the images: the same noise gives different samples with and without it
     base = {row["item"]: row["unit0/canny_ssim"] for row in rows if row["model"] == "base"}
     adapted = {row["item"]: row["unit0/canny_ssim"] for row in rows if row["model"] == "adapter"}
