@@ -79,6 +79,7 @@ class ControllabilityCallback(pl.Callback):
         self.enabled = True
         self.base: dict | None = None
         self.truth: dict | None = None
+        self.num_items = num_samples
         self.truth_vae: dict | None = None  # the same images encoded and decoded by the base model's VAE
         self.curve: list[dict] = []
         self.control_step: int | None = None
@@ -131,6 +132,7 @@ class ControllabilityCallback(pl.Callback):
         """Resolve the jump metric and score the base model and the scenes (unless restored); False when
         controllability is off for this condition."""
         dataset = trainer.datamodule.val_dataset
+        self.num_items = min(self.num_samples, len(dataset))
         self.jump_metric = self.resolve_jump_metric(dataset)
         self.enabled = self.jump_metric is not None
         if not self.enabled:
@@ -194,6 +196,7 @@ class ControllabilityCallback(pl.Callback):
             "control_step": self.control_step,
             "jump_threshold": self.jump_threshold,
             "num_samples": self.num_samples,
+            "num_items": self.num_items,  # the items scored: num_samples, or fewer where data.val_size is less
             "curve": self.curve,
         }
         curve_png = self.output_file.with_suffix(".png")

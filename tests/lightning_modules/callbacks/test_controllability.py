@@ -104,6 +104,7 @@ def test_curve_and_control_step_reach_wandb_and_csv(make_train_config, monkeypat
         "trainer.max_steps=2",
         "trainer.log_every_n_steps=1",
         "callbacks.controllability.every_n_steps=1",
+        "callbacks.controllability.num_samples=3",  # more than data.val_size: the 2 items there are scored
         # any score counts as a jump, so the first evaluation (step 0) is the control step
         "callbacks.controllability.jump_threshold=-1",
     )
@@ -117,6 +118,7 @@ def test_curve_and_control_step_reach_wandb_and_csv(make_train_config, monkeypat
     assert [point["step"] for point in summary["curve"]] == [0, 1, 2]
     # the ceilings beside the curve: the scenes' own images, and the same through the base model's VAE
     assert summary["dataset_images"]["mask_iou"] == 1.0
+    assert summary["num_samples"] == 3 and summary["num_items"] == cfg.data.val_size == 2
     assert 0.0 < summary["dataset_images_through_vae"]["mask_iou"] < 1.0
 
     (run_dir,) = (run / "wandb").glob("offline-run-*")
