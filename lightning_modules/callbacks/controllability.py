@@ -152,8 +152,12 @@ class ControllabilityCallback(pl.Callback):
             scenes = [dataset.scene(index) for index in range(min(self.num_samples, len(dataset)))]
             self.truth = mean_scores([scene_scores(scene.image, scene) for scene in scenes])
             # what the base model's VAE keeps of them: about the best a sample it decodes can be expected to reach
-            images = torch.stack([uint8_to_unit(scene.image) for scene in scenes]).to(pl_module.device)
-            decoded = images_to_numpy(pl_module.backbone.vae_round_trip(images))
+            images = torch.stack([uint8_to_unit(scene.image) for scene in scenes])
+            decoded = [
+                frame  # in chunks, as sampling decodes: a large VAE at full size holds few images at once
+                for chunk in images.split(8)
+                for frame in images_to_numpy(pl_module.backbone.vae_round_trip(chunk.to(pl_module.device)))
+            ]
             self.truth_vae = mean_scores([scene_scores(image, scene) for image, scene in zip(decoded, scenes)])
             if trainer.is_global_zero:
                 log.info("the scenes' own images score: %s; through the VAE: %s", self.truth, self.truth_vae)
