@@ -86,7 +86,8 @@ class ControllabilityCallback(pl.Callback):
 
     def validation_batch(self, dataset) -> dict:
         """The first ``num_samples`` validation items, the same at every evaluation."""
-        return collate([dataset[index] for index in range(min(self.num_samples, len(dataset)))])
+        self.num_items = min(self.num_samples, len(dataset))
+        return collate([dataset[index] for index in range(self.num_items)])
 
     @torch.no_grad()
     def evaluate(self, pl_module: pl.LightningModule, dataset, use_adapter: bool = True) -> dict:
@@ -132,7 +133,6 @@ class ControllabilityCallback(pl.Callback):
         """Resolve the jump metric and score the base model and the scenes (unless restored); False when
         controllability is off for this condition."""
         dataset = trainer.datamodule.val_dataset
-        self.num_items = min(self.num_samples, len(dataset))
         self.jump_metric = self.resolve_jump_metric(dataset)
         self.enabled = self.jump_metric is not None
         if not self.enabled:
