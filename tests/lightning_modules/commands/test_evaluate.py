@@ -230,3 +230,15 @@ def test_a_grounding_unit_is_evaluated_on_the_scenes_it_was_trained_on(tmp_path)
         units = configure(cfg)
         GlobalHydra.instance().clear()
         assert list(cfg.data.num_objects) == [1, 3] and units[0].condition.name == "boxes"
+
+
+def test_score_references_takes_a_flag(tmp_path):
+    from lightning_modules.commands.config_checks import check_settings
+
+    cfg = compose_evaluate_config(tmp_path / "out", ["score_references=maybe"])
+    GlobalHydra.instance().clear()
+    with pytest.raises(CtrlkitError, match=r"score_references='maybe'; allowed: "):
+        check_settings("evaluate", cfg)
+    cfg = compose_evaluate_config(tmp_path / "out", ["score_references=false"])
+    GlobalHydra.instance().clear()
+    check_settings("evaluate", cfg)
