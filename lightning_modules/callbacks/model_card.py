@@ -289,15 +289,28 @@ class ModelCardCallback(pl.Callback):
             lines += [missing, ""]
         else:
             base, final = summary["base_without_adapter"] or {}, summary["final"]
+            # shapes runs also score the scenes' own images and their VAE round trips: each score's ceiling
+            named = {
+                "the items' own images": summary.get("dataset_images"),
+                "the same through the VAE": summary.get("dataset_images_through_vae"),
+            }
+            titles = [title for title, scores in named.items() if scores]
+            references = [named[title] for title in titles]
             lines += [
-                f"Scores of images generated for the first {summary.get('num_samples', '?')} validation items "
-                "under their conditions, re-extracted and compared with the condition.",
+                f"Scores of images generated for the first {summary.get('num_items', summary.get('num_samples', '?'))}"
+                " validation items under their conditions, re-extracted and compared with the condition"
+                + (
+                    ", beside the same scores of the items' own images and of their VAE round trips."
+                    if references
+                    else "."
+                ),
                 "",
-                f"| score | base without adapter | adapter at step {step} |",
-                "|---|---|---|",
+                "| " + " | ".join(["score", "base without adapter", f"adapter at step {step}", *titles]) + " |",
+                "|---" * (3 + len(titles)) + "|",
             ]
             for key in [key for key in final if key != "step"]:
-                lines.append(f"| {key} | {_number(base.get(key, '-'))} | {_number(final[key])} |")
+                values = [base.get(key, "-"), final[key], *(reference.get(key, "-") for reference in references)]
+                lines.append(f"| {key} | " + " | ".join(_number(value) for value in values) + " |")
             control = summary["control_step"]
             when = f"appeared at step {control}" if control is not None else "never appeared"
             threshold = summary.get("jump_threshold")
