@@ -289,27 +289,19 @@ class ModelCardCallback(pl.Callback):
             lines += [missing, ""]
         else:
             base, final = summary["base_without_adapter"] or {}, summary["final"]
-            # shapes runs also score the scenes' own images and their VAE round trips: each score's ceiling
-            named = {
-                "the items' own images": summary.get("dataset_images"),
-                "the same through the VAE": summary.get("dataset_images_through_vae"),
-            }
-            titles = [title for title, scores in named.items() if scores]
-            references = [named[title] for title in titles]
+            # shapes runs also score the scenes' own images: each score's ceiling
+            truth = summary.get("dataset_images") or {}
+            titles = ["the items' own images"] if truth else []
             lines += [
                 f"Scores of images generated for the first {summary.get('num_items', summary.get('num_samples', '?'))}"
                 " validation items under their conditions, re-extracted and compared with the condition"
-                + (
-                    ", beside the same scores of the items' own images and of their VAE round trips."
-                    if references
-                    else "."
-                ),
+                + (", beside the same scores of the items' own images." if truth else "."),
                 "",
                 "| " + " | ".join(["score", "base without adapter", f"adapter at step {step}", *titles]) + " |",
                 "|---" * (3 + len(titles)) + "|",
             ]
             for key in [key for key in final if key != "step"]:
-                values = [base.get(key, "-"), final[key], *(reference.get(key, "-") for reference in references)]
+                values = [base.get(key, "-"), final[key], *([truth.get(key, "-")] if truth else [])]
                 lines.append(f"| {key} | " + " | ".join(_number(value) for value in values) + " |")
             control = summary["control_step"]
             when = f"appeared at step {control}" if control is not None else "never appeared"

@@ -116,17 +116,16 @@ def test_curve_and_control_step_reach_wandb_and_csv(make_train_config, monkeypat
     summary = json.loads((run / "controllability.json").read_text())
     assert summary["jump_metric"] == "canny_f1" and summary["control_step"] == 0
     assert [point["step"] for point in summary["curve"]] == [0, 1, 2]
-    # the ceilings beside the curve: the scenes' own images, and the same through the base model's VAE
+    # the ceiling beside the curve: the scenes' own images
     assert summary["dataset_images"]["mask_iou"] == 1.0
     assert summary["num_samples"] == 3 and summary["num_items"] == cfg.data.val_size == 2
-    assert 0.0 < summary["dataset_images_through_vae"]["mask_iou"] < 1.0
 
     (run_dir,) = (run / "wandb").glob("offline-run-*")
     history = read_history(run_dir)
     assert len(history["val/canny_f1"]) == 3 and len(history["val/mask_iou"]) == 3
     assert history["val/control_step"] == [0]
     assert len(history["val/canny_f1_base"]) == 3
-    assert history["val/mask_iou_truth_vae"] == [summary["dataset_images_through_vae"]["mask_iou"]] * 3
+    assert history["val/mask_iou_truth"] == [1.0] * 3
     assert history["val/controllability_curve/captions"] == [["canny_f1; control at step 0"]]
 
     (metrics_file,) = (run / "csv").glob("version_*/metrics.csv")
