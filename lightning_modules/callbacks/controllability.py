@@ -262,12 +262,7 @@ class ControllabilityCallback(pl.Callback):
 
     def state_dict(self) -> dict:
         """Base scores, curve and control step, so a resumed run continues the same curve."""
-        return {
-            "base": self.base,
-            "truth": self.truth,
-            "curve": self.curve,
-            "control_step": self.control_step,
-        }
+        return {"base": self.base, "truth": self.truth, "curve": self.curve, "control_step": self.control_step}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.base = state_dict.get("base")

@@ -239,6 +239,14 @@ def test_score_references_takes_a_flag(tmp_path):
     GlobalHydra.instance().clear()
     with pytest.raises(CtrlkitError, match=r"score_references='maybe'; allowed: "):
         check_settings("evaluate", cfg)
-    cfg = compose_evaluate_config(tmp_path / "out", ["score_references=false"])
+    # off: only base and adapter are sampled, scored and written
+    quick = ["num_samples=2", "num_seeds=1", "sampling.num_inference_steps=2", "grid_rows=1"]
+    absent = [f"quality.inception_weights={tmp_path / 'absent.pth'}", f"quality.clip_model={tmp_path / 'absent'}"]
+    cfg = compose_evaluate_config(
+        tmp_path / "out", ["adapter_path=tiny/controlnet_canny", "score_references=false", *quick, *absent]
+    )
+    summary = run_evaluate(cfg)
     GlobalHydra.instance().clear()
-    check_settings("evaluate", cfg)
+    assert "truth" not in summary and "truth_vae" not in summary and "canny_f1" in summary["adapter"]
+    rows = list(csv.DictReader((tmp_path / "out" / "per_sample.csv").open()))
+    assert {row["model"] for row in rows} == {"base", "adapter"}
