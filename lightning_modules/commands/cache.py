@@ -17,7 +17,8 @@ import torch
 from omegaconf import DictConfig
 
 from conditions.io import check_writable_dir
-from lightning_modules.commands.config_checks import check_settings, check_train_config
+from lightning_modules.commands.config_checks import check_train_config
+from lightning_modules.commands.value_checks import check_settings
 from lightning_modules.errors import CtrlkitError
 
 log = logging.getLogger(__name__)

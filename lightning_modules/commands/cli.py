@@ -19,11 +19,11 @@ from lightning_modules.commands.config_checks import (
     check_group_overrides,
     check_launch,
     check_override_keys,
-    check_settings,
     check_sweep_launch,
     one_line,
     run_dir_of,
 )
+from lightning_modules.commands.value_checks import check_settings
 from lightning_modules.distributed import install_rank_in_log_records
 from lightning_modules.errors import USER_ERRORS
 

@@ -40,9 +40,10 @@ from conditions.image_quality import image_quality, load_quality_models
 from conditions.map_metrics import average_precision
 from conditions.ranges import signed_to_unit, unit_to_uint8
 from lightning_modules.backbone import prepare_condition
-from lightning_modules.commands.config_checks import check_settings, check_train_config, load_condition_config
+from lightning_modules.commands.config_checks import check_train_config, load_condition_config
 from lightning_modules.commands.evaluation_report import MODELS, REFERENCES, log_wandb, report, write_csv, write_grid
 from lightning_modules.commands.unit_checks import unit_from_spec, unit_specs
+from lightning_modules.commands.value_checks import check_settings
 from lightning_modules.condition_views import evaluation_samples
 from lightning_modules.data.common import collate
 from lightning_modules.errors import CtrlkitError

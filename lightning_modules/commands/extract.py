@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 from conditions.folder import ExtractReport, extract_folder, format_report
-from lightning_modules.commands.config_checks import _is_missing, check_node_against_signature, check_settings
+from lightning_modules.commands.config_checks import _is_missing
+from lightning_modules.commands.value_checks import check_node_against_signature, check_settings
 from lightning_modules.errors import CtrlkitError
 
 

@@ -31,8 +31,9 @@ from conditions.multi import stack_parts
 from conditions.ranges import images_to_numpy, uint8_to_unit
 from conditions.resize import fit_map
 from lightning_modules.backbone import Backbone
-from lightning_modules.commands.config_checks import check_settings, hydra_node, load_condition_config
+from lightning_modules.commands.config_checks import hydra_node, load_condition_config
 from lightning_modules.commands.unit_checks import read_composition_settings, unit_from_spec, unit_specs
+from lightning_modules.commands.value_checks import check_settings
 from lightning_modules.errors import CtrlkitError
 from lightning_modules.shipped_adapters import resolve_adapter
 

@@ -299,7 +299,7 @@ def run_shards(cfg: DictConfig) -> ShardsReport:
     """``ctrlkit shards``: gather the source's samples, write the shards not yet done, print the summary."""
     from hydra.utils import instantiate
 
-    from lightning_modules.commands.config_checks import check_settings
+    from lightning_modules.commands.value_checks import check_settings
 
     started = time.perf_counter()
     check_settings("shards", cfg)

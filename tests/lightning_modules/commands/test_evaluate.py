@@ -233,7 +233,7 @@ def test_a_grounding_unit_is_evaluated_on_the_scenes_it_was_trained_on(tmp_path)
 
 
 def test_score_references_takes_a_flag(tmp_path):
-    from lightning_modules.commands.config_checks import check_settings
+    from lightning_modules.commands.value_checks import check_settings
 
     cfg = compose_evaluate_config(tmp_path / "out", ["score_references=maybe"])
     GlobalHydra.instance().clear()
