@@ -10,7 +10,8 @@ is read once per unit, with that unit's extractor, so every unit sees the same i
 Writes ``metrics.json`` (means), ``per_sample.csv``, ``grid.png`` (best and worst adapter samples:
 condition | base | adapter | reference) and, with ``logger=wandb``, a W&B table (condition | prompt | sample | scores).
 With ``score_references`` the items' own images and their VAE round trips are scored the same way (``truth`` and
-``truth_vae``): what a perfect model would score, and what the base model's VAE leaves of it.
+``truth_vae``): what a perfect model would score, and what the base model's VAE leaves of it. On shapes scenes of
+several object counts each score is also given by count (``by_num_objects``).
 """
 
 from __future__ import annotations
@@ -216,6 +217,9 @@ def run_evaluate(cfg: DictConfig) -> dict:
         **{model: {**_mean_of(rows, model), **quality[model], **detections.get(model, {})} for model in MODELS},
         **{model: {**_mean_of(rows, model), **detections.get(model, {})} for model in REFERENCES if model in images},
     }
+    by_count = _by_num_objects(rows)
+    if by_count:
+        summary["by_num_objects"] = by_count
     write_csv(rows, output_dir / "per_sample.csv")
     if metric is not None:
         summary["grid"] = write_grid(rows, images, batches, metric, cfg, output_dir / "grid.png")
@@ -315,6 +319,7 @@ def _score(units, batches, images, cfg: DictConfig, detector) -> tuple[list[dict
                         scores, _unit_scores(unit, samples, detector, ap_inputs[model]), samples
                     ):
                         if k == 0 and sample.scene is not None:
+                            row["num_objects"] = len(sample.scene.objects)
                             row.update(scene_scores(sample.generated, sample.scene))
                         row.update({prefix + key: value for key, value in unit_row.items()})
                 for offset, row in enumerate(scores):
@@ -365,3 +370,19 @@ def _reference_images(backbone, batches: list[list[dict]], device: str) -> dict[
 
 def _mean_of(rows: list[dict], model: str) -> dict[str, float]:
     return mean_scores([{k: v for k, v in row.items() if metric_of(k)} for row in rows if row["model"] == model])
+
+
+def _by_num_objects(rows: list[dict]) -> dict[str, dict]:
+    """Mean scores by the scenes' object count, for a set of shapes scenes with several counts (``data.num_objects``
+    a range): {count: {"num_items": n, model: {score: mean}}}; empty otherwise. Crowded scenes bound box IoU lower
+    (occlusion, touching shapes of one colour), so a set's mean depends on its mix of counts."""
+    counts = sorted({row["num_objects"] for row in rows if "num_objects" in row})
+    if len(counts) < 2:
+        return {}
+    models = list(dict.fromkeys(row["model"] for row in rows))
+    table = {}
+    for count in counts:
+        chosen = [row for row in rows if row.get("num_objects") == count]
+        items = {row["item"] for row in chosen}
+        table[str(count)] = {"num_items": len(items), **{model: _mean_of(chosen, model) for model in models}}
+    return table

@@ -120,6 +120,12 @@ def report(summary: dict, output_dir: Path, seconds: float) -> str:
             lines.append(f"  {key:<24}" + "".join(f"{value:>12.4f}" for value in values) + marker)
         else:
             lines.append(f"  {key:<24}{base}")
+    metric = summary["primary_metric"]
+    for count, scores in summary.get("by_num_objects", {}).items() if metric else ():
+        label = f"{metric}, {count} object{'s' if count != '1' else ''}"
+        values = [scores.get(model, {}).get(metric, float("nan")) for model in (*MODELS, *references)]
+        items = f"  ({scores['num_items']} items)"
+        lines.append(f"  {label:<24}" + "".join(f"{value:>12.4f}" for value in values) + items)
     if references:
         lines.append(
             "  (truth: the items' own images scored the same way; truth_vae: the same encoded and decoded by the "

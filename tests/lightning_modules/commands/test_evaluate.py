@@ -70,6 +70,8 @@ def test_evaluate_a_trained_adapter(trained_run, tmp_path, capsys, monkeypatch):
     assert (out / "grid.png").is_file() and [row["rank"] for row in summary["grid"]["rows"]] == ["best", "worst"]
     assert "canny_f1" in printed and "mask_iou" in printed and "base" in printed and "adapter" in printed
     assert "truth_vae" in printed
+    # one object per scene (the default data): no breakdown by object count
+    assert {row["num_objects"] for row in rows} == {"1"} and "by_num_objects" not in summary
     (run_dir,) = (out / "wandb").glob("offline-run-*")
     history = read_history(run_dir)
     assert history["evaluate/samples/_type"] == ["table-file"] and history["evaluate/samples/nrows"] == [18]
@@ -250,3 +252,36 @@ def test_score_references_takes_a_flag(tmp_path):
     assert "truth" not in summary and "truth_vae" not in summary and "canny_f1" in summary["adapter"]
     rows = list(csv.DictReader((tmp_path / "out" / "per_sample.csv").open()))
     assert {row["model"] for row in rows} == {"base", "adapter"}
+
+
+def test_scores_are_broken_down_by_object_count_on_scenes_of_several(tmp_path, capsys):
+    """A grounding adapter on 1-3-object scenes: metrics.json and the report give each score by object count,
+    the means of the per-sample rows of that count; one object's own image finds its box exactly."""
+    cfg = compose_evaluate_config(
+        tmp_path / "out",
+        [
+            "adapter_path=tiny/gligen_masked_boxes",
+            "num_samples=8",
+            "num_seeds=1",
+            "batch_size=8",
+            "sampling.num_inference_steps=2",
+            "grid_rows=1",
+            f"quality.inception_weights={tmp_path / 'absent.pth'}",
+            f"quality.clip_model={tmp_path / 'absent'}",
+        ],
+    )
+    summary = run_evaluate(cfg)
+    GlobalHydra.instance().clear()
+    printed = capsys.readouterr().out
+    rows = list(csv.DictReader((tmp_path / "out" / "per_sample.csv").open()))
+    counts = {row["item"]: row["num_objects"] for row in rows if row["model"] == "adapter"}
+    by_count = summary["by_num_objects"]
+    # the first 8 items of the fixed validation split: five scenes of one object, three of two
+    assert sorted(by_count) == sorted(set(counts.values())) == ["1", "2"]
+    assert sum(entry["num_items"] for entry in by_count.values()) == 8
+    for count, entry in by_count.items():
+        for model in ("base", "adapter", "truth", "truth_vae"):
+            chosen = [float(row["box_iou"]) for row in rows if row["model"] == model and row["num_objects"] == count]
+            assert entry[model]["box_iou"] == pytest.approx(sum(chosen) / len(chosen)), (count, model)
+        assert f"box_iou, {count} object" in printed
+    assert by_count["1"]["num_items"] == 5 and by_count["1"]["truth"]["box_iou"] == 1.0
