@@ -2,6 +2,9 @@
 # The GPU checks of issues 15, 16 and 17 in one device call of at most 10 minutes, for a session lent a GPU.
 # First, here:   . .venv/bin/activate && bash benchmarks/device_wheels.sh      (.whl/: what the device image lacks)
 # Then:          device run  command="bash benchmarks/device_checks.sh"  carry=[".whl"]  timeout_s=600
+# gpu_train.py may take most of the 10 minutes (each recipe builds full-size models; compile); in a 15-minute lease
+# call it twice back to back (the machine goes back after 30 s idle): first SKIP=gligen, then
+# SKIP="gpu_train ddp50 fsdp50" BUDGET=<device seconds left minus 90> for the GLIGEN curve.
 # Each result lands in $OUT (the device tool brings it back):
 #   gpu_train.log   benchmarks/gpu_train.py: SD1.5 at 512 px, fp32 / bf16 / checkpointing / 8-bit Adam / compile /
 #                   channels_last, ours against diffusers' loop, and SDXL at 1024 px (issue 15, item 3)
@@ -57,10 +60,10 @@ part() {  # part NAME SECONDS COMMAND...: run unless skipped, log to $out/NAME.l
   echo "$name: exit $? in $((SECONDS - began)) s" >> "$summary"
 }
 
-part gpu_train 330 python3 benchmarks/gpu_train.py --repeats 10
+part gpu_train 360 python3 benchmarks/gpu_train.py --repeats 10
 short=(trainer.accelerator="$accelerator" trainer.devices=1 trainer.max_steps="$steps" logger=csv)
-part ddp50 90 ctrlkit train trainer=ddp "${short[@]}" hydra.run.dir=/tmp/ctrlkit_ddp50
-part fsdp50 90 ctrlkit train trainer=fsdp "${short[@]}" hydra.run.dir=/tmp/ctrlkit_fsdp50
+part ddp50 75 ctrlkit train trainer=ddp "${short[@]}" hydra.run.dir=/tmp/ctrlkit_ddp50
+part fsdp50 75 ctrlkit train trainer=fsdp "${short[@]}" hydra.run.dir=/tmp/ctrlkit_fsdp50
 
 left=$((budget - (SECONDS - start) - 15))
 if [ "$left" -gt 60 ]; then
