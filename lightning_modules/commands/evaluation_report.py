@@ -98,6 +98,12 @@ def log_wandb(cfg: DictConfig, rows: list[dict], images: dict, batches: list[lis
             for key, value in summary.get(model, {}).items()
             if isinstance(value, float)
         }
+        means |= {
+            f"evaluate/{model}/{key}/{count}_objects": value
+            for count, entry in summary.get("by_num_objects", {}).items()
+            for model in (*MODELS, *REFERENCES)
+            for key, value in entry.get(model, {}).items()
+        }
         logger.experiment.log({"evaluate/samples": table, **means})
         logger.experiment.finish()
 

@@ -254,9 +254,10 @@ def test_score_references_takes_a_flag(tmp_path):
     assert {row["model"] for row in rows} == {"base", "adapter"}
 
 
-def test_scores_are_broken_down_by_object_count_on_scenes_of_several(tmp_path, capsys):
-    """A grounding adapter on 1-3-object scenes: metrics.json and the report give each score by object count,
+def test_scores_are_broken_down_by_object_count_on_scenes_of_several(tmp_path, capsys, monkeypatch):
+    """A grounding adapter on 1-3-object scenes: metrics.json, the report and W&B give each score by object count,
     the means of the per-sample rows of that count; one object's own image finds its box exactly."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = compose_evaluate_config(
         tmp_path / "out",
         [
@@ -268,12 +269,18 @@ def test_scores_are_broken_down_by_object_count_on_scenes_of_several(tmp_path, c
             "grid_rows=1",
             f"quality.inception_weights={tmp_path / 'absent.pth'}",
             f"quality.clip_model={tmp_path / 'absent'}",
+            "logger=wandb",
+            "logger.wandb.mode=offline",
         ],
     )
     summary = run_evaluate(cfg)
     GlobalHydra.instance().clear()
     printed = capsys.readouterr().out
     rows = list(csv.DictReader((tmp_path / "out" / "per_sample.csv").open()))
+    (run_dir,) = (tmp_path / "out" / "wandb").glob("offline-run-*")
+    history = read_history(run_dir)
+    assert history["evaluate/adapter/box_iou/2_objects"] == [summary["by_num_objects"]["2"]["adapter"]["box_iou"]]
+    assert history["evaluate/truth/box_iou/1_objects"] == [1.0]
     counts = {row["item"]: row["num_objects"] for row in rows if row["model"] == "adapter"}
     by_count = summary["by_num_objects"]
     # the first 8 items of the fixed validation split: five scenes of one object, three of two
