@@ -2,7 +2,7 @@
 # Run HERE (a machine with pip access), before a lent GPU's first call: fetches into .whl/ the wheels ctrlkit needs
 # that the device image lacks (diffusers, hydra-core, omegaconf, antlr4, bitsandbytes; the image has torch,
 # pytorch-lightning, transformers, peft, opencv, torchmetrics), for its Python 3.12 on x86-64. bitsandbytes is cut
-# to its CUDA 13 and CPU libraries (43 MB -> ~3 MB) so the working tree stays under the 64 MiB a device call carries.
+# to its CUDA 13 and CPU libraries (43 MB -> ~7 MB) so the working tree stays under the 64 MiB a device call carries.
 # wandb, controlnet-aux and webdataset are left out: benchmarks/device_checks.sh runs with logger=csv, canny and
 # boxes conditions, and shapes data, none of which import them.
 # Usage:   . .venv/bin/activate && bash benchmarks/device_wheels.sh            (then: device run with carry [".whl"], see device_checks.sh)

@@ -20,6 +20,11 @@ def compose_evaluate_config(output_dir: Path, overrides: list[str]):
     return compose_config("evaluate", output_dir, overrides)
 
 
+def without_quality_models(tmp_path: Path) -> list[str]:
+    """Overrides pointing FID/KID and CLIP score at absent files: reported "unavailable", nothing loaded."""
+    return [f"quality.inception_weights={tmp_path / 'absent.pth'}", f"quality.clip_model={tmp_path / 'absent'}"]
+
+
 @pytest.fixture
 def trained_run(make_train_config) -> Path:
     cfg = make_train_config("trainer.max_steps=2")
@@ -136,8 +141,7 @@ def test_evaluate_a_composition_of_controlnet_and_gligen(tmp_path, owlvit_dir, c
             "batch_size=2",
             "sampling.num_inference_steps=2",
             f"box_detector={owlvit_dir}",
-            f"quality.inception_weights={tmp_path / 'absent.pth'}",
-            f"quality.clip_model={tmp_path / 'absent'}",
+            *without_quality_models(tmp_path),
         ],
     )
     summary = run_evaluate(cfg)
@@ -200,7 +204,7 @@ def test_a_multi_condition_adapter_is_evaluated_on_the_subset_asked(tmp_path):
     """condition_subset=[canny]: only the canny part is given and scored (as a dedicated canny adapter is), the
     grid ranked by canny F1; a run without parts says so in one line."""
     quick = ["num_samples=2", "num_seeds=1", "sampling.num_inference_steps=2", "grid_rows=1"]
-    absent = [f"quality.inception_weights={tmp_path / 'absent.pth'}", f"quality.clip_model={tmp_path / 'absent'}"]
+    absent = without_quality_models(tmp_path)
     cfg = compose_evaluate_config(
         tmp_path / "canny", ["adapter_path=tiny/controlnet_multi", "condition_subset=[canny]", *quick, *absent]
     )
@@ -243,7 +247,7 @@ def test_score_references_takes_a_flag(tmp_path):
         check_settings("evaluate", cfg)
     # off: only base and adapter are sampled, scored and written
     quick = ["num_samples=2", "num_seeds=1", "sampling.num_inference_steps=2", "grid_rows=1"]
-    absent = [f"quality.inception_weights={tmp_path / 'absent.pth'}", f"quality.clip_model={tmp_path / 'absent'}"]
+    absent = without_quality_models(tmp_path)
     cfg = compose_evaluate_config(
         tmp_path / "out", ["adapter_path=tiny/controlnet_canny", "score_references=false", *quick, *absent]
     )
@@ -267,8 +271,7 @@ def test_scores_are_broken_down_by_object_count_on_scenes_of_several(tmp_path, c
             "batch_size=8",
             "sampling.num_inference_steps=2",
             "grid_rows=1",
-            f"quality.inception_weights={tmp_path / 'absent.pth'}",
-            f"quality.clip_model={tmp_path / 'absent'}",
+            *without_quality_models(tmp_path),
             "logger=wandb",
             "logger.wandb.mode=offline",
         ],
