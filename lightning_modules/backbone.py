@@ -90,12 +90,14 @@ class Backbone(nn.Module):
         """Image sides must be multiples of this: the VAE factor times the UNet's total downsampling."""
         return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
-    def check_image_size(self, image_size: int) -> None:
+    def check_image_size(self, image_size: int, setting: str = "data.image_size") -> None:
+        """One line naming ``setting`` (the key the user set) when ``image_size`` does not fit the model."""
         if image_size < 1 or image_size % self.image_size_multiple:
+            multiple = self.image_size_multiple
+            nearest = max(multiple, round(image_size / multiple) * multiple)
             raise CtrlkitError(
-                f"data.image_size={image_size} must be a positive multiple of {self.image_size_multiple} "
-                "for this model "
-                f"(VAE factor {self.vae_scale_factor} x UNet downsampling)"
+                f"{setting}={image_size} must be a positive multiple of {multiple} for this model (VAE factor "
+                f"{self.vae_scale_factor} x UNet downsampling); e.g. {nearest}"
             )
 
     @torch.no_grad()

@@ -90,7 +90,8 @@ class CycleConsistencyReward:
         if REWARD_EXTRACTORS[extractor] != condition:
             raise CtrlkitError(
                 f"the {extractor} reward re-extracts {REWARD_EXTRACTORS[extractor]} maps; this run's condition is "
-                f"{condition} (rewards exist for: {', '.join(REWARD_EXTRACTORS.values())})"
+                f"{condition}; rewards exist for condition={' or '.join(sorted(set(REWARD_EXTRACTORS.values())))} "
+                "(conf/reward/)"
             )
         if not 0 < max_timestep <= 1000 or weight < 0:
             raise CtrlkitError(f"reward needs 0 < max_timestep <= 1000 and weight >= 0; got {max_timestep}, {weight}")

@@ -47,7 +47,7 @@ class CacheReport:
 
 def check_cache_config(cfg: DictConfig) -> None:
     """The settings ``ctrlkit cache`` needs beyond a valid training config; one line each."""
-    if cfg.system.get("cache_dir") is None:
+    if not cfg.system.get("cache_dir"):  # null, or `system.cache_dir=` (an empty string)
         raise CtrlkitError(
             "system.cache_dir is required: the folder a later ctrlkit train with the same setting reads, "
             "e.g. ctrlkit cache system.cache_dir=outputs/feature_cache"

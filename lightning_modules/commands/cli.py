@@ -64,7 +64,7 @@ Examples:
   ctrlkit evaluate adapter_path=outputs/train/runs/<run>                     (base vs adapter, metrics.json)
   ctrlkit extract condition=canny input=photos output=photos_canny
   ctrlkit shards source=shapes output=shards/shapes                         (train: data=webdataset data.urls=...)
-  ctrlkit generate composition=examples/composition.yaml
+  ctrlkit generate composition=examples/compose_three.yaml                (the three shipped tiny adapters)
   ctrlkit demo server_port=7860                                             (then open http://127.0.0.1:7860)
 """
 

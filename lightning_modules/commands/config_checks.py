@@ -4,6 +4,7 @@ groups, plugins, strategies and launchers here; the values themselves in ``value
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -32,6 +33,32 @@ def load_condition_config(name: str) -> DictConfig:
         raise CtrlkitError(f"unknown extractor '{name}'; choose one of: {', '.join(group_options('condition'))}")
     # under a root `condition` key, as in a composed config, so its own ${condition.*} interpolations resolve
     return OmegaConf.create({"condition": OmegaConf.load(CONF_DIR / "condition" / f"{name}.yaml")}).condition
+
+
+def unit_condition(extractor) -> DictConfig:
+    """The condition config a composition unit's ``extractor`` names: a conf/condition name (``canny``), or a
+    mapping of the name and settings of its extractor, e.g. ``{name: depth, model: /models/dpt-hybrid-midas}``
+    for an extractor whose weights are local files (``model: ???`` in conf/condition/depth.yaml)."""
+    if isinstance(extractor, str):
+        name, settings = extractor, {}
+    elif isinstance(extractor, dict) and isinstance(extractor.get("name"), str):
+        settings = {key: value for key, value in extractor.items() if key != "name"}
+        name = extractor["name"]
+    else:
+        raise CtrlkitError(
+            f"extractor={extractor!r}; allowed: a conf/condition name, or {{name: <it>, <extractor setting>: <value>}}"
+        )
+    condition = load_condition_config(name)
+    for key, value in settings.items():
+        condition.extractor[key] = value
+    check_node_against_signature(f"extractor {name}", condition.extractor)
+    missing = [str(key) for key in condition.extractor if OmegaConf.is_missing(condition.extractor, str(key))]
+    if missing:
+        raise CtrlkitError(
+            f"extractor {name} needs {missing[0]} (local files); write extractor: "
+            f"{{name: {name}, {missing[0]}: <path>}}"
+        )
+    return condition
 
 
 def check_group_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
@@ -353,3 +380,41 @@ def _is_missing(cfg: DictConfig, dotted_key: str) -> bool:
     parent = OmegaConf.select(cfg, parent_key, throw_on_missing=False) if parent_key else cfg
     # `leaf in parent` is False for a ??? value, so look at the keys themselves.
     return isinstance(parent, DictConfig) and leaf in parent.keys() and OmegaConf.is_missing(parent, leaf)
+
+
+# what names a config group's option, to tell whether `group=<option>` picks the run's own
+_GROUP_IDENTITY = {"model": "_target_", "adapter": "name", "condition": "name"}
+
+
+def overlay_command_line(cfg: DictConfig, run: DictConfig, groups: tuple[str, ...]) -> DictConfig:
+    """A trained run's config (``run``) with this command's overrides of ``groups`` on top, for the commands that
+    take model, adapter and condition from the run (``ctrlkit evaluate``'s ``from_run``).
+
+    A key (``model.path=/data/sd15``: the run moved machines; ``condition.extractor.low_threshold=50``) takes the
+    command line's value. A group option (``condition=depth`` for a canny run) must be the run's own: its adapter
+    was trained on that option, and the option is otherwise dropped without a word, so another stops with one line.
+    """
+    hydra_cfg = hydra_node(cfg)
+    overrides = list(hydra_cfg.overrides.task) if hydra_cfg is not None else []
+    run = run.copy()
+    for override in overrides:
+        prefix, key, _ = re.match(r"([+~]*)([\w.]*)(.*)", override).groups()
+        group = key.split(".")[0]
+        if group not in groups:
+            continue
+        if key == group:
+            identity = _GROUP_IDENTITY[group]
+            given, trained = OmegaConf.select(cfg, f"{group}.{identity}"), OmegaConf.select(run, f"{group}.{identity}")
+            if given != trained:
+                raise CtrlkitError(
+                    f"{override}: this run was trained with {group} '{trained}' (its config.yaml), which evaluation "
+                    f"follows (from_run=true); drop {override}, or add from_run=false to use it"
+                )
+        elif "~" in prefix:
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(run, parent)
+            if isinstance(node, DictConfig) and leaf in node:
+                del node[leaf]
+        else:
+            OmegaConf.update(run, key, OmegaConf.select(cfg, key), force_add=True)
+    return run

@@ -41,7 +41,11 @@ from conditions.image_quality import image_quality, load_quality_models
 from conditions.map_metrics import average_precision
 from conditions.ranges import signed_to_unit, unit_to_uint8
 from lightning_modules.backbone import prepare_condition
-from lightning_modules.commands.config_checks import check_train_config, load_condition_config
+from lightning_modules.commands.config_checks import (
+    check_train_config,
+    overlay_command_line,
+    unit_condition,
+)
 from lightning_modules.commands.evaluation_report import MODELS, REFERENCES, log_wandb, report, write_csv, write_grid
 from lightning_modules.commands.unit_checks import unit_from_spec, unit_specs
 from lightning_modules.commands.value_checks import check_settings
@@ -112,9 +116,12 @@ def evaluation_units(cfg: DictConfig) -> tuple[list[EvalUnit], DictConfig | None
             log.info("unit %d: %s replaced by each evaluation item's condition", index, ", ".join(replaced))
         folder, run_config = locate_adapter(spec["adapter"])
         trained = OmegaConf.load(run_config) if run_config is not None and cfg.from_run else None
+        if trained is not None and first_run is None:  # the run whose model (and, alone, adapter) evaluation takes
+            groups = ("model", "adapter", "condition") if cfg.get("adapter_path") else ("model",)
+            trained = overlay_command_line(cfg, trained, groups)
         first_run = first_run if first_run is not None or trained is None else trained
         if spec.get("extractor"):
-            condition = load_condition_config(spec["extractor"])
+            condition = unit_condition(spec["extractor"])
         elif trained is not None:
             condition = trained.condition
         elif cfg.get("adapter_path"):

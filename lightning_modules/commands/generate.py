@@ -31,7 +31,7 @@ from conditions.multi import stack_parts
 from conditions.ranges import images_to_numpy, uint8_to_unit
 from conditions.resize import fit_map
 from lightning_modules.backbone import Backbone
-from lightning_modules.commands.config_checks import hydra_node, load_condition_config
+from lightning_modules.commands.config_checks import hydra_node, unit_condition
 from lightning_modules.commands.unit_checks import read_composition_settings, unit_from_spec, unit_specs
 from lightning_modules.commands.value_checks import check_settings
 from lightning_modules.errors import CtrlkitError
@@ -40,10 +40,11 @@ from lightning_modules.shipped_adapters import resolve_adapter
 log = logging.getLogger(__name__)
 
 
-def build_extractor(name: str, size: tuple[int, int]):
-    """The extractor of ``conf/condition/<name>.yaml``, fitting its map to ``size`` (crop and resize, pixel
-    perfect: the detector runs at the resolution that maps the source onto the generation size)."""
-    condition = load_condition_config(name)
+def build_extractor(extractor: str | dict, size: tuple[int, int]):
+    """The extractor a unit names (``conf/condition/<name>.yaml``, or ``{name: <it>, <setting>: <value>}``),
+    fitting its map to ``size`` (crop and resize, pixel perfect: the detector runs at the resolution that maps the
+    source onto the generation size)."""
+    condition = unit_condition(extractor)
     extractor_cfg = OmegaConf.to_container(condition.extractor, resolve=False)
     if "channels" in extractor_cfg:
         extractor_cfg["channels"] = condition.channels
@@ -148,16 +149,16 @@ def init_image(cfg: DictConfig, backbone: Backbone, size: tuple[int, int], batch
         if cfg.get("mask_image"):
             raise CtrlkitError("mask_image needs init_image=<the image to repaint>")
         return None
+    strength = cfg.get("strength")
+    if strength is not None and strength > 1:
+        raise CtrlkitError(f"strength={strength}; allowed: a number in [0, 1]")
     pixels = _read_fitted(cfg.init_image, "init_image", size)
     pixels = (uint8_to_unit(pixels) * 2 - 1).unsqueeze(0).expand(batch, -1, -1, -1)
-    strength = cfg.get("strength")
     mask = masked = None
     if cfg.get("mask_image"):
         mask = _pixel_mask(cfg, size).unsqueeze(0).expand(batch, -1, -1, -1)
     if strength is None:
         strength = 1.0 if mask is not None else 0.8
-    if strength > 1:
-        raise CtrlkitError(f"strength={strength}; allowed: a number in [0, 1]")
     device = backbone.unet.device
     latents = backbone.encode_images(pixels.to(device), generator=generator)
     if mask is not None:
@@ -219,8 +220,8 @@ def run_generate(cfg: DictConfig, backbone: Backbone | None = None) -> list[Path
     specs = unit_specs(cfg)  # every unit checked before the model loads
     check_writable_dir(cfg.output_dir, "output_dir")
     backbone = backbone if backbone is not None else instantiate(cfg.model)
-    backbone.check_image_size(size[0])
-    backbone.check_image_size(size[1])
+    backbone.check_image_size(size[0], "height")
+    backbone.check_image_size(size[1], "width")
     units, maps = build_units(specs, backbone, size, len(prompts))
     try:  # units that cannot be composed together (an adapter that runs the UNet itself, with others)
         composition = Composition(units) if units else None

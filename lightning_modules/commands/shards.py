@@ -117,6 +117,11 @@ def folder_source(root: str | Path, layout: str, columns: tuple[str, str, str], 
     index_name, fixed = FileDataModule.LAYOUTS[layout]
     columns = fixed or columns
     index_file = Path(root) / index_name
+    if not index_file.is_file():  # what data=imagefolder / fill50k reads: one JSON line per image, with its caption
+        raise CtrlkitError(
+            f"{root} has no {index_name}: data={layout} reads one JSON line per image there, e.g. "
+            f'{{"{columns[0]}": "a.png", "{columns[2]}": "a caption"}}'
+        )
     entries, _ = json_lines(index_file)
     maps = layout == "fill50k" or any(columns[1] in entry for entry in entries[:1])
     records, bad_lines = read_index(index_file, columns, maps, on_error="skip")

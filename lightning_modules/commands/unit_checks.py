@@ -20,7 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from adapters.composition import MODES, ControlUnit
 from conditions import read_image
 from conditions.resize import fit_map
-from lightning_modules.commands.config_checks import group_options
+from lightning_modules.commands.config_checks import group_options, unit_condition
 from lightning_modules.errors import CtrlkitError
 from lightning_modules.shipped_adapters import PREFIX, resolve_adapter, shipped_adapter_names
 
@@ -65,9 +65,29 @@ def unit_specs(cfg: DictConfig, fields: tuple[str, ...] = UNIT_FIELDS, ignored: 
     return [spec for _, spec in specs]
 
 
+# unit fields that name files (``parts`` maps each part to one)
+FILE_FIELDS = ("adapter", "condition_image", "source_image", "mask")
+
+
 def read_composition_file(path: Path) -> list:
-    """The ``units`` list of a composition YAML file (not yet checked unit by unit)."""
-    return read_composition(path)["units"]
+    """The ``units`` list of a composition YAML file (not yet checked unit by unit). A relative file path in a unit
+    is read from the working directory, else from the file's own folder (made absolute): a composition file and
+    its images move together, and examples/compose_three.yaml runs from any directory."""
+    folder = path.resolve().parent
+    units = read_composition(path)["units"]
+    return [_beside(unit, folder) if isinstance(unit, dict) else unit for unit in units]
+
+
+def _beside(unit: dict, folder: Path) -> dict:
+    def located(value):
+        if not isinstance(value, str) or Path(value).expanduser().is_absolute() or Path(value).exists():
+            return value
+        return str(folder / value) if (folder / value).exists() else value
+
+    unit = {key: located(value) if key in FILE_FIELDS else value for key, value in unit.items()}
+    if isinstance(unit.get("parts"), dict):
+        unit["parts"] = {part: located(value) for part, value in unit["parts"].items()}
+    return unit
 
 
 def read_composition_settings(path: Path) -> dict:
@@ -142,9 +162,14 @@ def check_unit(spec, where: str, fields: tuple[str, ...] = UNIT_FIELDS) -> None:
         if not all(isinstance(value, str) and Path(value).expanduser().is_file() for value in maps):
             raise CtrlkitError(f"{where}: parts={parts!r}; allowed: {{<part name>: <map image file>, ...}}")
     extractor = spec.get("extractor")
-    if extractor is not None and extractor not in group_options("condition"):
+    if isinstance(extractor, str) and extractor not in group_options("condition"):
         choices = ", ".join(group_options("condition"))
         raise CtrlkitError(f"{where}: unknown extractor {extractor!r}; choose one of: {choices}")
+    if extractor is not None:
+        try:
+            unit_condition(extractor)  # a mapping's settings, and weights the extractor cannot do without
+        except CtrlkitError as error:
+            raise CtrlkitError(f"{where}: {error}") from error
     if "boxes" in spec or "phrases" in spec:
         _check_grounding(spec, where)
 

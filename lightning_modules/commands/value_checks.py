@@ -150,6 +150,7 @@ def check_values(cfg: DictConfig) -> None:
     batch_size = OmegaConf.select(cfg, "data.batch_size", default=None)
     if isinstance(batch_size, int) and batch_size < 1:
         raise CtrlkitError(f"data.batch_size={batch_size} must be >= 1; allowed: an integer >= 1")
+    _check_object_counts(cfg)
     on_error = OmegaConf.select(cfg, "data.on_error", default=None)
     if on_error is not None and on_error not in ON_ERROR:
         raise CtrlkitError(f"data.on_error='{on_error}'; choose one of: {', '.join(ON_ERROR)}")
@@ -166,6 +167,27 @@ def check_values(cfg: DictConfig) -> None:
         raise CtrlkitError(f"system.max_nonfinite_steps={max_nonfinite} must be >= 1; allowed: an integer >= 1")
     _check_channels(cfg)
     _check_image_size(cfg)
+
+
+def _check_object_counts(cfg: DictConfig) -> None:
+    """``data.num_objects`` of shapes scenes: a count >= 1 or an inclusive [low, high] range, within the grounding
+    condition's slots (``condition.extractor.max_boxes``)."""
+    counts = OmegaConf.select(cfg, "data.num_objects", default=None)
+    if counts is None:
+        return
+    counts = list(counts) if isinstance(counts, ListConfig) else [counts, counts]
+    allowed = "a count >= 1, or an inclusive range [low, high] with 1 <= low <= high"
+    is_count = [isinstance(value, int) and not isinstance(value, bool) for value in counts]
+    if len(counts) != 2 or not all(is_count) or not 1 <= counts[0] <= counts[1]:
+        shown = OmegaConf.select(cfg, "data.num_objects")
+        shown = list(shown) if isinstance(shown, ListConfig) else shown
+        raise CtrlkitError(f"data.num_objects={shown}; allowed: {allowed}")
+    slots = OmegaConf.select(cfg, "condition.extractor.max_boxes", default=None)
+    if isinstance(slots, int) and counts[1] > slots:
+        raise CtrlkitError(
+            f"data.num_objects={counts[1]} objects but condition.extractor.max_boxes={slots} grounding slots; "
+            f"allowed: at most {slots} objects"
+        )
 
 
 def _check_channels(cfg: DictConfig) -> None:

@@ -96,6 +96,7 @@ def test_the_reward_config_builds_the_term_and_refuses_another_condition(make_tr
     cause = raised.value.__cause__
     assert isinstance(cause, CtrlkitError) and "\n" not in str(cause)
     assert "re-extracts canny maps; this run's condition is shapes_mask" in str(cause)
+    assert "rewards exist for condition=canny or shapes_mask" in str(cause)  # each condition named once
 
 
 def test_bad_reward_settings_and_a_grounding_condition_are_named(tiny_backbone):

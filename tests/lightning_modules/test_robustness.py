@@ -161,6 +161,9 @@ def test_nan_steps_in_a_row_stop_the_run_and_keep_the_last_checkpoint(make_train
         ("condition.extractor.channels=1", r"condition.extractor.channels=1 does not match condition.channels=3"),
         ("data.on_error=ignore", r"data.on_error='ignore'; choose one of: skip, raise"),
         ("system.max_nonfinite_steps=0", r"system.max_nonfinite_steps=0 must be >= 1"),
+        ("data.num_objects=[3,1]", r"data.num_objects=\[3, 1\]; allowed: a count >= 1, or an inclusive range"),
+        ("data.num_objects=0", r"data.num_objects=0; allowed: a count >= 1"),
+        ("data.num_objects=[1,2,3]", r"data.num_objects=\[1, 2, 3\]; allowed: .*\[low, high\]"),
     ],
 )
 def test_bad_config_fails_before_any_model_loads(make_train_config, monkeypatch, override, message):
@@ -191,6 +194,13 @@ def test_an_unknown_condition_source_of_file_data_fails_before_any_model_loads(m
 def test_good_configs_pass_the_checks(make_train_config):
     for overrides in ([], ["model=tiny_random"], ["condition=hed", "condition.extractor.weights_dir=/x"]):
         check_train_config(make_train_config(*overrides))
+    check_train_config(make_train_config("experiment=gligen_boxes_shapes", "data.num_objects=[1,30]"))
+
+
+def test_more_objects_than_grounding_slots_fails_before_any_model_loads(make_train_config):
+    cfg = make_train_config("experiment=gligen_boxes_shapes", "data.num_objects=[1,31]")
+    with pytest.raises(CtrlkitError, match=r"data.num_objects=31 objects but condition.extractor.max_boxes=30"):
+        check_train_config(cfg)
 
 
 def test_cli_names_an_unknown_override_key(tmp_path):

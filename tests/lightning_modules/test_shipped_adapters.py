@@ -20,6 +20,7 @@ from conditions.map_metrics import edge_f1
 from conditions.metrics import named_box_ious
 from lightning_modules.commands.evaluate import run_evaluate
 from lightning_modules.commands.generate import build_extractor, run_generate
+from lightning_modules.commands.unit_checks import read_composition_file
 from lightning_modules.errors import CtrlkitError
 from lightning_modules.shipped_adapters import SHIPPED_TINY_ADAPTERS, resolve_adapter, shipped_adapter_names
 from tests.conftest import compose_config
@@ -118,7 +119,7 @@ def _own_scores(images: list[np.ndarray], units: list[dict]) -> list[float]:
             colour = unit["phrases"][-1].split()[0]
             per_image = [named_box_ious(image, [(colour, tuple(unit["boxes"][-1]))])[0] for image in images]
         else:
-            target = canny.process(read_image(str(ROOT / unit["source_image"])))
+            target = canny.process(read_image(unit["source_image"]))
             per_image = [edge_f1(canny.process(image), target) for image in images]
         scores.append(float(np.mean(per_image)))
     return scores
@@ -127,8 +128,9 @@ def _own_scores(images: list[np.ndarray], units: list[dict]) -> list[float]:
 def test_removing_any_of_the_three_shipped_units_changes_the_image_in_its_own_way(tmp_path, monkeypatch):
     """compose_three.yaml with all three units, then without each: the removed unit's own score falls (the edges
     of its canny map, or the object in its box), averaged over 4 samples."""
-    monkeypatch.chdir(ROOT)  # the file's paths are relative to the repository root
-    units = yaml.safe_load(COMPOSITION.read_text())["units"]
+    monkeypatch.chdir(tmp_path)  # the file's image paths are relative to its own folder: any directory runs it
+    units = read_composition_file(COMPOSITION)
+    assert all(Path(unit[key]).is_absolute() for unit in units for key in ("source_image", "mask") if key in unit)
     full = _own_scores(_generate(units, tmp_path / "all"), units)
     for removed in range(len(units)):
         kept = [unit for index, unit in enumerate(units) if index != removed]

@@ -78,7 +78,8 @@ def test_missing_cache_dir_is_one_line(compose, tmp_path, capsys, monkeypatch):
     with pytest.raises(CtrlkitError, match=r"system.cache_dir is required: .* system.cache_dir=outputs/feature_cache"):
         run_cache(compose("cache", *RUN))
     monkeypatch.chdir(tmp_path)
-    code, lines = _cli(capsys, "cache", "trainer=cpu", "logger=none", "system.cache_dir=null")
-    assert code == 2 and len(lines) == 1, lines
-    assert lines[0].startswith("ctrlkit cache: error: system.cache_dir is required")
+    for empty in ("system.cache_dir=null", "system.cache_dir="):  # nothing encoded, no progress bar first
+        code, lines = _cli(capsys, "cache", "trainer=cpu", "logger=none", empty)
+        assert code == 2 and len(lines) == 1, lines
+        assert lines[0].startswith("ctrlkit cache: error: system.cache_dir is required")
     assert sorted(path.name for path in Path(tmp_path).iterdir()) == []  # no run folder, no log file

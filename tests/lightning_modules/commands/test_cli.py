@@ -32,6 +32,16 @@ def test_help_and_unknown_command(tmp_path):
     assert result.returncode == 2 and "unknown command 'trian'; choose one of: train" in result.stderr
 
 
+def test_the_help_names_files_that_exist():
+    import re
+
+    from lightning_modules.commands.cli import USAGE
+
+    repo = Path(__file__).resolve().parents[3]
+    named = re.findall(r"examples/[\w./-]+", USAGE)
+    assert named and all((repo / path).is_file() for path in named), named
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -295,3 +295,50 @@ def test_scores_are_broken_down_by_object_count_on_scenes_of_several(tmp_path, c
             assert entry[model]["box_iou"] == pytest.approx(sum(chosen) / len(chosen)), (count, model)
         assert f"box_iou, {count} object" in printed
     assert by_count["1"]["num_items"] == 5 and by_count["1"]["truth"]["box_iou"] == 1.0
+
+
+def test_command_line_overrides_meet_the_runs_config(tmp_path):
+    """from_run takes model, adapter and condition from the run's config.yaml; the command line's keys go on top
+    (a run moved to another machine: model.path), and a group option other than the run's stops in one line
+    instead of being dropped."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from lightning_modules.commands.evaluate import configure
+    from lightning_modules.shipped_adapters import resolve_adapter
+
+    shipped = Path(resolve_adapter("tiny/controlnet_canny"))
+    cfg = compose_evaluate_config(
+        tmp_path / "out", ["adapter_path=tiny/controlnet_canny", "condition.extractor.low_threshold=50"]
+    )
+    units = configure(cfg)
+    GlobalHydra.instance().clear()
+    assert OmegaConf.load(shipped / "train_config.yaml").condition.extractor.low_threshold == 100
+    assert units[0].condition.extractor.low_threshold == 50 and cfg.condition.extractor.low_threshold == 50
+    # a run of a model from local files, evaluated where those files live elsewhere
+    run = tmp_path / "run"
+    shutil.copytree(shipped, run / "adapter")
+    trained = OmegaConf.load(shipped / "train_config.yaml")
+    trained.model = {"_target_": "lightning_modules.backbone.load_pretrained_backbone", "path": "/gone/sd15"}
+    OmegaConf.save(trained, run / "config.yaml")
+    cfg = compose_evaluate_config(tmp_path / "out", [f"adapter_path={run}", "model=sd15", "model.path=/here/sd15"])
+    configure(cfg)
+    GlobalHydra.instance().clear()
+    assert cfg.model.path == "/here/sd15"
+    for overrides, named in (
+        (["condition=depth"], "condition=depth: this run was trained with condition 'canny'"),
+        (["model=sd15", "model.path=/x"], "model=sd15: this run was trained with model '.*load_tiny_backbone'"),
+    ):
+        cfg = compose_evaluate_config(tmp_path / "out", ["adapter_path=tiny/controlnet_canny", *overrides])
+        GlobalHydra.instance().clear()
+        with pytest.raises(CtrlkitError, match=rf"{named} .*add from_run=false to use it"):
+            evaluation_units(cfg)
+    # the run's own option is no conflict; from_run=false takes this command's condition
+    cfg = compose_evaluate_config(tmp_path / "out", ["adapter_path=tiny/controlnet_canny", "condition=canny"])
+    assert evaluation_units(cfg)[0][0].condition.name == "canny"
+    cfg = compose_evaluate_config(
+        tmp_path / "out", ["adapter_path=tiny/controlnet_canny", "condition=depth", "from_run=false"]
+    )
+    GlobalHydra.instance().clear()
+    assert evaluation_units(cfg)[0][0].condition.name == "depth"

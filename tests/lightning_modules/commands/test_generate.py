@@ -107,6 +107,34 @@ def test_composition_file_and_extractor_on_a_source_image(tmp_path, saved_contro
     assert set(np.unique(grid[:, :64])) <= {0, 255} and grid[:, :64].max() == 255  # edges of the scene
 
 
+def test_a_composition_files_relative_paths_and_an_extractor_with_local_weights(
+    tmp_path, saved_controlnet, dpt_dir, monkeypatch
+):
+    """Paths relative to the file's folder work from another directory; ``extractor: {name: depth, model: ...}``
+    gives the depth extractor its local weights, and its map is the unit's condition."""
+    import shutil
+
+    from conditions import read_image
+    from lightning_modules.commands.generate import build_extractor
+
+    beside = tmp_path / "composition"
+    (beside / "images").mkdir(parents=True)
+    shutil.copy(saved_controlnet / "scene.png", beside / "images" / "scene.png")
+    depth = {"name": "depth", "model": str(dpt_dir)}
+    unit = {"adapter": str(saved_controlnet / "adapter"), "source_image": "images/scene.png", "extractor": depth}
+    (beside / "composition.yaml").write_text(yaml.safe_dump({"units": [unit]}))
+    monkeypatch.chdir(tmp_path)  # images/scene.png is not here, but beside the file
+    cfg = compose_generate(tmp_path / "out", "composition=composition/composition.yaml", "num_inference_steps=2")
+    run_generate(cfg)
+    grid = np.asarray(Image.open(tmp_path / "out" / "grid.png"))
+    expected = build_extractor(depth, (64, 64)).process(read_image(str(beside / "images" / "scene.png")))
+    assert np.array_equal(grid[:, :64], expected)  # the depth model's map is the condition drawn in the grid
+    (used,) = yaml.safe_load((tmp_path / "out" / "composition.yaml").read_text())["units"]
+    assert used["source_image"] == str(beside / "images" / "scene.png") and used["extractor"] == depth
+    canny = build_extractor({"name": "canny", "low_threshold": 50}, (64, 64))
+    assert (canny.low_threshold, canny.high_threshold) == (50, 200)
+
+
 def test_a_written_composition_reruns_with_its_prompts_and_seed_unless_the_command_line_sets_them(
     tmp_path, saved_controlnet
 ):
@@ -140,6 +168,18 @@ def test_a_written_composition_reruns_with_its_prompts_and_seed_unless_the_comma
         (
             "{adapter: ADAPTER, source_image: EDGES, extractor: sobel}",
             r"unit 0: unknown extractor 'sobel'; choose one of",
+        ),
+        (
+            "{adapter: ADAPTER, source_image: EDGES, extractor: depth}",
+            r"unit 0: extractor depth needs model \(local files\); write extractor: \{name: depth, model: <path>\}",
+        ),
+        (
+            "{adapter: ADAPTER, source_image: EDGES, extractor: {name: canny, low: 5}}",
+            r"unit 0: unknown key 'extractor canny.low'; extractor canny takes: .*low_threshold",
+        ),
+        (
+            "{adapter: ADAPTER, source_image: EDGES, extractor: {model: x}}",
+            r"unit 0: extractor=\{'model': 'x'\}; allowed: a conf/condition name, or \{name: <it>",
         ),
     ],
 )

@@ -177,6 +177,9 @@ def test_an_inpainting_unet_reads_the_mask_and_the_masked_image():
         (["init_image=/nowhere.png"], "init_image='/nowhere.png' is not an image file"),
         (["init_image=SCENE", "strength=1.5"], r"strength=1.5; allowed: a number in \[0, 1\]"),
         (["init_image=SCENE", "strength=-1"], r"strength=-1; allowed: a number >= 0"),
+        (["init_image=/nowhere.png", "strength=1.5"], r"strength=1.5; allowed"),  # said before any image is read
+        (["height=50"], r"height=50 must be a positive multiple of 16 for this model .*e.g. 48"),
+        (["width=72"], r"width=72 must be a positive multiple of 16 .*e.g. (64|80)"),
     ],
 )
 def test_bad_image_settings_are_named(tmp_path, files, overrides, message):

@@ -120,6 +120,12 @@ def test_the_cli_names_a_missing_input(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = error_lines(result)
     assert "input is required with source=fill50k" in line
+    (tmp_path / "photos").mkdir()  # images without the index that names them and their captions
+    result = run_ctrlkit("shards", "source=imagefolder", "input=photos", f"output={tmp_path / 'x'}", cwd=tmp_path)
+    (line,) = error_lines(result)
+    assert (
+        'photos has no metadata.jsonl: data=imagefolder reads one JSON line per image there, e.g. {"file_name"' in line
+    )
 
 
 def test_shapes_shards_hold_the_shapes_items_and_train_end_to_end(tmp_path, make_train_config):
