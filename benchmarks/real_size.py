@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from adapters import ControlNetAdapter
 from lightning_modules.backbone import architecture_unet, build_random_backbone
+from lightning_modules.precision import compile_repeated_blocks
 from lightning_modules.system import AdapterTrainingSystem
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -104,9 +105,9 @@ def sd15_step(config: dict, device: str):
     if config.get("channels_last"):  # NHWC convolutions: faster on tensor cores, measured per GPU (CPU: 4% slower)
         for module in (backbone.unet, adapter, backbone.vae):
             module.to(memory_format=torch.channels_last)
-    if config.get("compile"):
-        for block in (*backbone.unet.down_blocks, backbone.unet.mid_block, *backbone.unet.up_blocks):
-            block.compile()  # the repeated blocks: short compile time, most of the compute
+    if config.get("compile"):  # as system.compile: the repeated blocks, short compile time, most of the compute
+        compile_repeated_blocks(backbone.unet)
+        compile_repeated_blocks(adapter)
 
     def step() -> None:
         with autocast(device, config["precision"]):

@@ -79,13 +79,17 @@ def compile_repeated_blocks(module: nn.Module) -> int:
     """``torch.compile`` each down/mid/up block of every diffusers UNet-like model inside ``module`` (the UNet, a
     ControlNet's encoder copy), in place: the repeated blocks hold nearly all the compute, and compiling them one by
     one keeps compile time short and tolerates the Python between them. Returns the number of blocks compiled."""
+    # one code object per block class, so each resolution and grad mode of a class is one more graph of it
+    dynamo = torch._dynamo.config
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, name, max(getattr(dynamo, name), 64))
     compiled = 0
     for submodule in module.modules():
         blocks = [*getattr(submodule, "down_blocks", []), *getattr(submodule, "up_blocks", [])]
         middle = getattr(submodule, "mid_block", None)
         for block in [*blocks, *([middle] if middle is not None else [])]:
             if isinstance(block, nn.Module):
-                block.compile()
+                block.compile(dynamic=False)  # dynamic shapes trip inductor on CPU (sympy truth value)
                 compiled += 1
     return compiled
 

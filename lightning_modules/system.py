@@ -169,6 +169,14 @@ class AdapterTrainingSystem(pl.LightningModule):
         if self.hparams.compile:
             blocks = compile_repeated_blocks(self.backbone.unet) + compile_repeated_blocks(self.adapter)
             log.info("torch.compile: %d UNet and adapter blocks (compiled on their first step)", blocks)
+            # Compiled code runs in training steps only (training_step asks for it): validation, sampling and the
+            # controllability scores call the blocks at other batch sizes and without gradients, a recompile each,
+            # and past dynamo's recompile limit the training shapes themselves would fall back to eager.
+            torch.compiler.set_stance("force_eager")
+
+    def on_fit_end(self) -> None:
+        if self.hparams.compile:
+            torch.compiler.set_stance("default")
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
         optimizer.zero_grad(set_to_none=True)  # frees the gradients between steps instead of zero-filling them
@@ -423,13 +431,14 @@ class AdapterTrainingSystem(pl.LightningModule):
         # with several processes a step is skipped by all or by none (see distributed.all_ranks)
         if not all_ranks(trainer, "pixel_values" in batch):
             return None
-        loss = self.compute_loss(
-            batch,
-            dropout=self.condition_dropout,
-            generator=self.step_draws(batch),
-            use_latent_cache=True,
-            with_loss_terms=True,
-        )
+        with torch.compiler.set_stance("default") if self.hparams.compile else contextlib.nullcontext():
+            loss = self.compute_loss(
+                batch,
+                dropout=self.condition_dropout,
+                generator=self.step_draws(batch),
+                use_latent_cache=True,
+                with_loss_terms=True,
+            )
         if not all_ranks(trainer, bool(torch.isfinite(loss))):
             return self.skip_nonfinite_step(loss)
         self.nonfinite_in_a_row = 0

@@ -30,6 +30,11 @@ def run_extract(cfg) -> ExtractReport:
             raise CtrlkitError(f"{key} is required with condition={cfg.condition.name}: add {key}={example}")
     check_node_against_signature("condition.extractor", cfg.condition.extractor)
     extractor = instantiate(cfg.condition.extractor, _convert_="all")
+    if getattr(extractor, "reads_scene", False):  # the condition's name, not its extractor's (shapes_truth)
+        raise CtrlkitError(
+            f"condition={cfg.condition.name} reads the truth of generated shapes scenes, not image files; pick a "
+            "condition that reads pixels, e.g. condition=canny"
+        )
     report = extract_folder(
         extractor, cfg.input, cfg.output, cfg.num_workers, cfg.chunk_size, cfg.progress, cfg.max_image_pixels
     )

@@ -26,6 +26,7 @@ from conditions.metrics import score_shapes_image
 from conditions.ranges import images_to_numpy
 from conditions.shapes import render_scene
 from lightning_modules.backbone import Backbone, build_tiny_backbone
+from lightning_modules.commands.value_checks import check_settings
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,7 @@ def train_denoiser(
 def pretrain_base(cfg: DictConfig) -> dict:
     """Run both stages and write the pipeline folder to ``cfg.output``; returns the report (also report.json)."""
     started = time.perf_counter()
+    check_settings("pretrain_base", cfg)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = torch.device(

@@ -151,6 +151,14 @@ def check_values(cfg: DictConfig) -> None:
     if isinstance(batch_size, int) and batch_size < 1:
         raise CtrlkitError(f"data.batch_size={batch_size} must be >= 1; allowed: an integer >= 1")
     _check_object_counts(cfg)
+    accumulate = OmegaConf.select(cfg, "trainer.accumulate_grad_batches", default=None)
+    if isinstance(accumulate, int) and accumulate < 1:
+        raise CtrlkitError(f"trainer.accumulate_grad_batches={accumulate}; allowed: an integer >= 1")
+    interval = OmegaConf.select(cfg, "trainer.val_check_interval", default=None)
+    if isinstance(interval, int | float) and not isinstance(interval, bool) and interval <= 0:
+        raise CtrlkitError(
+            f"trainer.val_check_interval={interval}; allowed: a step count >= 1, or a fraction of an epoch in (0, 1]"
+        )
     on_error = OmegaConf.select(cfg, "data.on_error", default=None)
     if on_error is not None and on_error not in ON_ERROR:
         raise CtrlkitError(f"data.on_error='{on_error}'; choose one of: {', '.join(ON_ERROR)}")
@@ -307,6 +315,20 @@ def _setting_rules() -> dict[str, dict[str, tuple[str, object]]]:
             "progress": (_FLAG, None),
             "max_image_pixels": (_INT, 1),
             "prefix": (_TEXT, None),
+        },
+        "pretrain_base": {
+            **named,
+            "seed": (_INT, None),
+            "num_threads": (_INT, 0),
+            "image_size": (_INT, 8),
+            "pool_size": (_INT, 1),
+            "val_size": (_INT, 1),
+            **{f"{stage}.{key}": (_INT, 1) for stage in ("vae", "denoiser") for key in ("steps", "batch_size")},
+            **{f"{stage}.learning_rate": (_NUMBER, 0) for stage in ("vae", "denoiser")},
+            "denoiser.warmup_steps": (_INT, 0),
+            "denoiser.eval_every": (_INT, 1),
+            "denoiser.eval_sampling_steps": (_INT, 1),
+            "denoiser.guidance_scale": (_NUMBER, 0),
         },
         "extract": {
             "num_workers": (_INT, 0),

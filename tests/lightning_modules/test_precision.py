@@ -143,3 +143,42 @@ def test_compiled_blocks_give_the_same_output(tiny_backbone):
     expected = predict()
     assert compile_repeated_blocks(tiny_backbone.unet) == 7 and compile_repeated_blocks(adapter) == 4
     assert torch.allclose(predict(), expected, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_compiled_run_trains_compiled_and_validates_eager(make_train_config, monkeypatch):
+    """``system.compile=true`` through a whole run (validation, sample grid, controllability, export): the blocks
+    run compiled in training steps and eager elsewhere, where every other batch size and grad mode would be another
+    graph (before: recompiles past dynamo's limit, then an inductor error on dynamic shapes, ~3 min then a crash)."""
+    from torch._dynamo import eval_frame  # its _stance is replaced on each change: read it at call time
+    from torch._dynamo.utils import counters
+
+    from lightning_modules.backbone import Backbone
+    from lightning_modules.system import AdapterTrainingSystem
+
+    seen = {"training": set(), "validation": set(), "sampling": set()}
+    compute_loss, validation_step = AdapterTrainingSystem.compute_loss, AdapterTrainingSystem.validation_step
+    generate = Backbone.generate
+
+    def generate_seen(self, *args, **kwargs):
+        seen["sampling"].add(eval_frame._stance.stance)
+        return generate(self, *args, **kwargs)
+
+    def compute_loss_seen(self, *args, **kwargs):
+        seen["training" if self.training else "validation"].add(eval_frame._stance.stance)
+        return compute_loss(self, *args, **kwargs)
+
+    def validation_step_seen(self, *args, **kwargs):
+        seen["validation"].add(eval_frame._stance.stance)
+        return validation_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(AdapterTrainingSystem, "compute_loss", compute_loss_seen)
+    monkeypatch.setattr(AdapterTrainingSystem, "validation_step", validation_step_seen)
+    monkeypatch.setattr(Backbone, "generate", generate_seen)
+    counters.clear()
+    cfg = make_train_config("system.compile=true", "trainer.max_steps=2", "trainer.val_check_interval=2")
+    metrics, _ = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert seen == {"training": {"default"}, "validation": {"force_eager"}, "sampling": {"force_eager"}}
+    assert counters["stats"]["unique_graphs"] > 0  # the blocks did compile
+    assert eval_frame._stance.stance == "default"  # given back after the run

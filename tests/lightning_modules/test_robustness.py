@@ -163,6 +163,8 @@ def test_nan_steps_in_a_row_stop_the_run_and_keep_the_last_checkpoint(make_train
         ("system.max_nonfinite_steps=0", r"system.max_nonfinite_steps=0 must be >= 1"),
         ("data.num_objects=[3,1]", r"data.num_objects=\[3, 1\]; allowed: a count >= 1, or an inclusive range"),
         ("data.num_objects=0", r"data.num_objects=0; allowed: a count >= 1"),
+        ("trainer.accumulate_grad_batches=0", r"trainer.accumulate_grad_batches=0; allowed: an integer >= 1"),
+        ("trainer.val_check_interval=0", r"trainer.val_check_interval=0; allowed: a step count >= 1, or a fraction"),
         ("data.num_objects=[1,2,3]", r"data.num_objects=\[1, 2, 3\]; allowed: .*\[low, high\]"),
     ],
 )

@@ -105,3 +105,17 @@ def test_sd15_random_model_config_composes_with_its_size_checks(make_train_confi
     check_train_config(cfg)  # 128 is a multiple of 8 x 8
     with pytest.raises(CtrlkitError, match=r"data.image_size=100 must be a positive multiple of 64"):
         check_train_config(make_train_config("model=sd15_random", "data.image_size=100"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("vae.steps=-1", r"vae.steps=-1; allowed: an integer >= 1"), ("denoiser.batch_size=0", r"denoiser.batch_size=0")],
+)
+def test_pretrain_base_names_a_bad_setting_before_it_renders_anything(tmp_path, override, message, monkeypatch):
+    from lightning_modules.commands import pretrain_base as module
+    from tests.conftest import compose_config
+
+    monkeypatch.setattr(module, "render_pool", lambda *args, **kwargs: pytest.fail("rendered before the check"))
+    cfg = compose_config("pretrain_base", tmp_path, [override, "pool_size=8"])
+    with pytest.raises(CtrlkitError, match=message):
+        module.pretrain_base(cfg)

@@ -120,7 +120,10 @@ def test_extract_config_requires_paths(tmp_path):
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         missing_input = compose(config_name="extract", overrides=["output=x"])
         hed = compose(config_name="extract", overrides=["condition=hed", f"input={tmp_path}", "output=x"])
+        mask = compose(config_name="extract", overrides=["condition=shapes_mask", f"input={tmp_path}", "output=x"])
     GlobalHydra.instance().clear()
+    with pytest.raises(CtrlkitError, match=r"condition=shapes_mask reads the truth of generated shapes scenes, not"):
+        run_extract(mask)
     with pytest.raises(CtrlkitError, match=r"input is required: ctrlkit extract condition=<name> input=<dir>"):
         run_extract(missing_input)
     with pytest.raises(CtrlkitError, match=r"condition.extractor.weights_dir is required with condition=hed"):
