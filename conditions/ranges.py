@@ -27,6 +27,6 @@ def images_to_numpy(images: torch.Tensor) -> np.ndarray:
 
 def uint8_to_unit(array: np.ndarray) -> torch.Tensor:
     """HxWxC (or HxW) uint8 -> float (C, H, W) in [0, 1]."""
-    # float32 first: a copy, so a read-only array (np.asarray of a PIL image) is fine and torch does not warn
-    tensor = torch.from_numpy(np.asarray(array, dtype=np.float32).copy()).div(255.0)
+    # a float32 copy: a read-only array (np.asarray of a PIL image) is fine and torch does not warn
+    tensor = torch.from_numpy(np.array(array, dtype=np.float32)).div(255.0)
     return (tensor[..., None] if tensor.ndim == 2 else tensor).permute(2, 0, 1)

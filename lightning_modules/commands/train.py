@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -140,6 +141,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
         _finish_wandb(loggers)
+        if system.hparams.compile:  # a fit that raised never reached on_fit_end, which gives this back too
+            torch.compiler.set_stance("default")
 
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     objects = {

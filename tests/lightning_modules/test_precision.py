@@ -182,3 +182,11 @@ def test_a_compiled_run_trains_compiled_and_validates_eager(make_train_config, m
     assert seen == {"training": {"default"}, "validation": {"force_eager"}, "sampling": {"force_eager"}}
     assert counters["stats"]["unique_graphs"] > 0  # the blocks did compile
     assert eval_frame._stance.stance == "default"  # given back after the run
+
+    def compute_loss_fails(self, *args, **kwargs):
+        raise RuntimeError("a step that fails")
+
+    monkeypatch.setattr(AdapterTrainingSystem, "compute_loss", compute_loss_fails)
+    with pytest.raises(RuntimeError, match="a step that fails"):
+        train(make_train_config("system.compile=true", "trainer.max_steps=2"))
+    assert eval_frame._stance.stance == "default"  # and after a run that raised
