@@ -149,7 +149,7 @@ def test_compiled_blocks_give_the_same_output(tiny_backbone):
 def test_a_compiled_run_trains_compiled_and_validates_eager(make_train_config, monkeypatch):
     """``system.compile=true`` through a whole run (validation, sample grid, controllability, export): the blocks
     run compiled in training steps and eager elsewhere, where every other batch size and grad mode would be another
-    graph (before: recompiles past dynamo's limit, then an inductor error on dynamic shapes, ~3 min then a crash)."""
+    graph (before: recompiles past dynamo's limit, then an inductor error on dynamic shapes ended the run)."""
     from torch._dynamo import eval_frame  # its _stance is replaced on each change: read it at call time
     from torch._dynamo.utils import counters
 
