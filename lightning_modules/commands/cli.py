@@ -23,6 +23,7 @@ from lightning_modules.commands.config_checks import (
     one_line,
     run_dir_of,
 )
+from lightning_modules.commands.entry import CONFIG_NAMES, USAGE, unknown_command
 from lightning_modules.commands.value_checks import check_settings
 from lightning_modules.distributed import install_rank_in_log_records
 from lightning_modules.errors import USER_ERRORS
@@ -39,34 +40,6 @@ warnings.filterwarnings(
 
 # OSErrors that are the machine's state, not a bug: reported as one line naming the path
 ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
-
-USAGE = """usage: ctrlkit <command> [hydra overrides ...]
-
-commands:
-  train            train an adapter on a frozen base model (conf/train.yaml)
-  cache            fill system.cache_dir with what training would encode: VAE posteriors, text embeddings
-                   (conf/cache.yaml: the training config, so give it the training run's overrides)
-  evaluate         score an adapter beside the base model: controllability and image quality (conf/evaluate.yaml)
-  extract          write condition maps for a folder of images (conf/extract.yaml)
-  shards           write a dataset as tar shards for data=webdataset, with a manifest (conf/shards.yaml)
-  generate         sample prompts under a composition of adapters (conf/generate.yaml)
-  demo             a browser page to compose adapters and generate (Gradio, the demo extra; conf/demo.yaml)
-  pretrain-base    train the tiny base model that `model=tiny` ships (conf/pretrain_base.yaml)
-
-Examples:
-  ctrlkit train trainer.max_steps=20
-  ctrlkit train logger=csv adapter.learning_rate=1e-4
-  ctrlkit train -m adapter.learning_rate=1e-4,1e-5 trainer.max_steps=5   (a Hydra sweep)
-  ctrlkit train -m hydra/launcher=joblib adapter.learning_rate=1e-3,3e-4   (its jobs at the same time)
-  ctrlkit train -m hparams_search=optuna hydra.sweeper.n_trials=3        (an Optuna search: best trial)
-  ctrlkit train --cfg job                                                  (print the composed config)
-  ctrlkit cache system.cache_dir=outputs/feature_cache                     (then train with the same setting)
-  ctrlkit evaluate adapter_path=outputs/train/runs/<run>                     (base vs adapter, metrics.json)
-  ctrlkit extract condition=canny input=photos output=photos_canny
-  ctrlkit shards source=shapes output=shards/shapes                         (train: data=webdataset data.urls=...)
-  ctrlkit generate composition=examples/compose_three.yaml                (the three shipped tiny adapters)
-  ctrlkit demo server_port=7860                                             (then open http://127.0.0.1:7860)
-"""
 
 
 def _user_error(error: BaseException) -> BaseException | None:
@@ -209,16 +182,6 @@ COMMANDS = {
     "demo": demo_main,
     "pretrain-base": pretrain_base_main,
 }
-CONFIG_NAMES = {
-    "train": "train",
-    "cache": "cache",
-    "evaluate": "evaluate",
-    "extract": "extract",
-    "shards": "shards",
-    "generate": "generate",
-    "demo": "demo",
-    "pretrain-base": "pretrain_base",
-}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, overrides = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"ctrlkit: error: unknown command '{command}'; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
+        return unknown_command(command)
     try:
         check_group_overrides(overrides)
         composed = check_override_keys(CONFIG_NAMES[command], overrides)

@@ -21,6 +21,7 @@ from PIL import Image
 from lightning_modules.commands.cli import CONFIG_NAMES
 from lightning_modules.commands.config_checks import CONF_DIR, _compose
 from tests.conftest import FAST_OVERRIDES
+from tests.helpers.cli import run_cli
 
 # keys whose valid values make a job long, or that point the run somewhere else (left at the base values)
 COSTLY = (
@@ -124,17 +125,6 @@ keys_of = {
 jobs = st.sampled_from(sorted(KEYS)).flatmap(
     lambda command: st.tuples(st.just(command), st.lists(st.tuples(keys_of[command], values), min_size=1, max_size=2))
 )
-
-
-def run_cli(capsys, argv: list[str]) -> tuple[int, list[str]]:
-    from lightning_modules.commands.cli import main
-
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, [line for line in captured.err.splitlines() if line.strip()]
 
 
 @settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))

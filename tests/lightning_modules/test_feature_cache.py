@@ -10,6 +10,7 @@ from omegaconf import open_dict
 from lightning_modules.backbone import build_tiny_backbone
 from lightning_modules.commands.train import train
 from lightning_modules.feature_cache import FeatureCache, module_fingerprint, tensor_key_bytes
+from tests.helpers.cache_writers import write_many
 
 
 def test_a_second_run_encodes_nothing_and_trains_the_same(make_train_config, tmp_path, monkeypatch):
@@ -74,15 +75,9 @@ def test_a_changed_image_or_vae_gives_another_key(tmp_path):
     assert cache.get_or_compute("vae_posterior", key, lambda: {"mean": torch.zeros(1)})["mean"].item() == 0
 
 
-def _write_many(root: str, seed: int) -> None:
-    cache = FeatureCache(root)
-    for round_index in range(40):
-        cache.put("x", FeatureCache.key(str(round_index % 4)), {"value": torch.full((256, 256), float(seed))})
-
-
 def test_two_writers_at_once_leave_readable_entries(tmp_path):
     context = multiprocessing.get_context("spawn")
-    writers = [context.Process(target=_write_many, args=(str(tmp_path), seed)) for seed in (1, 2)]
+    writers = [context.Process(target=write_many, args=(str(tmp_path), seed)) for seed in (1, 2)]
     for writer in writers:
         writer.start()
     cache, reads = FeatureCache(tmp_path), 0
@@ -95,5 +90,6 @@ def test_two_writers_at_once_leave_readable_entries(tmp_path):
     for writer in writers:
         writer.join()
         assert writer.exitcode == 0
+    assert reads > 0  # the reader met entries while the writers were writing
     assert all(cache.get("x", FeatureCache.key(str(index))) is not None for index in range(4))
     assert not list(tmp_path.rglob("*.tmp-*"))  # no temporary files left behind

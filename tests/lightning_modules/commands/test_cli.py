@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from tests.conftest import FAST_OVERRIDES
+from tests.helpers.cli import run_cli
 
-CTRLKIT = [sys.executable, "-m", "lightning_modules.commands.cli"]
+CTRLKIT = [sys.executable, "-m", "lightning_modules.commands.entry"]  # what the console script runs
 
 
 def run_ctrlkit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -32,10 +33,25 @@ def test_help_and_unknown_command(tmp_path):
     assert result.returncode == 2 and "unknown command 'trian'; choose one of: train" in result.stderr
 
 
+def test_help_and_an_unknown_command_answer_without_importing_the_training_stack():
+    """The console script (``entry``) answers these before torch is imported; every command it names runs."""
+    from lightning_modules.commands import cli, entry
+
+    assert list(entry.CONFIG_NAMES) == list(cli.COMMANDS)
+    check = (
+        "import sys\nfrom lightning_modules.commands.entry import main\n"
+        "assert main(['--help']) == 0 and main(['trian']) == 2\n"
+        "print(sorted(name for name in ('torch', 'lightning', 'hydra', 'diffusers') if name in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_the_help_names_files_that_exist():
     import re
 
-    from lightning_modules.commands.cli import USAGE
+    from lightning_modules.commands.entry import USAGE
 
     repo = Path(__file__).resolve().parents[3]
     named = re.findall(r"examples/[\w./-]+", USAGE)
@@ -52,12 +68,20 @@ def test_the_help_names_files_that_exist():
         (["model=sd15"], "model.path is required"),
     ],
 )
-def test_bad_input_gives_one_line_error(tmp_path, args, message):
-    result = run_ctrlkit("train", *args, "logger=none", cwd=tmp_path)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+def test_bad_input_gives_one_line_error(capsys, args, message):
+    """In this process (the test below and test_wrong_checkpoint_format_from_the_cli run the real command)."""
+    code, lines = run_cli(capsys, ["train", *args, "logger=none"])
+    assert code == 2, lines[-5:]
+    assert not any(line.startswith("Traceback") for line in lines)
+    (line,) = [line for line in lines if "error" in line.lower()]
+    assert message in line and line.startswith("ctrlkit train: error: ")
+
+
+def test_bad_input_from_the_command_line_is_one_line(tmp_path):
+    result = run_ctrlkit("train", "model=sd15", "model.path=/no/such/pipeline", "logger=none", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = error_lines(result)
-    assert message in line
+    assert "model path /no/such/pipeline does not exist" in line
 
 
 def test_wrong_checkpoint_format_from_the_cli(tmp_path):
