@@ -10,7 +10,8 @@
 # images), truth_vae 0.682 (the same through the tiny VAE); then its lines "box_iou, 1 object" ... "3 objects"
 # (adapter ~0.82 / 0.54 / 0.45; truth 1.00 / 0.85 / 0.68; truth_vae 0.90 / 0.67 / 0.50).
 # The README's "Where grounding reaches 0.7" gives the 4000-step recipe with the UNet decoder unlocked (box IoU
-# 0.715 at guidance 3 on 256 scenes x 2 seeds, num_samples=256; 0.694 on the first 64).
+# 0.715 at guidance 3 on 256 scenes x 2 seeds, num_samples=256; 0.694 on the first 64), and
+# examples/layout_controlnet_pixel_loss.sh the 1000 steps more with the decoded-image loss that reach 0.710 on the 64.
 set -euo pipefail
 steps=${1:-1000}
 out=outputs/examples/layout_controlnet

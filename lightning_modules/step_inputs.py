@@ -65,8 +65,8 @@ class TrainingInputs:
     """What the adapter and the UNet take in a training step: noisy latents (B, 4, h, w), timesteps (B,), text
     embeddings (B, L, D), the prepared condition, the target of the prediction (B, 4, h, w), and the UNet's inputs
     beside the text (SDXL's pooled ``text_embeds`` and ``time_ids``; None for SD1.x/2.x). For loss terms
-    (``lightning_modules.loss_terms``): the clean latents, which items kept their condition (B,) bool, and each
-    term's random draws by name."""
+    (``lightning_modules.loss_terms``): the clean latents, which items kept their condition (B,) bool, each
+    term's random draws by name, and the items' images (B, 3, H, W) in [-1, 1]."""
 
     noisy_latents: torch.Tensor
     timesteps: torch.Tensor
@@ -77,6 +77,7 @@ class TrainingInputs:
     latents: torch.Tensor | None = None
     condition_kept: torch.Tensor | None = None
     term_draws: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    images: torch.Tensor | None = None
 
     @property
     def added_kwargs(self) -> dict:

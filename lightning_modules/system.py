@@ -400,7 +400,10 @@ class AdapterTrainingSystem(pl.LightningModule):
         terms = self.loss_terms if with_loss_terms else {}
         draws = {name: term.draw(latents, generator) for name, term in terms.items()}
         text = self.text_embeddings(prompts)
-        return TrainingInputs(noisy_latents, timesteps, text, condition, target, added, latents, condition_kept, draws)
+        images = batch.get("pixel_values")
+        return TrainingInputs(
+            noisy_latents, timesteps, text, condition, target, added, latents, condition_kept, draws, images
+        )
 
     def prediction_loss(self, inputs: TrainingInputs) -> torch.Tensor:
         """The adapter's kwargs, the UNet's prediction and its MSE to the target (computed in fp32)."""

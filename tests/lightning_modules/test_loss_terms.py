@@ -14,8 +14,8 @@ from adapters import ControlNetAdapter
 from conditions.canny import CannyExtractor
 from conditions.shapes import render_scene
 from lightning_modules.errors import CtrlkitError
-from lightning_modules.loss_terms import CycleConsistencyReward, predicted_clean
-from lightning_modules.step_inputs import ConditionDropout
+from lightning_modules.loss_terms import CycleConsistencyReward, DecodedImageLoss, predicted_clean
+from lightning_modules.step_inputs import ConditionDropout, TrainingInputs
 from lightning_modules.system import AdapterTrainingSystem
 from tests.adapters.test_adapters import randomize_zero_convs
 
@@ -151,3 +151,73 @@ def test_the_pixel_exact_edge_reward_scores_the_true_edges_above_edges_one_pixel
     assert reward.consistency(image.roll(1, dims=3), target).item() > 0.5
     exact.sum().backward()
     assert image.grad.abs().sum() > 0
+
+
+def test_the_decoded_image_loss_is_the_pixel_error_of_the_one_step_estimate(tiny_backbone):
+    """The target is the item's own image (not its latents' decode), weighted; gradients reach the adapter only."""
+    term = DecodedImageLoss(weight=2.0, max_timestep=200)
+    system = make_system(tiny_backbone, loss_terms={"pixels": term})
+    batch = canny_batch(2)
+    inputs = system.training_inputs(batch, generator=torch.Generator().manual_seed(0), with_loss_terms=True)
+    draws = inputs.term_draws["pixels"]
+    assert draws["timesteps"].max() < 200
+    value, scalars = term(system, inputs, draws)
+
+    scheduler = tiny_backbone.noise_scheduler
+    noisy = scheduler.add_noise(inputs.latents, draws["noise"], draws["timesteps"])
+    with torch.no_grad():
+        prediction = system.unet_prediction(
+            TrainingInputs(noisy, draws["timesteps"], inputs.encoder_hidden_states, inputs.condition, inputs.target)
+        )
+        images = tiny_backbone.decode_latents(predicted_clean(scheduler, noisy, draws["timesteps"], prediction))
+    expected = torch.nn.functional.mse_loss(images, (batch["pixel_values"] + 1) / 2).item()
+    assert scalars["decoded_image_loss"] == pytest.approx(expected, rel=1e-4)
+    assert value.item() == pytest.approx(2.0 * expected, rel=1e-4)
+    value.backward()
+    grads = [p.grad for p in system.adapter.trainable_parameters()]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+    assert all(p.grad is None for p in system.backbone.unet.parameters())
+    assert all(p.grad is None for p in system.backbone.vae.parameters())
+
+
+def test_the_decoded_image_loss_takes_the_first_max_items_of_a_grounding_batch(tiny_backbone):
+    from adapters.grounding import GroundingCondition
+    from adapters.layout_controlnet import LayoutControlNetAdapter
+    from tests.adapters.test_adapter_contract import grounding_condition
+
+    adapter = LayoutControlNetAdapter.from_unet(tiny_backbone.unet, vae_scale_factor=4, embedding_channels=3)
+    randomize_zero_convs(adapter)
+    system = AdapterTrainingSystem(tiny_backbone, adapter)
+    inputs = system.training_inputs(canny_batch(3), generator=torch.Generator().manual_seed(0))
+    inputs.condition = grounding_condition(3)
+    draws = DecodedImageLoss().draw(inputs.latents, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        first_two, _ = DecodedImageLoss(max_items=2)(system, inputs, draws)
+        whole, _ = DecodedImageLoss()(system, inputs, draws)
+        g = inputs.condition
+        inputs.condition = GroundingCondition(g.boxes[:2], g.masks[:2], phrase_embeddings=g.phrase_embeddings[:2])
+        inputs.latents, inputs.images = inputs.latents[:2], inputs.images[:2]
+        inputs.encoder_hidden_states, inputs.target = inputs.encoder_hidden_states[:2], inputs.target[:2]
+        alone, _ = DecodedImageLoss()(system, inputs, {name: value[:2] for name, value in draws.items()})
+    assert first_two.item() == pytest.approx(alone.item(), rel=1e-5)
+    assert first_two.item() != pytest.approx(whole.item())
+
+
+def test_bad_decoded_image_loss_settings_are_named(tiny_backbone):
+    with pytest.raises(CtrlkitError, match="0 < max_timestep <= 1000 and weight >= 0; got 0, 1.0"):
+        DecodedImageLoss(max_timestep=0)
+    with pytest.raises(CtrlkitError, match="max_items >= 1; got 0"):
+        DecodedImageLoss(max_items=0)
+    term = DecodedImageLoss()
+    system = make_system(tiny_backbone, loss_terms={"pixels": term})
+    inputs = system.training_inputs(canny_batch(2), generator=torch.Generator().manual_seed(0), with_loss_terms=True)
+    inputs.images = None
+    with pytest.raises(CtrlkitError, match="needs the batch's images"):
+        term(system, inputs, inputs.term_draws["pixels"])
+
+
+def test_the_pixel_loss_config_builds_the_term_beside_a_reward(make_train_config):
+    cfg = make_train_config("pixel_loss=decoded_image", "reward=canny")
+    terms = {name: instantiate(term) for name, term in cfg.system.loss_terms.items()}
+    assert isinstance(terms["pixel_loss"], DecodedImageLoss) and isinstance(terms["reward"], CycleConsistencyReward)
+    assert terms["pixel_loss"].weight == 10.0 and terms["pixel_loss"].max_timestep == 200
