@@ -11,7 +11,6 @@ the target, in pixel space (``pixel_loss=decoded_image``).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -229,7 +228,7 @@ class DecodedImageLoss:
         scheduler = system.backbone.noise_scheduler
         latents, timesteps = inputs.latents[rows], draws["timesteps"][rows]
         noisy = scheduler.add_noise(latents, draws["noise"][rows], timesteps)
-        condition = _first_rows(inputs.condition, count)
+        condition = inputs.condition[rows]  # a map, or a GroundingCondition (which slices by item)
         hidden = inputs.encoder_hidden_states[rows]
         added = None if inputs.added_cond_kwargs is None else {k: v[rows] for k, v in inputs.added_cond_kwargs.items()}
         prediction = system.unet_prediction(
@@ -250,14 +249,6 @@ def predicted_clean(scheduler, noisy: torch.Tensor, timesteps: torch.Tensor, pre
     if scheduler.config.prediction_type == "v_prediction":
         return alpha * noisy - sigma * prediction
     return (noisy - sigma * prediction) / alpha
-
-
-def _first_rows(condition, count: int):
-    """The first ``count`` items of a condition: a map (B, C, H, W) or a ``GroundingCondition`` (each field)."""
-    if isinstance(condition, torch.Tensor):
-        return condition[:count]
-    fields = {field.name: getattr(condition, field.name) for field in dataclasses.fields(condition)}
-    return type(condition)(**{name: None if value is None else value[:count] for name, value in fields.items()})
 
 
 def _select(added: dict[str, torch.Tensor] | None, kept: torch.Tensor) -> dict[str, torch.Tensor] | None:

@@ -189,13 +189,15 @@ def test_the_decoded_image_loss_takes_the_first_max_items_of_a_grounding_batch(t
     randomize_zero_convs(adapter)
     system = AdapterTrainingSystem(tiny_backbone, adapter)
     inputs = system.training_inputs(canny_batch(3), generator=torch.Generator().manual_seed(0))
-    inputs.condition = grounding_condition(3)
+    condition = grounding_condition(3)
+    phrases = [["a red circle", "a blue square", "", ""], ["a green star", "a red square", "", ""], ["x", "y", "", ""]]
+    inputs.condition = GroundingCondition(condition.boxes, condition.masks, phrases, condition.phrase_embeddings)
     draws = DecodedImageLoss().draw(inputs.latents, torch.Generator().manual_seed(1))
     with torch.no_grad():
         first_two, _ = DecodedImageLoss(max_items=2)(system, inputs, draws)
         whole, _ = DecodedImageLoss()(system, inputs, draws)
         g = inputs.condition
-        inputs.condition = GroundingCondition(g.boxes[:2], g.masks[:2], phrase_embeddings=g.phrase_embeddings[:2])
+        inputs.condition = GroundingCondition(g.boxes[:2], g.masks[:2], phrases[:2], g.phrase_embeddings[:2])
         inputs.latents, inputs.images = inputs.latents[:2], inputs.images[:2]
         inputs.encoder_hidden_states, inputs.target = inputs.encoder_hidden_states[:2], inputs.target[:2]
         alone, _ = DecodedImageLoss()(system, inputs, {name: value[:2] for name, value in draws.items()})
@@ -221,3 +223,9 @@ def test_the_pixel_loss_config_builds_the_term_beside_a_reward(make_train_config
     terms = {name: instantiate(term) for name, term in cfg.system.loss_terms.items()}
     assert isinstance(terms["pixel_loss"], DecodedImageLoss) and isinstance(terms["reward"], CycleConsistencyReward)
     assert terms["pixel_loss"].weight == 10.0 and terms["pixel_loss"].max_timestep == 200
+
+    from lightning_modules.commands.train import train
+
+    _, objects = train(make_train_config("pixel_loss=decoded_image", "trainer.max_steps=2"))
+    assert objects["trainer"].global_step == 2
+    assert objects["trainer"].callback_metrics["train/decoded_image_loss"] > 0  # logged by the run's steps

@@ -68,8 +68,10 @@ def test_the_help_names_files_that_exist():
         (["model=sd15"], "model.path is required"),
     ],
 )
-def test_bad_input_gives_one_line_error(capsys, args, message):
+def test_bad_input_gives_one_line_error(capsys, monkeypatch, tmp_path, args, message):
     """In this process (the test below and test_wrong_checkpoint_format_from_the_cli run the real command)."""
+    monkeypatch.chdir(tmp_path)  # a run folder Hydra makes before the error stays out of the repository
+    monkeypatch.setenv("CTRLKIT_OUTPUTS", str(tmp_path / "outputs"))
     code, lines = run_cli(capsys, ["train", *args, "logger=none"])
     assert code == 2, lines[-5:]
     assert not any(line.startswith("Traceback") for line in lines)

@@ -116,12 +116,13 @@ def test_an_extract_output_with_its_captions_becomes_shards(tmp_path):
         WebDataModule(str(tmp_path / "shards"), CannyExtractor(50, 100), image_size=32, val_size=2)
 
 
-def test_the_cli_names_a_missing_input(tmp_path, capsys):
+def test_the_cli_names_a_missing_input(tmp_path, capsys, monkeypatch):
     result = run_ctrlkit("shards", "source=fill50k", f"output={tmp_path / 'x'}", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = error_lines(result)
     assert "input is required with source=fill50k" in line
     (tmp_path / "photos").mkdir()  # images without the index that names them and their captions
+    monkeypatch.chdir(tmp_path)  # its run folder stays out of the repository
     code, lines = run_cli(  # in this process: seconds less than a second real command
         capsys, ["shards", "source=imagefolder", f"input={tmp_path / 'photos'}", f"output={tmp_path / 'x'}"]
     )
