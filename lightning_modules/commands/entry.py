@@ -3,6 +3,7 @@ Lightning or diffusers (seconds), and hands every command to ``lightning_modules
 
 from __future__ import annotations
 
+import os
 import sys
 
 USAGE = """usage: ctrlkit <command> [hydra overrides ...]
@@ -55,7 +56,10 @@ def unknown_command(command: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        try:
+            print(USAGE, flush=True)
+        except BrokenPipeError:  # `ctrlkit --help | head`: the reader has gone, which is no error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor is the flush at exit
         return 0
     if argv[0] not in CONFIG_NAMES:
         return unknown_command(argv[0])

@@ -16,6 +16,7 @@ from conditions.folder import MANIFEST, extract_folder
 from lightning_modules.data.files import FileDataModule
 from lightning_modules.errors import CtrlkitError
 from tests.helpers.bomb import write_bomb_png
+from tests.helpers.cli import run_cli
 
 # ------------------------------------------------------------------ decompression bombs and other undecodable files
 
@@ -265,18 +266,6 @@ def test_an_unwritable_checkpoint_folder_rescues_the_state_and_stops_with_one_li
     assert torch.isfinite(torch.tensor(objects["trainer"].callback_metrics["train/loss"]))
 
 
-def _cli(capsys, *argv: str) -> tuple[int, list[str]]:
-    """``ctrlkit <argv>`` in this process: (exit code, the non-empty lines it printed to stderr)."""
-    from lightning_modules.commands.cli import main
-
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:
-        code = exit_.code
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    return code, lines
-
-
 def test_unwritable_folders_give_one_line(tmp_path, capsys, monkeypatch):
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
@@ -288,7 +277,7 @@ def test_unwritable_folders_give_one_line(tmp_path, capsys, monkeypatch):
         (["extract", f"input={tmp_path / 'outputs'}", f"output={a_file}/maps"], f"cannot write output {a_file}/maps"),
         (["generate", f"output_dir={a_file}/images"], f"cannot write output_dir {a_file}/images"),
     ]:
-        code, lines = _cli(capsys, *argv)
+        code, lines = run_cli(capsys, list(argv))
         assert code == 2 and len(lines) == 1 and message in lines[0], lines
         assert lines[0].startswith(f"ctrlkit {argv[0]}: error: ")
 
@@ -314,7 +303,7 @@ def test_cli_user_errors_are_one_line_and_leave_no_run_folder(tmp_path, capsys, 
         (["train", "model=sd15", f"model.path={evil}", f"model.config={tiny}"], "it is a pickle that needs to run"),
         (["generate", "foo=1"], "unknown key 'foo'; ctrlkit's generate config has"),
     ]:
-        code, lines = _cli(capsys, *argv, "logger=none" if argv[0] == "train" else "seed=0")
+        code, lines = run_cli(capsys, [*argv, "logger=none" if argv[0] == "train" else "seed=0"])
         assert code == 2 and len(lines) == 1 and message in lines[0], lines
     runs = tmp_path / "outputs"
     assert not runs.exists() or not [p for p in runs.rglob("*") if p.is_file()]  # no run folder left behind

@@ -46,6 +46,9 @@ def test_help_and_an_unknown_command_answer_without_importing_the_training_stack
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
+    script = f"{sys.executable} -m lightning_modules.commands.entry --help | head -1"  # the reader leaves early
+    piped = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert piped.stdout.startswith("usage: ctrlkit") and piped.stderr == "", piped.stderr[-2000:]
 
 
 def test_the_help_names_files_that_exist():
