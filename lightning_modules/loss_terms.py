@@ -120,9 +120,7 @@ class CycleConsistencyReward:
             self.segmenter = load_shapes_segmenter(segmenter_path)
 
     def draw(self, latents: torch.Tensor, generator: Draws) -> dict[str, torch.Tensor]:
-        timesteps = randint(self.max_timestep, latents.shape[0], generator).to(latents.device)
-        noise = randn(latents.shape, generator, dtype=latents.dtype).to(latents.device)
-        draws = {"timesteps": timesteps, "noise": noise}
+        draws = draw_small_timesteps(self.max_timestep, latents, generator)
         if self.start == "samples":  # the samples' seed comes from the step's generator too: resume stays exact
             draws["sample_seed"] = randint(2**31 - 1, latents.shape[0], generator)[:1]
         return draws
@@ -145,10 +143,8 @@ class CycleConsistencyReward:
         if self.start == "samples":
             latents = self.own_samples(system, hidden, condition, added, latents.shape, int(draws["sample_seed"]))
         noisy = scheduler.add_noise(latents, draws["noise"][kept], timesteps)
-        prediction = system.unet_prediction(
-            TrainingInputs(noisy, timesteps, hidden, condition, inputs.target[kept], added)
-        )
-        images = system.backbone.decode_latents_with_grad(predicted_clean(scheduler, noisy, timesteps, prediction))
+        noised = TrainingInputs(noisy, timesteps, hidden, condition, inputs.target[kept], added)
+        images = one_step_images(system, noised)
         loss = self.consistency(images.float(), (condition[:, :1] > 0.5).float()).mean()
         return self.weight * loss, {"reward_loss": float(loss.detach())}
 
@@ -214,9 +210,7 @@ class DecodedImageLoss:
         self.weight, self.max_timestep, self.max_items = weight, max_timestep, max_items
 
     def draw(self, latents: torch.Tensor, generator: Draws) -> dict[str, torch.Tensor]:
-        timesteps = randint(self.max_timestep, latents.shape[0], generator).to(latents.device)
-        noise = randn(latents.shape, generator, dtype=latents.dtype).to(latents.device)
-        return {"timesteps": timesteps, "noise": noise}
+        return draw_small_timesteps(self.max_timestep, latents, generator)
 
     def __call__(
         self, system: AdapterTrainingSystem, inputs: TrainingInputs, draws: dict[str, torch.Tensor]
@@ -229,15 +223,28 @@ class DecodedImageLoss:
         latents, timesteps = inputs.latents[rows], draws["timesteps"][rows]
         noisy = scheduler.add_noise(latents, draws["noise"][rows], timesteps)
         condition = inputs.condition[rows]  # a map, or a GroundingCondition (which slices by item)
-        hidden = inputs.encoder_hidden_states[rows]
-        added = None if inputs.added_cond_kwargs is None else {k: v[rows] for k, v in inputs.added_cond_kwargs.items()}
-        prediction = system.unet_prediction(
-            TrainingInputs(noisy, timesteps, hidden, condition, inputs.target[rows], added)
-        )
-        images = system.backbone.decode_latents_with_grad(predicted_clean(scheduler, noisy, timesteps, prediction))
+        hidden, added = inputs.encoder_hidden_states[rows], _select(inputs.added_cond_kwargs, rows)
+        noised = TrainingInputs(noisy, timesteps, hidden, condition, inputs.target[rows], added)
+        images = one_step_images(system, noised)
         target = (inputs.images[rows].float() + 1.0) / 2.0
         loss = torch.nn.functional.mse_loss(images.float(), target.to(images.device))
         return self.weight * loss, {"decoded_image_loss": float(loss.detach())}
+
+
+def draw_small_timesteps(max_timestep: int, latents: torch.Tensor, generator: Draws) -> dict[str, torch.Tensor]:
+    """A term's own draws: timesteps (B,) uniform in [0, max_timestep) and noise shaped as ``latents``."""
+    timesteps = randint(max_timestep, latents.shape[0], generator).to(latents.device)
+    noise = randn(latents.shape, generator, dtype=latents.dtype).to(latents.device)
+    return {"timesteps": timesteps, "noise": noise}
+
+
+def one_step_images(system: AdapterTrainingSystem, noised: TrainingInputs) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1], with gradients to the trainable weights: the UNet (with the adapter) predicts
+    on ``noised``, the one-step estimate of the clean latents is decoded by the frozen VAE."""
+    prediction = system.unet_prediction(noised)
+    scheduler = system.backbone.noise_scheduler
+    clean = predicted_clean(scheduler, noised.noisy_latents, noised.timesteps, prediction)
+    return system.backbone.decode_latents_with_grad(clean)
 
 
 def predicted_clean(scheduler, noisy: torch.Tensor, timesteps: torch.Tensor, prediction: torch.Tensor):
@@ -251,5 +258,5 @@ def predicted_clean(scheduler, noisy: torch.Tensor, timesteps: torch.Tensor, pre
     return (noisy - sigma * prediction) / alpha
 
 
-def _select(added: dict[str, torch.Tensor] | None, kept: torch.Tensor) -> dict[str, torch.Tensor] | None:
+def _select(added: dict[str, torch.Tensor] | None, kept: torch.Tensor | slice) -> dict[str, torch.Tensor] | None:
     return None if added is None else {name: value[kept] for name, value in added.items()}
