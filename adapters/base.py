@@ -224,6 +224,24 @@ class ConditioningAdapter(nn.Module, ABC):
         marker = {"family": self.family, "class": f"{module}:{type(self).__qualname__}"}
         (directory / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
 
+    def load_saved_weights(self, path: Path, unet: UNet2DConditionModel) -> str:
+        """Copy the trainable weights of this family's adapter saved at ``path`` into this one (``init_adapter=``: a
+        run that fine-tunes saved weights) -> the format found. Each trainable tensor must be saved with its shape,
+        unless it is one of ``unet``'s own (a UNet decoder this run unlocks: it starts from the base). Default: read
+        with ``from_pretrained``; a family whose ``from_pretrained`` changes ``unet`` in place overrides this."""
+        saved = type(self).from_pretrained(path, unet)
+        saved_tensors = dict(saved.named_parameters())
+        base = {tensor.data_ptr() for tensor in unet.parameters()}
+        trainable = {name: tensor for name, tensor in self.named_parameters() if tensor.requires_grad}
+        copied = {name: saved_tensors[name] for name in trainable if name in saved_tensors}
+        missing = [name for name in trainable if name not in copied and trainable[name].data_ptr() not in base]
+        extra = sorted(set(saved_tensors) - set(dict(self.named_parameters())))  # e.g. a decoder it trained
+        check_saved_tensors(path, {name: trainable[name] for name in copied}, copied, missing, extra)
+        with torch.no_grad():
+            for name, tensor in copied.items():
+                trainable[name].copy_(tensor)
+        return saved.source_format
+
     def check_base(self, unet: UNet2DConditionModel) -> None:
         """Raise ``AdapterFormatError`` (one line, naming what the adapter was made for and what ``unet`` is) when
         the adapter was made for another UNet layout; ``adapters.registry`` calls it after every load. Nothing to
@@ -255,3 +273,30 @@ class ConditioningAdapter(nn.Module, ABC):
         e.g. how far GLIGEN's gates have opened; none by default. Tensors, not floats: they are computed every step,
         and a float would wait for the GPU each time, while Lightning reads them only when it writes its logs."""
         return {}
+
+
+def check_saved_tensors(
+    path: Path,
+    built: dict[str, torch.Tensor],
+    saved: dict[str, torch.Tensor],
+    missing: list[str],
+    extra: list[str] = (),
+) -> None:
+    """One-line ``AdapterFormatError`` when saved weights do not fit the built ones: tensors the built adapter
+    trains that ``path`` lacks (``missing``), saved ones it has no place for (``extra``), or tensors saved with
+    other shapes than ``built``'s."""
+    reshaped = [
+        f"{name} {tuple(saved[name].shape)} saved, {tuple(built[name].shape)} built"
+        for name in built
+        if saved[name].shape != built[name].shape
+    ]
+    problems = [
+        f"{len(found)} {what}: " + ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        for what, found in (("not saved", missing), ("saved but not built", extra), ("of other shapes", reshaped))
+        if found
+    ]
+    if problems:
+        raise AdapterFormatError(
+            f"{path} does not fit the adapter this run builds: tensors {'; '.join(problems)}; compare the adapter's "
+            "build settings (conditioning channels, rank, widths) with the saved ones"
+        )

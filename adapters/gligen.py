@@ -27,7 +27,7 @@ from diffusers.models.embeddings import GLIGENTextBoundingboxProjection
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from adapters.base import AdapterFormatError, ConditioningAdapter, UNetKwargs
+from adapters.base import AdapterFormatError, ConditioningAdapter, UNetKwargs, check_saved_tensors
 from adapters.grounding import GroundingCondition
 
 WEIGHTS_NAME = "gligen.safetensors"
@@ -255,6 +255,18 @@ class GligenAdapter(ConditioningAdapter):
         (directory / CONFIG_NAME).write_text(json.dumps(self.saved_config(), indent=2) + "\n")
         if self.export_unet:
             self.unet.save_pretrained(directory / UNET_FOLDER, safe_serialization=True)
+
+    def load_saved_weights(self, path: Path, unet: UNet2DConditionModel) -> str:
+        """The GLIGEN layers of a saved folder copied into this adapter's (already in ``unet``): its file is read
+        directly, since ``from_pretrained`` would add a second set of layers to ``unet``."""
+        weights_file = path / WEIGHTS_NAME
+        if not weights_file.is_file():
+            raise AdapterFormatError(f"{path} is not a ctrlkit GLIGEN folder: {WEIGHTS_NAME} not found")
+        saved, built = load_file(str(weights_file)), self.gligen_state_dict()
+        missing, extra = sorted(set(built) - set(saved)), sorted(set(saved) - set(built))
+        check_saved_tensors(path, {name: built[name] for name in saved if name in built}, saved, missing, extra)
+        self.unet.load_state_dict(saved, strict=False)
+        return "ctrlkit GLIGEN folder"
 
     def saved_config(self) -> dict:
         """``gligen_config.json``: the variant and the ``from_unet`` options that change how the weights run."""

@@ -118,3 +118,17 @@ def load_adapters(paths: list[str | Path], unet: UNet2DConditionModel) -> list[t
         _check_base(adapter, paths[index], unet)
         loaded[index] = (adapter, f"{classes[index].title}, {adapter.source_format}")
     return [loaded[index] for index in range(len(paths))]
+
+
+def initialize_from_saved(adapter: ConditioningAdapter, path: str | Path, unet: UNet2DConditionModel) -> str:
+    """Copy the trainable weights saved at ``path`` into ``adapter``, built from config for ``unet``, to fine-tune
+    them (a released ControlNet, a shipped adapter, an earlier run's export) -> "<title>, <format found>".
+
+    The saved adapter must be of the built one's family; the family's ``load_saved_weights`` checks the tensors."""
+    adapter_class = adapter_class_for(path)
+    if adapter_class is not type(adapter):
+        raise AdapterFormatError(
+            f"{path} holds a {adapter_class.title} ({adapter_class.family}); this run builds a {adapter.title} "
+            f"({adapter.family}): start from weights of the same family"
+        )
+    return f"{adapter.title}, {adapter.load_saved_weights(Path(path).expanduser(), unet)}"

@@ -15,6 +15,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from adapters.base import AdapterFormatError
+from adapters.registry import initialize_from_saved
 from conditions.io import check_writable_dir, write_atomically
 from lightning_modules.checkpoints import (
     RESUME_AUTO,
@@ -26,6 +28,7 @@ from lightning_modules.checkpoints import (
 )
 from lightning_modules.commands.config_checks import check_train_config
 from lightning_modules.errors import CtrlkitError
+from lightning_modules.shipped_adapters import resolve_adapter
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +115,26 @@ def build_system(cfg: DictConfig) -> tuple:
     return backbone, datamodule, adapter, system
 
 
+def initialize_adapter(cfg: DictConfig, adapter, backbone, resuming: bool) -> None:
+    """``init_adapter=<folder or file | tiny/<name>>``: start the built adapter from saved weights (step 0, a fresh
+    optimizer). A resumed run takes its weights from its checkpoint instead; ``ckpt_path`` beside it is refused."""
+    path = cfg.get("init_adapter")
+    if path is None:
+        return
+    if cfg.get("ckpt_path") is not None and str(cfg.ckpt_path) not in RESUME_AUTO:
+        raise CtrlkitError(
+            "give init_adapter=<adapter> (weights only) or ckpt_path=<file> (a training state), not both"
+        )
+    if resuming:
+        log.info("init_adapter=%s not applied: the resumed checkpoint holds the weights", path)
+        return
+    try:
+        found = initialize_from_saved(adapter, resolve_adapter(str(path)), backbone.unet)
+    except AdapterFormatError as error:
+        raise CtrlkitError(f"init_adapter={path}: {error}") from error
+    print(f"init_adapter: the adapter starts from {path} ({found})")
+
+
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Train the configured adapter; returns (final metrics, built objects)."""
     started = time.perf_counter()
@@ -121,6 +144,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     pl.seed_everything(cfg.seed, workers=True)
 
     backbone, datamodule, adapter, system = build_system(cfg)
+    initialize_adapter(cfg, adapter, backbone, resuming=ckpt_path is not None)
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
     # AtomicCheckpointIO: a checkpoint file is complete or absent, never half-written by a killed job

@@ -38,7 +38,13 @@ from adapters.gligen_masked import BoxMaskedGligenAdapter
 from adapters.grounding import GroundingCondition
 from adapters.layout_controlnet import LayoutControlNetAdapter
 from adapters.multi_condition import MultiConditionControlNetAdapter
-from adapters.registry import adapter_class_for, adapter_families, load_adapter, load_adapters
+from adapters.registry import (
+    adapter_class_for,
+    adapter_families,
+    initialize_from_saved,
+    load_adapter,
+    load_adapters,
+)
 from adapters.t2i_adapter import T2IAdapterAdapter
 from lightning_modules.backbone import build_tiny_backbone
 from lightning_modules.commands.train import train
@@ -224,6 +230,22 @@ def test_save_and_load_round_trip_exactly(family, tmp_path):
     loaded, found = load_adapter(tmp_path / "saved", fresh_unet)
     assert type(loaded) is type(adapter) and found.startswith(type(adapter).title)
     assert torch.equal(unet_output(fresh_unet, loaded, make_condition(2)), expected)
+
+
+def test_a_fresh_build_starts_from_saved_weights(family, tmp_path):
+    """``init_adapter=``: the adapter a run builds from config takes a saved one's trained weights, in place."""
+    build, make_condition = ADAPTERS[family]
+    unet = build_tiny_backbone().unet
+    adapter = build(unet)
+    perturb(adapter)
+    expected = unet_output(unet, adapter, make_condition(2))
+    adapter.save_pretrained(tmp_path / "saved")
+
+    fresh_unet = build_tiny_backbone().unet
+    fresh = build(fresh_unet)
+    found = initialize_from_saved(fresh, tmp_path / "saved", fresh_unet)
+    assert found.startswith(type(adapter).title)
+    assert torch.equal(unet_output(fresh_unet, fresh, make_condition(2)), expected)
 
 
 def test_null_condition_is_what_drop_condition_gives(family):
