@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from adapters.base import AdapterFormatError
-from adapters.registry import initialize_from_saved
+from adapters.registry import adapter_class_for, initialize_from_saved
 from conditions.io import check_writable_dir, write_atomically
 from lightning_modules.checkpoints import (
     RESUME_AUTO,
@@ -115,24 +115,38 @@ def build_system(cfg: DictConfig) -> tuple:
     return backbone, datamodule, adapter, system
 
 
-def initialize_adapter(cfg: DictConfig, adapter, backbone, resuming: bool) -> None:
-    """``init_adapter=<folder or file | tiny/<name>>``: start the built adapter from saved weights (step 0, a fresh
-    optimizer). A resumed run takes its weights from its checkpoint instead; ``ckpt_path`` beside it is refused."""
+def init_adapter_path(cfg: DictConfig, resuming: bool) -> str | None:
+    """The saved adapter ``init_adapter=<folder or file | tiny/<name>>`` names, checked to exist and to be an
+    adapter before any model loads; None without one, or for a resumed run (its checkpoint holds the weights).
+    ``ckpt_path`` beside it is refused."""
     path = cfg.get("init_adapter")
     if path is None:
-        return
+        return None
     if cfg.get("ckpt_path") is not None and str(cfg.ckpt_path) not in RESUME_AUTO:
         raise CtrlkitError(
             "give init_adapter=<adapter> (weights only) or ckpt_path=<file> (a training state), not both"
         )
     if resuming:
         log.info("init_adapter=%s not applied: the resumed checkpoint holds the weights", path)
+        return None
+    try:
+        resolved = resolve_adapter(str(path))
+        adapter_class_for(resolved)
+    except (AdapterFormatError, CtrlkitError) as error:
+        raise CtrlkitError(f"init_adapter={path}: {error}") from error
+    return resolved
+
+
+def initialize_adapter(cfg: DictConfig, adapter, backbone, resuming: bool) -> None:
+    """``init_adapter=``: start the built adapter from saved weights (step 0, a fresh optimizer)."""
+    path = init_adapter_path(cfg, resuming)
+    if path is None:
         return
     try:
-        found = initialize_from_saved(adapter, resolve_adapter(str(path)), backbone.unet)
+        found = initialize_from_saved(adapter, path, backbone.unet)
     except AdapterFormatError as error:
-        raise CtrlkitError(f"init_adapter={path}: {error}") from error
-    print(f"init_adapter: the adapter starts from {path} ({found})")
+        raise CtrlkitError(f"init_adapter={cfg.init_adapter}: {error}") from error
+    print(f"init_adapter: the adapter starts from {cfg.init_adapter} ({found})")
 
 
 def train(cfg: DictConfig) -> tuple[dict, dict]:
@@ -141,6 +155,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     check_train_config(cfg)
     ckpt_path = resolve_resume(cfg)
     check_writable_dir(cfg.paths.output_dir, "the run folder (paths.output_dir)")
+    init_adapter_path(cfg, resuming=ckpt_path is not None)  # a wrong path fails before the models load
     pl.seed_everything(cfg.seed, workers=True)
 
     backbone, datamodule, adapter, system = build_system(cfg)

@@ -48,8 +48,16 @@ def ddp_env(tmp_path: Path) -> dict[str, str]:
     return {"OMP_NUM_THREADS": "1", "HOME": str(tmp_path), "WANDB_DATA_DIR": str(tmp_path / "wandb-data")}
 
 
-def run_ddp(run_dir: Path, tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "lightning_modules.commands.cli", "train", *DDP, *overrides]
+# both ways a run starts: the console script the README uses (Lightning relaunches the other rank with its argv) and
+# `python -m` (the device scripts')
+CONSOLE_SCRIPT = [str(Path(sys.executable).parent / "ctrlkit")]
+MODULE = [sys.executable, "-m", "lightning_modules.commands.cli"]
+
+
+def run_ddp(
+    run_dir: Path, tmp_path: Path, *overrides: str, launcher: list[str] = MODULE
+) -> subprocess.CompletedProcess:
+    command = [*launcher, "train", *DDP, *overrides]
     result = subprocess.run(
         [*command, f"hydra.run.dir={run_dir}"],
         cwd=REPO,
@@ -64,9 +72,9 @@ def run_ddp(run_dir: Path, tmp_path: Path, *overrides: str) -> subprocess.Comple
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> tuple[Path, str]:
-    """The uninterrupted 2-process run: (its folder, what it printed)."""
+    """The uninterrupted 2-process run, started by the console script: (its folder, what it printed)."""
     home = tmp_path_factory.mktemp("ddp")
-    result = run_ddp(home / "run", home, *PER_PROCESS)
+    result = run_ddp(home / "run", home, *PER_PROCESS, launcher=CONSOLE_SCRIPT)
     return home / "run", result.stdout + result.stderr
 
 

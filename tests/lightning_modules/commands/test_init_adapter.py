@@ -95,3 +95,14 @@ def test_a_saved_decoder_needs_a_run_that_unlocks_it(make_train_config, tmp_path
     with pytest.raises(CtrlkitError, match=r"saved but not built: unet_decoder\.") as error:
         initialize_adapter(cfg, adapter, backbone, resuming=False)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("path", "named"),
+    [("/nowhere/adapter", "/nowhere/adapter not found"), ("tiny/controlnet_cany", "shipped for model=tiny")],
+)
+def test_a_wrong_path_fails_before_the_models_load(make_train_config, monkeypatch, path, named):
+    monkeypatch.setattr("lightning_modules.commands.train.build_system", lambda cfg: pytest.fail("models loaded"))
+    with pytest.raises(CtrlkitError, match=f"^init_adapter={path}: ") as error:
+        train(make_train_config(f"init_adapter={path}"))
+    assert named in str(error.value) and "\n" not in str(error.value)
