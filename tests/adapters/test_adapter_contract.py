@@ -216,13 +216,22 @@ def test_only_adapter_parameters_train(family):
     assert sorted(grouped) == sorted(trainable)
 
 
-def test_save_and_load_round_trip_exactly(family, tmp_path):
+def save_perturbed(family, folder):
+    """Build ``family`` on a tiny UNet, move every weight off its init, save it to ``folder``.
+
+    Returns the saved adapter and the UNet's output with it (the reference a loaded copy must give)."""
     build, make_condition = ADAPTERS[family]
     unet = build_tiny_backbone().unet
     adapter = build(unet)
     perturb(adapter)
     expected = unet_output(unet, adapter, make_condition(2))
-    adapter.save_pretrained(tmp_path / "saved")
+    adapter.save_pretrained(folder)
+    return adapter, expected
+
+
+def test_save_and_load_round_trip_exactly(family, tmp_path):
+    make_condition = ADAPTERS[family][1]
+    adapter, expected = save_perturbed(family, tmp_path / "saved")
     marker = json.loads((tmp_path / "saved" / MARKER_NAME).read_text())
     assert marker["family"] == family and marker["class"].endswith(type(adapter).__qualname__)
 
@@ -235,11 +244,7 @@ def test_save_and_load_round_trip_exactly(family, tmp_path):
 def test_a_fresh_build_starts_from_saved_weights(family, tmp_path):
     """``init_adapter=``: the adapter a run builds from config takes a saved one's trained weights, in place."""
     build, make_condition = ADAPTERS[family]
-    unet = build_tiny_backbone().unet
-    adapter = build(unet)
-    perturb(adapter)
-    expected = unet_output(unet, adapter, make_condition(2))
-    adapter.save_pretrained(tmp_path / "saved")
+    adapter, expected = save_perturbed(family, tmp_path / "saved")
 
     fresh_unet = build_tiny_backbone().unet
     fresh = build(fresh_unet)

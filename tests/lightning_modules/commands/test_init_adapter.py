@@ -106,3 +106,18 @@ def test_a_wrong_path_fails_before_the_models_load(make_train_config, monkeypatc
     with pytest.raises(CtrlkitError, match=f"^init_adapter={path}: ") as error:
         train(make_train_config(f"init_adapter={path}"))
     assert named in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_corrupt_weights_file_is_named_in_one_line(make_train_config, tmp_path):
+    """A truncated download or a half-written export: the run stops naming the file, not with a safetensors trace."""
+    import shutil
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(CANNY, corrupt)
+    weights = corrupt / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    cfg = make_train_config(f"init_adapter={corrupt}")
+    backbone, _, adapter, _ = build_system(cfg)
+    with pytest.raises(CtrlkitError, match="init_adapter") as error:
+        initialize_adapter(cfg, adapter, backbone, resuming=False)
+    assert "diffusion_pytorch_model.safetensors" in str(error.value) and "\n" not in str(error.value)
