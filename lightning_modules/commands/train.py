@@ -14,6 +14,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from adapters.base import AdapterFormatError
 from adapters.registry import adapter_class_for, initialize_from_saved
@@ -31,6 +32,11 @@ from lightning_modules.errors import CtrlkitError
 from lightning_modules.shipped_adapters import resolve_adapter
 
 log = logging.getLogger(__name__)
+
+
+# Lines for the person who started the run, printed once: under DDP every process runs this module, and Lightning
+# sets the rank from the launcher's environment before the Trainer exists.
+say = rank_zero_only(print)
 
 
 def check_checkpoint(path: str | None) -> str | None:
@@ -65,7 +71,7 @@ def resolve_resume(cfg: DictConfig) -> str | None:
         has_checkpoints = bool(checkpoint_files(output_dir / "checkpoints"))
         run_dir = output_dir if has_checkpoints else newest_run_with_checkpoints(output_dir.parent, output_dir)
         if run_dir is None:
-            print(f"resume=auto: no checkpoint under {output_dir.parent}; starting a new run")
+            say(f"resume=auto: no checkpoint under {output_dir.parent}; starting a new run")
             return None
     else:
         run_dir = Path(str(resume)).expanduser()
@@ -81,7 +87,7 @@ def resolve_resume(cfg: DictConfig) -> str | None:
     if run_dir.resolve() != output_dir.resolve():
         with open_dict(cfg):
             cfg.paths.output_dir = str(run_dir)
-    print(f"resuming from {checkpoint}; the run continues in {run_dir}")
+    say(f"resuming from {checkpoint}; the run continues in {run_dir}")
     return str(checkpoint)
 
 
@@ -146,7 +152,7 @@ def initialize_adapter(cfg: DictConfig, adapter, backbone, resuming: bool) -> No
         found = initialize_from_saved(adapter, path, backbone.unet)
     except AdapterFormatError as error:
         raise CtrlkitError(f"init_adapter={cfg.init_adapter}: {error}") from error
-    print(f"init_adapter: the adapter starts from {cfg.init_adapter} ({found})")
+    say(f"init_adapter: the adapter starts from {cfg.init_adapter} ({found})")
 
 
 def train(cfg: DictConfig) -> tuple[dict, dict]:

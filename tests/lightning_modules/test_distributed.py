@@ -131,7 +131,8 @@ def test_a_killed_ddp_run_resumes_to_identical_weights(ddp_run, tmp_path):
     kill_after_step(
         killed, tmp_path / "reached", PER_PROCESS, step=12, checkpoint_step=10, fast=DDP, env=ddp_env(tmp_path)
     )
-    run_ddp(killed, tmp_path, *PER_PROCESS, "resume=auto")
+    resumed = run_ddp(killed, tmp_path, *PER_PROCESS, "resume=auto")
+    assert (resumed.stdout + resumed.stderr).count("resuming from") == 1  # said by rank zero only
     assert_identical(
         adapter_weights(run / "checkpoints" / "last.ckpt"), adapter_weights(killed / "checkpoints" / "last.ckpt")
     )
