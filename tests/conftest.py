@@ -20,8 +20,10 @@ from lightning_modules.commands.config_checks import CONF_DIR
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-# CTRLKIT_TEST_THREADS=1 keeps the suite from oversubscribing a machine that runs something else
-torch.set_num_threads(int(os.environ.get("CTRLKIT_TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
+# CTRLKIT_TEST_THREADS=1 keeps the suite from oversubscribing a machine that runs something else; under pytest-xdist
+# (-n N) the cores are shared among the N workers
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(int(os.environ.get("CTRLKIT_TEST_THREADS", max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))))
 
 # Overrides that keep a training test to seconds: tiny validation, 2-step sampling, no experiment logger.
 FAST_OVERRIDES = [

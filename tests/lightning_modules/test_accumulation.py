@@ -3,6 +3,7 @@ mid-epoch resumes to bit-identical weights."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from omegaconf import open_dict
 
@@ -48,6 +49,7 @@ ACCUMULATED_RUN = [
 ]
 
 
+@pytest.mark.slow  # ~30 s; the default set resumes a plain run after a kill (test_resume.py)
 def test_an_accumulating_run_killed_mid_epoch_resumes_to_identical_weights(tmp_path):
     uninterrupted = tmp_path / "uninterrupted"
     _, objects = train(compose_train_config(uninterrupted, ACCUMULATED_RUN))

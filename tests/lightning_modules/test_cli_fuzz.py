@@ -127,9 +127,7 @@ jobs = st.sampled_from(sorted(KEYS)).flatmap(
 )
 
 
-@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(job=jobs)
-def test_random_overrides_end_in_success_or_one_line(fuzz_inputs, capsys, job):
+def check_job(fuzz_inputs, capsys, job) -> None:
     command, settings_ = job
     fuzzed = [f"{key}={value}" for key, value in settings_]
     argv = [command, *base_overrides(command, fuzz_inputs), *fuzzed]
@@ -138,6 +136,22 @@ def test_random_overrides_end_in_success_or_one_line(fuzz_inputs, capsys, job):
     assert not any(line.startswith("Traceback") for line in lines), (argv, lines[-5:])
     if code == 2:
         assert lines[-1].startswith(f"ctrlkit {command}: error: "), (argv, lines[-5:])
+
+
+FUZZ = {"deadline": None, "derandomize": True, "suppress_health_check": list(HealthCheck)}
+
+
+@settings(max_examples=12, **FUZZ)
+@given(job=jobs)
+def test_random_overrides_end_in_success_or_one_line(fuzz_inputs, capsys, job):
+    check_job(fuzz_inputs, capsys, job)
+
+
+@pytest.mark.slow
+@settings(max_examples=80, **FUZZ)
+@given(job=jobs)
+def test_many_more_random_overrides_end_in_success_or_one_line(fuzz_inputs, capsys, job):
+    check_job(fuzz_inputs, capsys, job)
 
 
 def test_the_fuzzed_keys_cover_every_command():

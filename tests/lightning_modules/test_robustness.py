@@ -205,24 +205,13 @@ def test_more_objects_than_grounding_slots_fails_before_any_model_loads(make_tra
         check_train_config(cfg)
 
 
-def test_cli_names_an_unknown_override_key(tmp_path):
-    import subprocess
-    import sys
+def test_cli_names_an_unknown_override_key(capsys, monkeypatch, tmp_path):
+    from tests.helpers.cli import run_cli
 
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "CTRLKIT_OUTPUTS": str(tmp_path)}
-    result = subprocess.run(
-        [sys.executable, "-m", "lightning_modules.commands.cli", "train", "system.learnng_rate=1"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert result.returncode == 2
-    assert (
-        result.stderr.strip()
-        .splitlines()[-1]
-        .startswith("ctrlkit train: error: unknown key 'system.learnng_rate'; system takes: ")
-    )
+    monkeypatch.setenv("CTRLKIT_OUTPUTS", str(tmp_path))
+    code, lines = run_cli(capsys, ["train", "system.learnng_rate=1"])
+    assert code == 2
+    assert lines[-1].startswith("ctrlkit train: error: unknown key 'system.learnng_rate'; system takes: ")
 
 
 # ------------------------------------------------------------------ safe loading

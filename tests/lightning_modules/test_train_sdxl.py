@@ -116,9 +116,10 @@ def test_train_on_sdxl_exports_what_diffusers_sdxl_pipelines_load(sdxl_folder, s
     assert (run / "adapter" / "README.md").is_file()  # the model card
 
 
-# from a single file in the slow set: it resumes by the same code as a folder (the loads equal, test above), and
-# each case costs ~25 s
-@pytest.mark.parametrize("sdxl_source", ["folder", pytest.param("single_file", marks=pytest.mark.slow)], indirect=True)
+# in the slow set (~30 s a case): the default set resumes the tiny SD1.5-style model after a kill (test_resume.py),
+# and an SDXL run loads a folder and a single file alike (test above)
+@pytest.mark.slow
+@pytest.mark.parametrize("sdxl_source", ["folder", "single_file"], indirect=True)
 def test_a_killed_sdxl_run_resumes_to_identical_weights(sdxl_source, tmp_path):
     run = [*RUN, *sdxl_overrides(sdxl_source), "trainer.max_steps=4", "data.train_size=4"]  # 2 epochs
     straight, killed, global_step = straight_and_resumed(tmp_path, run)

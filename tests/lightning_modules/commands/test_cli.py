@@ -72,7 +72,7 @@ def test_the_help_names_files_that_exist():
     ],
 )
 def test_bad_input_gives_one_line_error(capsys, monkeypatch, tmp_path, args, message):
-    """In this process (the test below and test_wrong_checkpoint_format_from_the_cli run the real command)."""
+    """In this process (the test below runs the real command)."""
     monkeypatch.chdir(tmp_path)  # a run folder Hydra makes before the error stays out of the repository
     monkeypatch.setenv("CTRLKIT_OUTPUTS", str(tmp_path / "outputs"))
     code, lines = run_cli(capsys, ["train", *args, "logger=none"])
@@ -89,12 +89,15 @@ def test_bad_input_from_the_command_line_is_one_line(tmp_path):
     assert "model path /no/such/pipeline does not exist" in line
 
 
-def test_wrong_checkpoint_format_from_the_cli(tmp_path):
+def test_wrong_checkpoint_format_from_the_cli(capsys, monkeypatch, tmp_path):
+    """In this process, as the command runs it (the test above starts the real console command)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CTRLKIT_OUTPUTS", str(tmp_path / "outputs"))
     (tmp_path / "weights.ckpt").write_bytes(os.urandom(256))
-    result = run_ctrlkit("train", f"ckpt_path={tmp_path / 'weights.ckpt'}", "logger=none", cwd=tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    (line,) = error_lines(result)
-    assert "is not a ctrlkit training checkpoint" in line
+    code, lines = run_cli(capsys, ["train", f"ckpt_path={tmp_path / 'weights.ckpt'}", "logger=none"])
+    assert code == 2 and not any(line.startswith("Traceback") for line in lines)
+    (line,) = [line for line in lines if "error" in line.lower()]
+    assert "is not a ctrlkit training checkpoint" in line and line.startswith("ctrlkit train: error: ")
 
 
 def test_sweep_runs_one_directory_per_job(tmp_path):
