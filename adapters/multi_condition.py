@@ -44,6 +44,9 @@ class MultiConditionControlNetAdapter(ControlNetAdapter):
             instead of a ``keep_probability`` subset. A part that says less than another (canny edges beside a
             mask) is otherwise learned mostly beside it, where the model can ignore it; single-part items make each
             part work alone. 0 draws nothing extra (the random stream of runs without it is unchanged).
+        single_weights: relative chance of each part (in ``part_names`` order) to be the one a single-part item
+            keeps, among the parts it was given; ``None`` = each alike. Weighting the part hardest to follow alone
+            (canny edges) gives it single-part items without taking them from the full set.
     """
 
     family = "controlnet_multi"
@@ -56,6 +59,7 @@ class MultiConditionControlNetAdapter(ControlNetAdapter):
         part_channels: list[int],
         keep_probability: float = 0.5,
         single_probability: float = 0.0,
+        single_weights: list[float] | None = None,
     ) -> None:
         super().__init__(controlnet)
         if len(part_names) != len(part_channels) or not part_names:
@@ -70,10 +74,15 @@ class MultiConditionControlNetAdapter(ControlNetAdapter):
             raise ValueError(f"keep_probability must be in (0, 1], got {keep_probability}")
         if not 0.0 <= single_probability <= 1.0:
             raise ValueError(f"single_probability must be in [0, 1], got {single_probability}")
+        if single_weights is not None and (len(single_weights) != len(part_names) or min(single_weights) <= 0):
+            raise ValueError(
+                f"single_weights must give one positive weight per part of {part_names}, got {list(single_weights)}"
+            )
         self.part_names = list(part_names)
         self.part_channels = list(part_channels)
         self.keep_probability = keep_probability
         self.single_probability = single_probability
+        self.single_weights = [1.0] * len(part_names) if single_weights is None else [float(w) for w in single_weights]
 
     @classmethod
     def from_unet(
@@ -85,6 +94,7 @@ class MultiConditionControlNetAdapter(ControlNetAdapter):
         part_channels: list[int] | None = None,
         keep_probability: float = 0.5,
         single_probability: float = 0.0,
+        single_weights: list[float] | None = None,
         conditioning_embedding_out_channels: tuple[int, ...] | None = None,
     ) -> MultiConditionControlNetAdapter:
         """A ControlNet copied from ``unet`` (zero convolutions) taking the stacked map of ``part_names``."""
@@ -99,7 +109,8 @@ class MultiConditionControlNetAdapter(ControlNetAdapter):
             conditioning_channels=sum(part_channels) + len(part_names),
             conditioning_embedding_out_channels=conditioning_embedding_out_channels,
         )
-        return cls(plain.controlnet, list(part_names), list(part_channels), keep_probability, single_probability)
+        parts = (list(part_names), list(part_channels))
+        return cls(plain.controlnet, *parts, keep_probability, single_probability, single_weights)
 
     def part_mask(self, kept: torch.Tensor) -> torch.Tensor:
         """(B, K) bool parts kept -> (B, channels) float: 1 on the kept parts' channels and presence planes."""
@@ -118,9 +129,12 @@ class MultiConditionControlNetAdapter(ControlNetAdapter):
         kept[empty] = given[empty]  # an item never loses all its parts here (condition dropout does that)
         if self.single_probability > 0:
             single = (_rand(generator, batch) < self.single_probability) & given.any(dim=1)
-            # the k-th of the item's given parts, k uniform over how many it has
-            rank = (_rand(generator, batch) * given.sum(dim=1)).long()
-            one = given & (given.long().cumsum(dim=1) - 1 == rank[:, None])
+            # one of the item's given parts, by weight: the first whose cumulative weight passes u * total (with
+            # equal weights the k-th given part, k uniform over how many the item has)
+            cumulative = (given.float() * torch.tensor(self.single_weights)).cumsum(dim=1)
+            threshold = _rand(generator, batch)[:, None] * cumulative[:, -1:]
+            first = (cumulative > threshold).long().cumsum(dim=1) == 1
+            one = given & first & (cumulative > threshold)
             kept[single] = one[single]
         mask = self.part_mask(kept.to(condition.device))
         return condition * mask.to(condition.dtype)[:, :, None, None]

@@ -44,6 +44,17 @@ FAST_OVERRIDES = [
 
 
 @pytest.fixture
+def cli(tmp_path, capsys, monkeypatch):
+    """``cli(argv)`` runs ``ctrlkit <argv>`` in this process from tmp_path, its run folders under tmp_path/outputs
+    (``CTRLKIT_OUTPUTS``), so nothing lands in the repository -> (exit status, the non-empty lines of stderr)."""
+    from tests.helpers.cli import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CTRLKIT_OUTPUTS", str(tmp_path / "outputs"))
+    return lambda argv: run_cli(capsys, list(argv))
+
+
+@pytest.fixture
 def tiny_backbone() -> Backbone:
     return build_tiny_backbone(seed=0)
 

@@ -92,6 +92,23 @@ def test_single_probability_makes_items_keep_one_of_their_given_parts():
         build(single_probability=1.5)
 
 
+def test_single_weights_choose_which_part_single_items_keep():
+    condition = full_condition(300)
+    condition[:100, [0, 4]] = 0  # the first 100 items come without edges
+    generator = torch.Generator().manual_seed(0)
+    kept = kept_parts(build(single_probability=1.0, single_weights=[8, 1, 1]).training_condition(condition, generator))
+    assert all(parts != {"edges"} for parts in kept[:100])  # a weight never brings back a part the data left out
+    edges = sum(parts == {"edges"} for parts in kept[100:])
+    assert 140 <= edges <= 180, edges  # 8/10 of the 200 items with edges expected: 160
+    # equal weights are the default: the same parts from the same draws
+    alike = build(single_probability=1.0).training_condition(condition, torch.Generator().manual_seed(1))
+    weighted = build(single_probability=1.0, single_weights=[2, 2, 2])
+    assert torch.equal(alike, weighted.training_condition(condition, torch.Generator().manual_seed(1)))
+    for bad in ([1, 1], [1, 0, 1]):
+        with pytest.raises(ValueError, match="single_weights must give one positive weight per part"):
+            build(single_weights=bad)
+
+
 def test_parts_are_saved_and_loaded_back(tmp_path):
     adapter = build()
     adapter.save_pretrained(tmp_path / "multi")

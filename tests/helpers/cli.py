@@ -1,4 +1,5 @@
-"""Run ``ctrlkit`` in this process, as its console script would, and read what it printed to stderr."""
+"""Run ``ctrlkit`` in this process, as its console script would, and read what it printed to stderr (the ``cli``
+fixture of tests/conftest.py runs it from a test's tmp_path)."""
 
 from __future__ import annotations
 
@@ -21,3 +22,13 @@ def run_cli(capsys, argv: list[str]) -> tuple[int, list[str]]:
         sys.argv[:], cli.LAUNCH_ARGV[:] = saved_argv, saved_launch
     captured = capsys.readouterr()
     return code, [line for line in captured.err.splitlines() if line.strip()]
+
+
+def the_error_line(command: str, code: int, lines: list[str]) -> str:
+    """The one line a refused ``ctrlkit <command>`` printed: exit status 2, no traceback, exactly one line naming an
+    error, and it starts ``ctrlkit <command>: error: ``."""
+    assert code == 2, lines[-5:]
+    assert not any(line.startswith("Traceback") for line in lines), lines
+    (line,) = [line for line in lines if "error" in line.lower()]
+    assert line.startswith(f"ctrlkit {command}: error: "), line
+    return line

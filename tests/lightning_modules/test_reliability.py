@@ -16,7 +16,6 @@ from conditions.folder import MANIFEST, extract_folder
 from lightning_modules.data.files import FileDataModule
 from lightning_modules.errors import CtrlkitError
 from tests.helpers.bomb import write_bomb_png
-from tests.helpers.cli import run_cli
 
 # ------------------------------------------------------------------ decompression bombs and other undecodable files
 
@@ -266,18 +265,17 @@ def test_an_unwritable_checkpoint_folder_rescues_the_state_and_stops_with_one_li
     assert torch.isfinite(torch.tensor(objects["trainer"].callback_metrics["train/loss"]))
 
 
-def test_unwritable_folders_give_one_line(tmp_path, capsys, monkeypatch):
+def test_unwritable_folders_give_one_line(tmp_path, cli):
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
     (tmp_path / "outputs").mkdir()
-    monkeypatch.setenv("CTRLKIT_OUTPUTS", str(tmp_path / "outputs"))
     for argv, message in [
         (["train", f"hydra.run.dir={a_file}/run"], f"cannot write the run folder (hydra.run.dir) {a_file}/run"),
         (["train", "hydra.run.dir=/sys/ctrlkit-run"], "cannot write the run folder (hydra.run.dir) /sys/ctrlkit-run"),
         (["extract", f"input={tmp_path / 'outputs'}", f"output={a_file}/maps"], f"cannot write output {a_file}/maps"),
         (["generate", f"output_dir={a_file}/images"], f"cannot write output_dir {a_file}/images"),
     ]:
-        code, lines = run_cli(capsys, list(argv))
+        code, lines = cli(argv)
         assert code == 2 and len(lines) == 1 and message in lines[0], lines
         assert lines[0].startswith(f"ctrlkit {argv[0]}: error: ")
 
@@ -285,12 +283,11 @@ def test_unwritable_folders_give_one_line(tmp_path, capsys, monkeypatch):
 # ------------------------------------------------------------------ the smaller ones
 
 
-def test_cli_user_errors_are_one_line_and_leave_no_run_folder(tmp_path, capsys, monkeypatch):
+def test_cli_user_errors_are_one_line_and_leave_no_run_folder(tmp_path, cli):
     import os
 
     import torch
 
-    monkeypatch.setenv("CTRLKIT_OUTPUTS", str(tmp_path / "outputs"))
     evil = tmp_path / "evil.ckpt"
     torch.save({"payload": os.system}, evil)
     tiny = Path(__file__).resolve().parents[2] / "lightning_modules" / "assets" / "tiny_shapes_sd"
@@ -303,7 +300,7 @@ def test_cli_user_errors_are_one_line_and_leave_no_run_folder(tmp_path, capsys, 
         (["train", "model=sd15", f"model.path={evil}", f"model.config={tiny}"], "it is a pickle that needs to run"),
         (["generate", "foo=1"], "unknown key 'foo'; ctrlkit's generate config has"),
     ]:
-        code, lines = run_cli(capsys, [*argv, "logger=none" if argv[0] == "train" else "seed=0"])
+        code, lines = cli([*argv, "logger=none" if argv[0] == "train" else "seed=0"])
         assert code == 2 and len(lines) == 1 and message in lines[0], lines
     runs = tmp_path / "outputs"
     assert not runs.exists() or not [p for p in runs.rglob("*") if p.is_file()]  # no run folder left behind

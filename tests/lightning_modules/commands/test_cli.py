@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import FAST_OVERRIDES
-from tests.helpers.cli import run_cli
+from tests.helpers.cli import the_error_line
 
 CTRLKIT = [sys.executable, "-m", "lightning_modules.commands.entry"]  # what the console script runs
 
@@ -71,15 +71,9 @@ def test_the_help_names_files_that_exist():
         (["model=sd15"], "model.path is required"),
     ],
 )
-def test_bad_input_gives_one_line_error(capsys, monkeypatch, tmp_path, args, message):
+def test_bad_input_gives_one_line_error(cli, args, message):
     """In this process (the test below runs the real command)."""
-    monkeypatch.chdir(tmp_path)  # a run folder Hydra makes before the error stays out of the repository
-    monkeypatch.setenv("CTRLKIT_OUTPUTS", str(tmp_path / "outputs"))
-    code, lines = run_cli(capsys, ["train", *args, "logger=none"])
-    assert code == 2, lines[-5:]
-    assert not any(line.startswith("Traceback") for line in lines)
-    (line,) = [line for line in lines if "error" in line.lower()]
-    assert message in line and line.startswith("ctrlkit train: error: ")
+    assert message in the_error_line("train", *cli(["train", *args, "logger=none"]))
 
 
 def test_bad_input_from_the_command_line_is_one_line(tmp_path):
@@ -89,15 +83,11 @@ def test_bad_input_from_the_command_line_is_one_line(tmp_path):
     assert "model path /no/such/pipeline does not exist" in line
 
 
-def test_wrong_checkpoint_format_from_the_cli(capsys, monkeypatch, tmp_path):
+def test_wrong_checkpoint_format_from_the_cli(cli, tmp_path):
     """In this process, as the command runs it (the test above starts the real console command)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CTRLKIT_OUTPUTS", str(tmp_path / "outputs"))
     (tmp_path / "weights.ckpt").write_bytes(os.urandom(256))
-    code, lines = run_cli(capsys, ["train", f"ckpt_path={tmp_path / 'weights.ckpt'}", "logger=none"])
-    assert code == 2 and not any(line.startswith("Traceback") for line in lines)
-    (line,) = [line for line in lines if "error" in line.lower()]
-    assert "is not a ctrlkit training checkpoint" in line and line.startswith("ctrlkit train: error: ")
+    refused = cli(["train", f"ckpt_path={tmp_path / 'weights.ckpt'}", "logger=none"])
+    assert "is not a ctrlkit training checkpoint" in the_error_line("train", *refused)
 
 
 def test_sweep_runs_one_directory_per_job(tmp_path):

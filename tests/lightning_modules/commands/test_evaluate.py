@@ -12,7 +12,7 @@ from lightning_modules.commands.evaluate import evaluation_units, locate_adapter
 from lightning_modules.commands.train import train
 from lightning_modules.errors import CtrlkitError
 from tests.conftest import compose_config, compose_train_config
-from tests.helpers.cli import run_cli
+from tests.helpers.cli import the_error_line
 from tests.helpers.wandb_records import read_history
 
 
@@ -86,17 +86,14 @@ def test_evaluate_a_trained_adapter(trained_run, tmp_path, capsys, monkeypatch):
     assert history["evaluate/truth_vae/canny_f1"] == [summary["truth_vae"]["canny_f1"]]
 
 
-def test_adapter_path_errors(tmp_path, capsys, monkeypatch):
+def test_adapter_path_errors(tmp_path, cli):
     with pytest.raises(CtrlkitError, match="is not a folder"):
         locate_adapter(str(tmp_path / "absent"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(CtrlkitError, match="is empty"):
         locate_adapter(str(tmp_path / "empty"))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CTRLKIT_OUTPUTS", str(tmp_path / "outputs"))
-    code, lines = run_cli(capsys, ["evaluate", f"adapter_path={tmp_path / 'absent'}"])
-    assert code == 2 and not any(line.startswith("Traceback") for line in lines)
-    assert lines[-1].startswith(f"ctrlkit evaluate: error: adapter_path {tmp_path / 'absent'} is not a folder")
+    line = the_error_line("evaluate", *cli(["evaluate", f"adapter_path={tmp_path / 'absent'}"]))
+    assert line.startswith(f"ctrlkit evaluate: error: adapter_path {tmp_path / 'absent'} is not a folder")
 
 
 def test_evaluate_a_composition_of_controlnet_and_gligen(tmp_path, owlvit_dir, capsys):

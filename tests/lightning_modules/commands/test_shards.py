@@ -20,7 +20,7 @@ from lightning_modules.commands.shards import Sample, extract_source, run_shards
 from lightning_modules.data.shapes import ShapesDataset
 from lightning_modules.data.webdataset import WebDataModule
 from lightning_modules.errors import CtrlkitError
-from tests.helpers.cli import run_cli
+from tests.helpers.cli import run_cli, the_error_line
 from tests.lightning_modules.commands.test_cli import error_lines, run_ctrlkit
 
 
@@ -126,8 +126,7 @@ def test_the_cli_names_a_missing_input(tmp_path, capsys, monkeypatch):
     code, lines = run_cli(  # in this process: seconds less than a second real command
         capsys, ["shards", "source=imagefolder", f"input={tmp_path / 'photos'}", f"output={tmp_path / 'x'}"]
     )
-    assert code == 2
-    (line,) = [line for line in lines if "error" in line.lower()]
+    line = the_error_line("shards", code, lines)
     assert (
         'photos has no metadata.jsonl: data=imagefolder reads one JSON line per image there, e.g. {"file_name"' in line
     )
