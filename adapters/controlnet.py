@@ -11,10 +11,18 @@ from pathlib import Path
 
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from adapters.base import AdapterFormatError, ConditioningAdapter, UNetKwargs, describe_unet, load_diffusers_folder
+from adapters.base import (
+    AdapterFormatError,
+    ConditioningAdapter,
+    UNetKwargs,
+    check_saved_tensors,
+    describe_unet,
+    load_diffusers_folder,
+)
 
 # diffusers' default hint encoder for SD (8x down to the latent grid). Its first log2(f) + 1 entries give f x down.
 _SD_HINT_CHANNELS = (16, 32, 96, 256)
@@ -165,6 +173,15 @@ class ControlNetAdapter(ConditioningAdapter):
         if self.unet_decoder is not None:
             state = {name: tensor.detach().contiguous() for name, tensor in self.unet_decoder.state_dict().items()}
             save_file(state, str(directory / DECODER_WEIGHTS_NAME))
+
+    def load_saved_weights(self, path: Path, unet: UNet2DConditionModel) -> str:
+        """As the base does, but a saved UNet decoder into a run that keeps the decoder frozen is refused before
+        ``from_pretrained`` writes it into ``unet`` (the caller's base model stays as it was)."""
+        decoder_file = Path(path) / DECODER_WEIGHTS_NAME
+        if self.unet_decoder is None and decoder_file.is_file():
+            with safe_open(str(decoder_file), framework="pt") as saved:
+                check_saved_tensors(path, {}, {}, [], sorted(f"unet_decoder.{name}" for name in saved.keys()))
+        return super().load_saved_weights(path, unet)
 
     @classmethod
     def recognizes(cls, path: Path) -> bool:

@@ -87,14 +87,18 @@ def test_a_resumed_run_takes_its_weights_from_the_checkpoint(make_train_config):
 
 def test_a_saved_decoder_needs_a_run_that_unlocks_it(make_train_config, tmp_path):
     """A ControlNet saved with a trained UNet decoder into a run that keeps the decoder frozen would be trained and
-    exported without it: refused, naming the decoder's tensors."""
+    exported without it: refused, naming the decoder's tensors, before the saved decoder reaches the base UNet."""
     backbone, _, unlocked, _ = build_system(make_train_config("adapter.build.unlock_unet_decoder=true"))
+    with torch.no_grad():
+        unlocked.unet_decoder.conv_out.weight.add_(1.0)  # a decoder that trained away from the base
     unlocked.save_pretrained(tmp_path / "with_decoder")
     cfg = make_train_config(f"init_adapter={tmp_path / 'with_decoder'}")
     backbone, _, adapter, _ = build_system(cfg)
+    base = {name: tensor.clone() for name, tensor in backbone.unet.state_dict().items()}
     with pytest.raises(CtrlkitError, match=r"saved but not built: unet_decoder\.") as error:
         initialize_adapter(cfg, adapter, backbone, resuming=False)
     assert "\n" not in str(error.value)
+    assert_same_tensors(backbone.unet.state_dict(), base)
 
 
 @pytest.mark.parametrize(
