@@ -125,3 +125,15 @@ def test_a_corrupt_weights_file_is_named_in_one_line(make_train_config, tmp_path
     with pytest.raises(CtrlkitError, match="init_adapter") as error:
         initialize_adapter(cfg, adapter, backbone, resuming=False)
     assert "diffusion_pytorch_model.safetensors" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_second_stage_experiment_starts_from_the_first_or_names_it(make_train_config, monkeypatch):
+    """experiment=controlnet_multi_scenes continues the first stage's adapter from where its documented command
+    writes it; without it the run stops at once naming the path, not a run from zero-initialized weights."""
+    cfg = make_train_config("experiment=controlnet_multi_scenes")
+    assert cfg.init_adapter == f"{cfg.paths.log_dir}/multi_stage1/adapter"
+    assert list(cfg.adapter.build.single_weights) == [4, 1, 1] and list(cfg.data.num_objects) == [1, 3]
+    monkeypatch.setattr("lightning_modules.commands.train.build_system", lambda cfg: pytest.fail("models loaded"))
+    with pytest.raises(CtrlkitError, match=r"^init_adapter=\S+/multi_stage1/adapter: adapter \S+ not found") as error:
+        train(cfg)
+    assert "\n" not in str(error.value)
