@@ -20,6 +20,8 @@ import pytorch_lightning as pl
 import yaml
 
 from conditions.io import write_atomically
+from lightning_modules.errors import CtrlkitError
+from lightning_modules.shipped_adapters import resolve_adapter
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,20 @@ def _settings(node: dict | None, skip: tuple = ("_target_", "_partial_")) -> str
         return "-"
     items = [f"`{key}={value}`" for key, value in node.items() if key not in skip and not isinstance(value, dict)]
     return ", ".join(items) or "-"
+
+
+def steps_behind(folder: str | None) -> int | None:
+    """The optimizer steps behind the weights in ``folder`` (``init_adapter=``): its card's ``total_steps``, or its
+    ``step`` where it did not start from other weights; None without a readable ctrlkit card."""
+    if not folder:
+        return None
+    try:
+        path = Path(resolve_adapter(str(folder)))
+        card = (path / "adapter" if (path / "adapter").is_dir() else path) / CARD_NAME
+        facts = yaml.safe_load(card.read_text().split("\n---\n", 1)[0].removeprefix("---\n"))["ctrlkit"]
+        return int(facts.get("total_steps", facts["step"]))
+    except (OSError, yaml.YAMLError, CtrlkitError, KeyError, TypeError, ValueError):
+        return None  # no card, or not ctrlkit's: the steps before are unknown, and the card says so
 
 
 def _number(value) -> str:
@@ -241,8 +257,13 @@ class ModelCardCallback(pl.Callback):
         summary, missing = self._controllability(trainer)
         command = self.command or f"ctrlkit train (config: `{self.config_file}`; no Hydra overrides recorded)"
 
+        # a run that started from saved weights (init_adapter=): what it started from and the steps in all
+        started_from = cfg.get("init_adapter")
+        before = steps_behind(started_from)
         facts = {
             "step": step,
+            **({"init_adapter": str(started_from)} if started_from else {}),
+            **({"total_steps": before + step} if before is not None else {}),
             "wall_seconds": round(seconds, 1),
             "adapter": adapter_cfg.get("name"),
             "condition": condition_name,
@@ -269,7 +290,10 @@ class ModelCardCallback(pl.Callback):
             f"# {title} ({condition_name}) trained with ctrlkit",
             "",
             f"{title} weights for the base model `{base_model}`, conditioned on `{condition_name}`, "
-            f"after {step} optimizer steps ({seconds:.0f} s of wall time). Written by `ctrlkit train`; "
+            f"after {step} optimizer steps ({seconds:.0f} s of wall time)"
+            + (f" from the weights of `{started_from}`" if started_from else "")
+            + (f" ({before} steps before these: {before + step} in all)" if before is not None else "")
+            + ". Written by `ctrlkit train`; "
             "the license above is a placeholder: set the base model's and the data's terms before sharing.",
             "",
         ]
@@ -323,6 +347,11 @@ class ModelCardCallback(pl.Callback):
             f"{_settings({key: value for key, value in data.items() if 'size' in key})} |",
             f"| optimizer steps | {step} (max_steps {trainer_cfg.get('max_steps', '-')}, "
             f"accumulate_grad_batches {trainer_cfg.get('accumulate_grad_batches', 1)}) |",
+            *(
+                [f"| started from | `{started_from}` ({before if before is not None else 'unknown'} steps) |"]
+                if started_from
+                else []
+            ),
             f"| precision | {trainer_cfg.get('precision', '-')} |",
             f"| wall time | {seconds:.0f} s |",
             "",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from adapters.registry import load_adapter
@@ -41,6 +42,12 @@ def test_a_run_starts_from_the_shipped_weights(make_train_config):
     moved = max(float((exported[name] - shipped[name]).abs().max()) for name in shipped)
     assert 0 < moved <= 1.1 * learning_rate
     assert shipped["controlnet_mid_block.weight"].abs().sum() > 0  # not the zero-initialized build's
+    # its card names the weights it started from and counts their steps (the shipped card's 1000) with its own
+    card = (Path(cfg.paths.output_dir) / "adapter" / "README.md").read_text()
+    facts = yaml.safe_load(card.split("\n---\n", 1)[0].removeprefix("---\n"))["ctrlkit"]
+    assert (facts["step"], facts["init_adapter"], facts["total_steps"]) == (1, "tiny/controlnet_canny", 1001)
+    assert "from the weights of `tiny/controlnet_canny` (1000 steps before these: 1001 in all)" in card
+    assert "| started from | `tiny/controlnet_canny` (1000 steps) |" in card
 
 
 def test_an_unlocked_decoder_the_saved_controlnet_did_not_train_starts_from_the_base(make_train_config):
