@@ -133,8 +133,9 @@ class MultiConditionControlNetAdapter(ControlNetAdapter):
             # equal weights the k-th given part, k uniform over how many the item has)
             cumulative = (given.float() * torch.tensor(self.single_weights)).cumsum(dim=1)
             threshold = _rand(generator, batch)[:, None] * cumulative[:, -1:]
-            first = (cumulative > threshold).long().cumsum(dim=1) == 1
-            one = given & first & (cumulative > threshold)
+            # cumulative only grows, so the parts past the threshold are a tail; its head is a part with weight > 0,
+            # that is a given one
+            one = (cumulative > threshold).long().cumsum(dim=1) == 1
             kept[single] = one[single]
         mask = self.part_mask(kept.to(condition.device))
         return condition * mask.to(condition.dtype)[:, :, None, None]
