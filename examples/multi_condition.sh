@@ -6,9 +6,10 @@
 # Usage:   bash examples/multi_condition.sh [output folder]
 # Expect:  in ~30 s on a 2-core CPU, four "ctrlkit generate: wrote <out>/<subset>/image_000.png" lines (canny, depth,
 #          mask, all three) and each grid.png (the stacked map's parts as RGB: edges red, depth green, mask blue |
-#          the result). In each the purple triangle sits where the maps put it (the green circle behind it is
-#          mostly left out by the 1.5M-parameter base). To train one: ctrlkit train experiment=controlnet_multi_shapes;
-#          to score a subset: ctrlkit evaluate adapter_path=<run> condition_subset=[canny]
+#          the result). In each the purple triangle sits where the maps put it, and the circle behind it, at the
+#          right, comes out as a blend of green and purple (the 1.5M-parameter base binds two colours to two touching
+#          objects poorly). To train one: the two commands of conf/experiment/controlnet_multi_scenes.yaml; to score
+#          a subset: ctrlkit evaluate adapter_path=<run> condition_subset=[canny]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-outputs/multi_condition}

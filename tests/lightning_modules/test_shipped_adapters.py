@@ -165,36 +165,73 @@ MULTI_PROMPT = "a green circle and a purple triangle on a orange background"  # 
 
 
 def test_the_shipped_multi_condition_controlnet_takes_any_subset_of_its_parts(tmp_path):
-    """tiny/controlnet_multi given each non-empty subset of its three maps (examples/images/multi_*.png): every
-    subset gives another image, each draws the scene's silhouette (measured: mask IoU 0.71-0.82 for the seven
-    subsets; the base alone, same prompt, seeds 0-2: 0.48, 0.03, 0.29), and on this scene the full set draws it best
-    (0.82; canny, depth, mask alone 0.72, 0.79, 0.72). Over the 64 x 2 evaluation set the full set ties the mask
-    alone and is 0.005 below depth alone (README), so this is one scene's regression check, not the set's claim."""
+    """tiny/controlnet_multi given each non-empty subset of its three maps (examples/images/multi_*.png), three draws
+    each: every subset gives other images, and each draws the scene's objects where the maps put them far better than
+    the base model without it. Measured, mask IoU of the prompt's two colours, mean of the three draws: 0.51-0.76 for
+    the seven subsets (canny, depth, mask alone 0.65, 0.61, 0.68; all three 0.76), the base 0.27. Single draws range
+    0.2-0.8 on this two-object scene (the tiny base binds two colours to two touching objects poorly), so whether the
+    full set beats each part alone is the slow set-level test's claim below, not this scene's."""
     from itertools import combinations
 
     from conditions.metrics import colour_mask, mask_iou
 
-    images = {}
+    target = read_image(str(ROOT / "examples" / "images" / MULTI_MAPS["shapes_mask"]))[:, :, 0] > 127
+
+    def draw(units: str, output_dir: Path) -> tuple[np.ndarray, float]:
+        """Three draws of the scene's prompt under ``units`` -> (3, H, W, 3) uint8, their mean mask IoU."""
+        prompts = f"prompts=[{MULTI_PROMPT},{MULTI_PROMPT},{MULTI_PROMPT}]"
+        paths = run_generate(
+            compose_config("generate", output_dir, [f"units={units}", prompts, "num_inference_steps=10"])
+        )
+        GlobalHydra.instance().clear()
+        images = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in paths])
+        drawn = [colour_mask(image, "green") | colour_mask(image, "purple") for image in images]
+        return images, float(np.mean([mask_iou(mask, target) for mask in drawn]))
+
+    _, base = draw("[]", tmp_path / "base")
+    images, scores = {}, {}
     for count in (1, 2, 3):
         for subset in combinations(MULTI_MAPS, count):
             parts = {name: str(ROOT / "examples" / "images" / MULTI_MAPS[name]) for name in subset}
-            overrides = [
-                f"units=[{{adapter: tiny/controlnet_multi, parts: {parts}}}]".replace("'", ""),
-                f"prompts=[{MULTI_PROMPT}]",
-                "num_inference_steps=10",
-                "seed=0",
-            ]
-            cfg = compose_config("generate", tmp_path / "_".join(subset), overrides)
-            images[subset] = np.asarray(Image.open(run_generate(cfg)[0]).convert("RGB")).astype(np.int16)
-            GlobalHydra.instance().clear()
-    subsets = list(images)
-    for first, second in combinations(subsets, 2):
-        assert np.abs(images[first] - images[second]).mean() > 1.0, (first, second)  # each subset changes it
-    target = read_image(str(ROOT / "examples" / "images" / MULTI_MAPS["shapes_mask"]))[:, :, 0] > 127
-    scores = {}
-    for subset, image in images.items():
-        drawn = colour_mask(image.astype(np.uint8), "green") | colour_mask(image.astype(np.uint8), "purple")
-        scores[subset] = mask_iou(drawn, target)
-        assert scores[subset] >= 0.65, subset
-    full = tuple(MULTI_MAPS)
-    assert all(scores[full] > scores[(name,)] for name in MULTI_MAPS), scores
+            units = f"[{{adapter: tiny/controlnet_multi, parts: {parts}}}]".replace("'", "")
+            images[subset], scores[subset] = draw(units, tmp_path / "_".join(subset))
+    for first, second in combinations(images, 2):
+        difference = np.abs(images[first].astype(np.int16) - images[second].astype(np.int16)).mean()
+        assert difference > 1.0, (first, second)  # each subset changes the images
+    assert base < 0.3, base
+    assert all(score >= base + 0.2 for score in scores.values()), (base, scores)
+
+
+@pytest.mark.slow
+def test_the_shipped_multi_condition_controlnet_does_best_given_all_its_parts(tmp_path):
+    """DW3's set-level claim, on the first 16 one-object scenes of the evaluation set x 2 seeds (the README's 64 x 2
+    gives the same ordering): given all three maps, tiny/controlnet_multi draws the mask better than given any one
+    alone, item by item on average (paired mask IoU over the same 32 samples)."""
+    import csv
+
+    def per_sample_mask_iou(subset: str | None) -> dict[tuple[str, str], float]:
+        output_dir = tmp_path / (subset or "all")
+        overrides = [
+            "adapter_path=tiny/controlnet_multi",
+            "num_samples=16",
+            "num_seeds=2",
+            "score_references=false",
+            "grid_rows=1",
+            f"quality.inception_weights={tmp_path / 'absent.pth'}",
+            f"quality.clip_model={tmp_path / 'absent'}",
+        ]
+        if subset is not None:
+            overrides.append(f"condition_subset=[{subset}]")
+        run_evaluate(compose_config("evaluate", output_dir, overrides))
+        GlobalHydra.instance().clear()
+        with open(output_dir / "per_sample.csv") as file:
+            rows = [row for row in csv.DictReader(file) if row["model"] == "adapter"]
+        return {(row["item"], row["seed"]): float(row["mask_iou"]) for row in rows}
+
+    full = per_sample_mask_iou(None)
+    assert len(full) == 32
+    gains = {}
+    for part in MULTI_MAPS:
+        alone = per_sample_mask_iou(part)
+        gains[part] = float(np.mean([full[key] - alone[key] for key in full]))
+    assert all(gain > 0 for gain in gains.values()), gains
