@@ -186,3 +186,25 @@ def test_adapter_logged_as_wandb_artifact_offline(make_train_config, monkeypatch
         staged = Path(entries[name].local_path)
         assert staged.read_bytes() == (run / "adapter" / name).read_bytes()
     assert isinstance(artifact, wandb_internal_pb2.ArtifactRecord)
+
+
+def test_the_steps_behind_saved_weights_come_from_their_card_or_are_unknown(tmp_path):
+    """steps_behind(init_adapter): a shipped name, a run folder (its adapter/), a card that itself continued other
+    weights (total_steps), and None for no card, a card that is not ctrlkit's or a path that is not there."""
+    from lightning_modules.callbacks.model_card import steps_behind
+
+    assert steps_behind("tiny/controlnet_canny") == 1000
+    assert steps_behind("tiny/controlnet_multi") == 3000  # 1000 of its own after 2000: its total_steps
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "README.md").write_text("---\nctrlkit:\n  step: 7\n---\n# card\n")
+    assert steps_behind(str(run)) == steps_behind(str(run / "adapter")) == 7
+    other = tmp_path / "other"
+    other.mkdir()
+    assert steps_behind(str(other)) is None  # no card
+    (other / "README.md").write_text("---\nlicense: mit\n---\n# someone else's card\n")
+    assert steps_behind(str(other)) is None
+    (other / "README.md").write_text("no front matter at all: [unclosed\n")
+    assert steps_behind(str(other)) is None
+    assert steps_behind(str(tmp_path / "absent")) is None
+    assert steps_behind(None) is None
