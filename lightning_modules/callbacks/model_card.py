@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import yaml
 
 from conditions.io import write_atomically
+from lightning_modules.callbacks.card_usage import how_to_load
 from lightning_modules.errors import CtrlkitError
 from lightning_modules.shipped_adapters import resolve_adapter
 
@@ -36,71 +37,6 @@ FAMILY_TAGS = {
     "t2i_adapter": "t2i-adapter",
     "gligen": "gligen",
 }
-
-HOW_TO_LOAD = {
-    "controlnet": 'from diffusers import ControlNetModel\n\ncontrolnet = ControlNetModel.from_pretrained("{folder}")',
-    "t2i-adapter": 'from diffusers import T2IAdapter\n\nadapter = T2IAdapter.from_pretrained("{folder}")',
-    "controlnet-xs": (
-        "from diffusers import ControlNetXSAdapter\n\n"
-        "# for StableDiffusionControlNetXSPipeline(..., unet=<the base UNet>, controlnet=controlnet)\n"
-        'controlnet = ControlNetXSAdapter.from_pretrained("{folder}")'
-    ),
-    "gligen": (
-        "from diffusers import UNet2DConditionModel\n\n"
-        '# the whole UNet with its gated layers (attention_type="gated"); gligen.safetensors holds those layers only\n'
-        'unet = UNet2DConditionModel.from_pretrained("{folder}/unet")'
-    ),
-}
-# a ControlNet-XS for a UNet with one layer per block (config.json says layers_per_block): diffusers builds two
-CONTROLNET_XS_ONE_LAYER = (
-    "from adapters import load_adapter\n\n"
-    "# made for a UNet with one layer per block, which diffusers' ControlNet-XS classes do not build: load it with\n"
-    "# ctrlkit, which runs it with your base model's UNet\n"
-    'adapter, found = load_adapter("{folder}", unet)'
-)
-# a GLIGEN export without unet/ (adapter.build.export_unet=false): its layers load into a base UNet through ctrlkit
-GLIGEN_LAYERS_ONLY = (
-    "from adapters import load_adapter\n\n"
-    "# gligen.safetensors holds GLIGEN's layers only: load_adapter adds them to your base model's UNet in place\n"
-    'adapter, found = load_adapter("{folder}", unet)'
-)
-
-# one ControlNet over several conditions (adapters/multi_condition.py): a diffusers ControlNetModel whose condition
-# is the stacked map of conditions/multi.py
-MULTI_CONDITION = (
-    "from diffusers import ControlNetModel\n\n"
-    "# a ControlNetModel whose condition stacks the parts named in multi_condition.json (one map each, then a\n"
-    "# presence plane per part, 1 where given): see conditions/multi.py. With ctrlkit, any subset of the parts:\n"
-    "#   ctrlkit generate 'units=[{{adapter: {folder}, parts: {{canny: edges.png}}}}]' 'prompts=[...]'\n"
-    'controlnet = ControlNetModel.from_pretrained("{folder}")'
-)
-# Control-LoRA (adapters/control_lora.py): its file loads with ctrlkit, which rebuilds the frozen copy from the base
-CONTROL_LORA = (
-    "from adapters import load_adapter\n\n"
-    "# control_lora.safetensors holds the LoRA, hint encoder and zero convolutions; the frozen encoder copy is\n"
-    "# rebuilt from the base UNet it was trained on (ctrlkit refuses a base with other weights)\n"
-    'adapter, found = load_adapter("{folder}", unet)'
-)
-# ... and, exported with export_merged (the default), the LoRA merged into a plain diffusers ControlNetModel
-CONTROL_LORA_MERGED = (
-    "from diffusers import ControlNetModel\n\n"
-    "# controlnet/ is the LoRA merged into a plain ControlNetModel; control_lora.safetensors (LoRA, hint encoder and\n"
-    '# zero convolutions) loads with ctrlkit: adapters.load_adapter("{folder}", unet)\n'
-    'controlnet = ControlNetModel.from_pretrained("{folder}/controlnet")'
-)
-# a layout ControlNet (adapters/layout_controlnet.py): a ControlNetModel whose map ctrlkit draws from boxes + phrases
-LAYOUT_CONTROLNET = (
-    "from adapters import load_adapter\n\n"
-    "# a diffusers ControlNetModel whose condition is a layout map that adapter.layout_map(grounding, size) draws\n"
-    "# from boxes + phrases through layout_projection.safetensors; load both with ctrlkit:\n"
-    'adapter, found = load_adapter("{folder}", unet)'
-)
-# a ControlNet trained with its UNet's decoder (unlock_unet_decoder): the ControlNet alone is not the model
-DECODER_NOTE = (
-    "# unet_decoder.safetensors: this run also trained the base UNet's decoder (unlock_unet_decoder), so the\n"
-    "# ControlNet alone is not the model: ctrlkit's load_adapter loads that decoder into the UNet it is given,\n"
-    "# in place (every adapter then composed with it sees the changed decoder)\n"
-)
 
 
 def adapter_family(adapter_name: str) -> str:
@@ -130,17 +66,33 @@ def _settings(node: dict | None, skip: tuple = ("_target_", "_partial_")) -> str
     return ", ".join(items) or "-"
 
 
+def read_card(folder: str | Path) -> tuple[dict, str]:
+    """(front matter, body) of the model card in an adapter folder, or in a run folder's ``adapter/``. Raises
+    OSError without a card, ValueError where its text does not open with YAML front matter (a mapping)."""
+    path = Path(folder)
+    card = (path / "adapter" if (path / "adapter").is_dir() else path) / CARD_NAME
+    text = card.read_text()
+    if not text.startswith("---\n") or "\n---\n" not in text:
+        raise ValueError(f"{card}: no front matter between --- lines")
+    front, body = text.removeprefix("---\n").split("\n---\n", 1)
+    try:
+        front = yaml.safe_load(front)
+    except yaml.YAMLError as error:
+        raise ValueError(f"{card}: its front matter is not YAML ({error})") from error
+    if not isinstance(front, dict):
+        raise ValueError(f"{card}: its front matter is not a mapping")
+    return front, body
+
+
 def steps_behind(folder: str | None) -> int | None:
     """The optimizer steps behind the weights in ``folder`` (``init_adapter=``): its card's ``total_steps``, or its
     ``step`` where it did not start from other weights; None without a readable ctrlkit card."""
     if not folder:
         return None
     try:
-        path = Path(resolve_adapter(str(folder)))
-        card = (path / "adapter" if (path / "adapter").is_dir() else path) / CARD_NAME
-        facts = yaml.safe_load(card.read_text().split("\n---\n", 1)[0].removeprefix("---\n"))["ctrlkit"]
+        facts = read_card(resolve_adapter(str(folder)))[0]["ctrlkit"]
         return int(facts.get("total_steps", facts["step"]))
-    except (OSError, yaml.YAMLError, CtrlkitError, KeyError, TypeError, ValueError):
+    except (OSError, ValueError, CtrlkitError, KeyError, TypeError):
         return None  # no card, or not ctrlkit's: the steps before are unknown, and the card says so
 
 
@@ -166,20 +118,41 @@ class ModelCardCallback(pl.Callback):
         self.seconds_before = 0.0  # wall time of earlier sessions of a resumed run (from its checkpoint)
         self.started: float | None = None
         self.command: str | None = None
+        # the saved weights the run started from (init_adapter=) and the steps behind them: set by the first session
+        # and kept in the checkpoint, since a resumed run ignores an init_adapter= given to it
+        self.started_from: str | None = None
+        self.steps_before: int | None = None
 
-    # -- state: the wall time goes on across resumes
+    # -- state: the wall time and the starting weights go on across resumes
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.started = time.perf_counter()
         self.command = hydra_command()
+        # a fresh run's; a resumed run's checkpoint then replaces them (load_state_dict runs after setup)
+        started_from = self.run_config().get("init_adapter")
+        self.started_from = str(started_from) if started_from else None
+        self.steps_before = steps_behind(self.started_from)
 
     def wall_seconds(self) -> float:
         return self.seconds_before + (time.perf_counter() - self.started if self.started is not None else 0.0)
 
     def state_dict(self) -> dict:
-        return {"wall_seconds": self.wall_seconds()}
+        return {
+            "wall_seconds": self.wall_seconds(),
+            "init_adapter": self.started_from,
+            "steps_before": self.steps_before,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.seconds_before = float(state_dict.get("wall_seconds", 0.0))
+        if "init_adapter" in state_dict:  # checkpoints older than this key keep the config's
+            self.started_from, self.steps_before = state_dict["init_adapter"], state_dict.get("steps_before")
+
+    def run_config(self) -> dict:
+        """The run's resolved config (``config.yaml``); empty where it cannot be read."""
+        try:
+            return yaml.safe_load(self.config_file.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return {}
 
     # -- the other callbacks' outputs
     @staticmethod
@@ -239,10 +212,7 @@ class ModelCardCallback(pl.Callback):
 
     # -- the card
     def card(self, trainer: pl.Trainer, pl_module: pl.LightningModule, folder: Path, grid: Path | None):
-        try:
-            cfg = yaml.safe_load(self.config_file.read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            cfg = {}
+        cfg = self.run_config()
         model, adapter_cfg = cfg.get("model") or {}, cfg.get("adapter") or {}
         condition, data = cfg.get("condition") or {}, cfg.get("data") or {}
         trainer_cfg = cfg.get("trainer") or {}
@@ -258,8 +228,7 @@ class ModelCardCallback(pl.Callback):
         command = self.command or f"ctrlkit train (config: `{self.config_file}`; no Hydra overrides recorded)"
 
         # a run that started from saved weights (init_adapter=): what it started from and the steps in all
-        started_from = cfg.get("init_adapter")
-        before = steps_behind(started_from)
+        started_from, before = self.started_from, self.steps_before
         facts = {
             "step": step,
             **({"init_adapter": str(started_from)} if started_from else {}),
@@ -364,30 +333,11 @@ class ModelCardCallback(pl.Callback):
             "## Use",
             "",
             "```python",
-            self.how_to_load(family, folder),
+            how_to_load(family, folder),
             "```",
             "",
         ]
         return "\n".join(lines), facts
-
-    @staticmethod
-    def how_to_load(family: str, folder: Path) -> str:
-        if family == "gligen" and not (folder / "unet").is_dir():
-            return GLIGEN_LAYERS_ONLY.format(folder=folder.name)
-        if family == "controlnet-xs" and "layers_per_block" in _json_or_empty(folder / "config.json"):
-            return CONTROLNET_XS_ONE_LAYER.format(folder=folder.name)
-        if (folder / "multi_condition.json").is_file():
-            return MULTI_CONDITION.format(folder=folder.name)
-        if (folder / "control_lora.safetensors").is_file():
-            merged = (folder / "controlnet").is_dir()
-            return (CONTROL_LORA_MERGED if merged else CONTROL_LORA).format(folder=folder.name)
-        if (folder / "layout_controlnet.json").is_file():
-            usage = LAYOUT_CONTROLNET
-        else:
-            usage = HOW_TO_LOAD.get(family, "# see the ctrlkit README for this adapter's format")
-        if (folder / "unet_decoder.safetensors").is_file():
-            usage = DECODER_NOTE + usage
-        return usage.format(folder=folder.name)
 
     # -- W&B
     def _log_artifact(self, trainer: pl.Trainer, folder: Path, facts: dict) -> None:
@@ -406,10 +356,3 @@ class ModelCardCallback(pl.Callback):
             artifact.add_dir(str(folder))
             run.log_artifact(artifact, aliases=["latest", f"step-{facts['step']}"])
             log.info("adapter logged to W&B as artifact %s", artifact.name)
-
-
-def _json_or_empty(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}

@@ -5,19 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
-import yaml
 from wandb.proto import wandb_internal_pb2
 
+from lightning_modules.callbacks.model_card import read_card, steps_behind
 from lightning_modules.commands.train import train
 from tests.helpers.wandb_records import read_records
-
-
-def read_card(folder: Path) -> tuple[dict, str]:
-    text = (folder / "README.md").read_text()
-    assert text.startswith("---\n")
-    front, body = text[4:].split("\n---\n", 1)
-    return yaml.safe_load(front), body
 
 
 def table_row(body: str, score: str) -> list[str]:
@@ -81,17 +75,17 @@ def test_gligen_run_gets_a_card(make_train_config):
 
 
 def test_a_gligen_card_without_the_unet_export_loads_its_layers_through_ctrlkit(tmp_path):
-    from lightning_modules.callbacks.model_card import ModelCardCallback
+    from lightning_modules.callbacks.card_usage import how_to_load
 
     (tmp_path / "with" / "unet").mkdir(parents=True)
     (tmp_path / "without").mkdir()
-    assert "from_pretrained" in ModelCardCallback.how_to_load("gligen", tmp_path / "with")
-    usage = ModelCardCallback.how_to_load("gligen", tmp_path / "without")
+    assert "from_pretrained" in how_to_load("gligen", tmp_path / "with")
+    usage = how_to_load("gligen", tmp_path / "without")
     assert 'load_adapter("without", unet)' in usage and "from_pretrained" not in usage
 
 
 def test_multi_condition_and_control_lora_cards_say_how_their_files_load(tmp_path):
-    from lightning_modules.callbacks.model_card import ModelCardCallback
+    from lightning_modules.callbacks.card_usage import how_to_load
 
     for name, files in {"multi": ["multi_condition.json"], "lora": ["control_lora.safetensors"]}.items():
         (tmp_path / name).mkdir()
@@ -99,15 +93,15 @@ def test_multi_condition_and_control_lora_cards_say_how_their_files_load(tmp_pat
             (tmp_path / name / file).touch()
     (tmp_path / "merged" / "controlnet").mkdir(parents=True)
     (tmp_path / "merged" / "control_lora.safetensors").touch()
-    multi = ModelCardCallback.how_to_load("controlnet", tmp_path / "multi")
+    multi = how_to_load("controlnet", tmp_path / "multi")
     assert "multi_condition.json" in multi and "parts: {canny: edges.png}" in multi
-    assert 'load_adapter("lora", unet)' in ModelCardCallback.how_to_load("controlnet", tmp_path / "lora")
-    merged = ModelCardCallback.how_to_load("controlnet", tmp_path / "merged")
+    assert 'load_adapter("lora", unet)' in how_to_load("controlnet", tmp_path / "lora")
+    merged = how_to_load("controlnet", tmp_path / "merged")
     assert 'ControlNetModel.from_pretrained("merged/controlnet")' in merged
 
 
 def test_layout_controlnet_and_unlocked_decoder_cards_say_the_controlnet_alone_is_not_the_model(tmp_path):
-    from lightning_modules.callbacks.model_card import ModelCardCallback
+    from lightning_modules.callbacks.card_usage import how_to_load
 
     for name, files in {
         "layout": ["layout_controlnet.json"],
@@ -118,13 +112,13 @@ def test_layout_controlnet_and_unlocked_decoder_cards_say_the_controlnet_alone_i
         (tmp_path / name).mkdir()
         for file in files:
             (tmp_path / name / file).touch()
-    layout = ModelCardCallback.how_to_load("layout_controlnet", tmp_path / "layout")
+    layout = how_to_load("layout_controlnet", tmp_path / "layout")
     assert 'load_adapter("layout", unet)' in layout and "layout_map" in layout and "decoder" not in layout
-    plain = ModelCardCallback.how_to_load("controlnet", tmp_path / "plain")
+    plain = how_to_load("controlnet", tmp_path / "plain")
     assert 'ControlNetModel.from_pretrained("plain")' in plain and "decoder" not in plain
-    unlocked = ModelCardCallback.how_to_load("controlnet", tmp_path / "unlocked")
+    unlocked = how_to_load("controlnet", tmp_path / "unlocked")
     assert "not the model" in unlocked and 'ControlNetModel.from_pretrained("unlocked")' in unlocked
-    both = ModelCardCallback.how_to_load("layout_controlnet", tmp_path / "layout_unlocked")
+    both = how_to_load("layout_controlnet", tmp_path / "layout_unlocked")
     assert "not the model" in both and 'load_adapter("layout_unlocked", unet)' in both
 
 
@@ -142,9 +136,12 @@ def test_a_resumed_run_that_redoes_its_end_gets_a_card(make_train_config, tmp_pa
             (killed / "adapter" / "README.md").unlink()
         else:
             shutil.rmtree(killed / "adapter")
-        train(make_train_config("trainer.max_steps=2", f"resume={killed}"))
+        # init_adapter= given to a resumed run is not applied (its checkpoint holds the weights): the card says so
+        train(make_train_config("trainer.max_steps=2", f"resume={killed}", "init_adapter=tiny/controlnet_canny"))
         front, body = read_card(killed / "adapter")
         assert front["ctrlkit"]["step"] == 2 and (killed / "adapter" / "samples.png").is_file()
+        assert "init_adapter" not in front["ctrlkit"] and "total_steps" not in front["ctrlkit"]
+        assert "from the weights of" not in body and "| started from |" not in body
         assert front["ctrlkit"]["final"] == expected["ctrlkit"]["final"]
         # the wall time goes on from the checkpoint's (the training session's), not from 0
         checkpoint = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)
@@ -191,8 +188,6 @@ def test_adapter_logged_as_wandb_artifact_offline(make_train_config, monkeypatch
 def test_the_steps_behind_saved_weights_come_from_their_card_or_are_unknown(tmp_path):
     """steps_behind(init_adapter): a shipped name, a run folder (its adapter/), a card that itself continued other
     weights (total_steps), and None for no card, a card that is not ctrlkit's or a path that is not there."""
-    from lightning_modules.callbacks.model_card import steps_behind
-
     assert steps_behind("tiny/controlnet_canny") == 1000
     assert steps_behind("tiny/controlnet_multi") == 3000  # 1000 of its own after 2000: its total_steps
     run = tmp_path / "run"
@@ -204,7 +199,10 @@ def test_the_steps_behind_saved_weights_come_from_their_card_or_are_unknown(tmp_
     assert steps_behind(str(other)) is None  # no card
     (other / "README.md").write_text("---\nlicense: mit\n---\n# someone else's card\n")
     assert steps_behind(str(other)) is None
-    (other / "README.md").write_text("no front matter at all: [unclosed\n")
-    assert steps_behind(str(other)) is None
+    for text in ("no front matter at all: [unclosed\n", "---\nctrlkit: [unclosed\n---\n", "---\njust words\n---\n"):
+        (other / "README.md").write_text(text)
+        with pytest.raises(ValueError, match="front matter"):
+            read_card(other)
+        assert steps_behind(str(other)) is None
     assert steps_behind(str(tmp_path / "absent")) is None
     assert steps_behind(None) is None

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from adapters.registry import load_adapter
 from lightning_modules.backbone import load_tiny_backbone
+from lightning_modules.callbacks.model_card import read_card
 from lightning_modules.commands.train import build_system, initialize_adapter, train
 from lightning_modules.errors import CtrlkitError
 from lightning_modules.shipped_adapters import SHIPPED_TINY_ADAPTERS
@@ -43,11 +43,16 @@ def test_a_run_starts_from_the_shipped_weights(make_train_config):
     assert 0 < moved <= 1.1 * learning_rate
     assert shipped["controlnet_mid_block.weight"].abs().sum() > 0  # not the zero-initialized build's
     # its card names the weights it started from and counts their steps (the shipped card's 1000) with its own
-    card = (Path(cfg.paths.output_dir) / "adapter" / "README.md").read_text()
-    facts = yaml.safe_load(card.split("\n---\n", 1)[0].removeprefix("---\n"))["ctrlkit"]
-    assert (facts["step"], facts["init_adapter"], facts["total_steps"]) == (1, "tiny/controlnet_canny", 1001)
-    assert "from the weights of `tiny/controlnet_canny` (1000 steps before these: 1001 in all)" in card
-    assert "| started from | `tiny/controlnet_canny` (1000 steps) |" in card
+    run = Path(cfg.paths.output_dir)
+    for session in ("first", "resumed"):
+        front, body = read_card(run / "adapter")
+        facts = front["ctrlkit"]
+        assert (facts["step"], facts["init_adapter"], facts["total_steps"]) == (1, "tiny/controlnet_canny", 1001)
+        assert "from the weights of `tiny/controlnet_canny` (1000 steps before these: 1001 in all)" in body
+        assert "| started from | `tiny/controlnet_canny` (1000 steps) |" in body
+        if session == "first":  # killed before its card; resumed without init_adapter=: the checkpoint remembers
+            (run / "adapter" / "README.md").unlink()
+            train(make_train_config("trainer.max_steps=1", f"resume={run}"))
 
 
 def test_an_unlocked_decoder_the_saved_controlnet_did_not_train_starts_from_the_base(make_train_config):
