@@ -62,6 +62,8 @@ def tiny_backbone() -> Backbone:
 def compose_config(config_name: str, output_dir: Path, overrides: list[str]) -> DictConfig:
     """Compose conf/<config_name>.yaml with the Hydra runtime filled in, as its `ctrlkit` command would see it."""
     GlobalHydra.instance().clear()
+    if config_name == "evaluate":  # each test samples its own base model, unless it names a folder of its own
+        overrides = ["base_cache_dir=null", *overrides]
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         cfg = compose(config_name=config_name, return_hydra_config=True, overrides=overrides)
     with open_dict(cfg):

@@ -41,6 +41,7 @@ from conditions.image_quality import image_quality, load_quality_models
 from conditions.map_metrics import average_precision
 from conditions.ranges import signed_to_unit, unit_to_uint8
 from lightning_modules.backbone import prepare_condition
+from lightning_modules.commands.base_image_cache import BaseImageCache, base_cache
 from lightning_modules.commands.config_checks import (
     check_train_config,
     overlay_command_line,
@@ -185,7 +186,7 @@ def run_evaluate(cfg: DictConfig) -> dict:
     sampling = {**OmegaConf.to_container(cfg.sampling), "image_size": tuple(batches[0][0]["pixel_values"].shape[-2:])}
 
     # Base first: loading an adapter may change the base UNet (an unlocked decoder, gated attention layers).
-    images = {"base": _sample_all(backbone, None, batches, sampling, cfg)}
+    images = {"base": _sample_all(backbone, None, batches, sampling, cfg, base_cache(cfg, backbone))}
     for unit, (adapter, found) in zip(units, load_adapters([unit.folder for unit in units], backbone.unet)):
         unit.adapter = adapter.to(cfg.device).eval()
         log.info("%s read as %s", unit.folder, found)
@@ -354,16 +355,25 @@ def _unit_scores(unit: EvalUnit, samples, detector, ap_inputs: tuple[list, list]
     return rows
 
 
-def _sample_all(backbone, units, batches: list[list[dict]], sampling: dict, cfg: DictConfig) -> list[torch.Tensor]:
+def _sample_all(
+    backbone, units, batches: list[list[dict]], sampling: dict, cfg: DictConfig, cache: BaseImageCache | None = None
+) -> list[torch.Tensor]:
     """Samples per (seed, batch), seed-major; the noise seed depends only on (seed index, batch), so the base and
-    the adapter start from the same noise."""
+    the adapter start from the same noise. ``cache``: the base model's, read where an earlier evaluation kept them."""
     results = []
     for seed_index in range(cfg.num_seeds):
         for batch_number, unit_batches in enumerate(batches):
             seed = cfg.seed + 1000 * seed_index + batch_number
             conditions = [batch["condition"] for batch in unit_batches]
             prompts = list(unit_batches[0]["prompt"])
-            results.append(generate(backbone, units, conditions, prompts, sampling, seed))
+            images = cache.read(prompts, sampling, seed) if cache is not None else None
+            if images is None:
+                images = generate(backbone, units, conditions, prompts, sampling, seed)
+                if cache is not None:
+                    cache.write(prompts, sampling, seed, images)
+            results.append(images)
+    if cache is not None:
+        cache.report(len(results))
     return results
 
 

@@ -295,6 +295,7 @@ def _setting_rules() -> dict[str, dict[str, tuple[str, object]]]:
             "grid_rows": (_INT, 0),
             "from_run": (_FLAG, None),
             "score_references": (_FLAG, None),
+            "base_cache_dir": (_TEXT, None),
             "device": (_TEXT, None),
             "quality.kid_subset_size": (_INT, 2),
             **{f"sampling.{key}": rule for key, rule in sampling.items()},

@@ -218,6 +218,7 @@ def test_the_shipped_multi_condition_controlnet_does_best_given_all_its_parts(tm
             "num_samples=16",
             "num_seeds=2",
             "score_references=false",
+            f"base_cache_dir={tmp_path / 'base_samples'}",  # the base model sampled once for the four
             "grid_rows=1",
             f"quality.inception_weights={tmp_path / 'absent.pth'}",
             f"quality.clip_model={tmp_path / 'absent'}",

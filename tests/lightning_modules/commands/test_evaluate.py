@@ -223,6 +223,43 @@ def test_a_multi_condition_adapter_is_evaluated_on_the_subset_asked(tmp_path):
     GlobalHydra.instance().clear()
 
 
+def test_the_base_models_samples_are_kept_for_the_next_evaluation(tmp_path, monkeypatch, caplog):
+    """base_cache_dir: a second evaluation of the same set (another adapter, another subset) reads the base model's
+    samples instead of sampling them, and scores them the same; a changed sampler or a damaged entry samples."""
+    from lightning_modules.commands import evaluate
+
+    base_calls = []
+    sample = evaluate.generate
+
+    def counting(backbone, units, *args):
+        base_calls.append(units is None)
+        return sample(backbone, units, *args)
+
+    monkeypatch.setattr(evaluate, "generate", counting)
+    folder = tmp_path / "base_samples"
+    quick = ["num_samples=2", "num_seeds=2", "batch_size=2", "sampling.num_inference_steps=2", "grid_rows=1"]
+    settings = [f"base_cache_dir={folder}", "score_references=false", *quick, *without_quality_models(tmp_path)]
+
+    def base_sampled(name: str, *overrides: str) -> tuple[int, dict]:
+        base_calls.clear()
+        summary = run_evaluate(compose_evaluate_config(tmp_path / name, [*settings, *overrides]))
+        GlobalHydra.instance().clear()
+        return sum(base_calls), summary["base"]
+
+    sampled, first = base_sampled("first", "adapter_path=tiny/controlnet_canny")
+    assert sampled == 2 and len(list(folder.glob("*.safetensors"))) == 2  # one entry per (seed, batch)
+    with caplog.at_level("INFO", logger=evaluate.__name__.replace("evaluate", "base_image_cache")):
+        sampled, again = base_sampled("other-adapter", "adapter_path=tiny/t2i_adapter_canny")
+    assert sampled == 0 and again == first
+    assert f"base model: 2 of 2 batches of samples read from {folder}" in caplog.text
+    sampled, _ = base_sampled("more-steps", "adapter_path=tiny/controlnet_canny", "sampling.num_inference_steps=3")
+    assert sampled == 2 and len(list(folder.glob("*.safetensors"))) == 4  # another sampler: other entries
+    damaged = sorted(folder.glob("*.safetensors"), key=lambda path: path.stat().st_mtime)[0]
+    damaged.write_bytes(b"not a safetensors file")
+    sampled, after = base_sampled("damaged", "adapter_path=tiny/controlnet_canny")
+    assert sampled == 1 and after == first  # the damaged entry sampled again, and written back whole
+
+
 def test_a_grounding_unit_is_evaluated_on_the_scenes_it_was_trained_on(tmp_path):
     """units=[{adapter: <GLIGEN>}] alone: 1-3-object scenes as in its training, not the default condition's one."""
     from lightning_modules.commands.evaluate import configure
