@@ -8,6 +8,8 @@
 # clip_score read "unavailable: weights/... not found" unless CTRLKIT_WEIGHTS points at a folder holding
 # weights-inception-2015-12-05-6726825d.pth and clip-vit-base-patch16/), and the output folder with metrics.json,
 # per_sample.csv and grid.png (best and worst adapter samples: condition | base | adapter | reference).
+# Run it again on the same set (this adapter or another): the log says "base model: 2 of 2 batches of samples read
+# from outputs/base_samples", since the base model's samples are kept there (base_cache_dir=null: sampled again).
 set -euo pipefail
 run="${1:?give a ctrlkit train run directory}"
 shift
